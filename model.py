@@ -1,0 +1,290 @@
+"""GPT-2 in plain PyTorch.
+
+The parameter names match HuggingFace's `GPT2LMHeadModel` one to one (`transformer.wte`,
+`transformer.h.0.attn.c_attn`, ...), so export and import are a rename-free copy plus the
+transposes HF's Conv1D layers need (see export_hf.py).
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+# The embedding matrix is padded to a multiple of this internally: matmuls with a width that is a
+# multiple of 64 run markedly faster. The padding never appears in a state_dict or a config.
+VOCAB_PAD_MULTIPLE = 64
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE vocabulary
+    n_positions: int = 512  # context length (maximum sequence length)
+    n_embd: int = 256  # embedding / residual width
+    n_layer: int = 8  # transformer blocks
+    n_head: int = 8  # attention heads per block
+    n_inner: int = 1024  # MLP hidden width
+    dropout: float = 0.0  # dropout on embeddings, attention and residuals (training only)
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2 has them; HF export needs them)
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"pick n_head from {[h for h in range(1, 33) if self.n_embd % h == 0]}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @classmethod
+    def from_dict(cls, d):
+        """Build from a dict that may hold other keys (a training config): only model keys are read."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (n_layer, B, nh, n_positions, hs)."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.n_positions, hs)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far
+        self.capacity = config.n_positions
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)
+        causal = True
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k = cache.k[layer, :, :, :start + T]
+            v = cache.v[layer, :, :, :start + T]
+            # One new token attends to every cached position; a prompt starts at position 0.
+            causal = T > 1
+            if causal and start:
+                raise ValueError("a multi-token step must start at cache position 0")
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        # GPT-2 uses the tanh approximation of GELU (HF calls it "gelu_new").
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.padded_vocab = -(-config.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.padded_vocab, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():
+            self.transformer.wte.weight[config.vocab_size:].zero_()
+        self._register_state_dict_hook(_unpad_vocab)
+        self._register_load_state_dict_pre_hook(self._pad_vocab)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _pad_vocab(self, state_dict, prefix, *args):
+        # Checkpoints hold exactly vocab_size rows; grow them to the internal padded size.
+        for key in (prefix + "transformer.wte.weight", prefix + "lm_head.weight"):
+            w = state_dict.get(key)
+            if w is not None and w.shape[0] == self.config.vocab_size < self.padded_vocab:
+                state_dict[key] = torch.cat([w, w.new_zeros(self.padded_vocab - w.shape[0], w.shape[1])])
+
+    def num_params(self, non_embedding=False):
+        """Parameters of the model as exported (tied head counted once, vocab unpadded).
+
+        non_embedding=True leaves out the token and position embeddings, the figure scaling laws use.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        n -= (self.padded_vocab - self.config.vocab_size) * self.config.n_embd
+        if non_embedding:
+            n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, all_logits=False, cache=None):
+        """idx: (B, T) token ids. Returns (logits, loss).
+
+        With targets (B, T) (-1 = ignore), logits are for every position and loss is the mean
+        cross-entropy. Without, logits are for the last position only, (B, 1, V), unless all_logits.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.n_positions:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context "
+                             f"n_positions={self.config.n_positions}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        if targets is None and not all_logits:
+            x = x[:, [-1], :]
+        logits = self.lm_head(x)
+        V = self.config.vocab_size
+        if self.padded_vocab > V:
+            # Padded columns never win a softmax and so receive no gradient.
+            logits[..., V:] = float("-inf")
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits[..., :V], loss
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        eos_token_id=None, generator=None):
+        """Yield the next token of each row, (B,), one step at a time, using a KV cache.
+
+        temperature 0 is greedy. Rows that produced eos_token_id keep producing it; the stream ends
+        when every row has. Beyond the context the window slides: the cache is rebuilt from the last
+        n_positions tokens, which gives exactly what a forward pass over that window gives.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            n_ctx = self.config.n_positions
+            dtype = self.transformer.wte.weight.dtype
+            if torch.is_autocast_enabled(idx.device.type):
+                dtype = torch.get_autocast_dtype(idx.device.type)
+            cache = KVCache(self.config, idx.size(0), idx.device, dtype)
+            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            tokens = idx
+            step_input = idx[:, -n_ctx:]
+            for _ in range(max_new_tokens):
+                if cache.length + step_input.size(1) > n_ctx:
+                    cache.length = 0
+                    step_input = tokens[:, -n_ctx:]
+                logits, _ = self(step_input, cache=cache)
+                nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                    done |= nxt == eos_token_id
+                yield nxt
+                if eos_token_id is not None and bool(done.all()):
+                    return
+                step_input = nxt[:, None]
+                tokens = torch.cat([tokens, step_input], dim=1)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 eos_token_id=None, generator=None):
+        """Return idx (B, T) extended by up to max_new_tokens sampled tokens (see generate_stream)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        eos_token_id, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def _unpad_vocab(module, state_dict, prefix, local_metadata):
+    for key in (prefix + "transformer.wte.weight", prefix + "lm_head.weight"):
+        if key in state_dict:
+            state_dict[key] = state_dict[key][:module.config.vocab_size]
+    return state_dict
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from logits (B, V): greedy at temperature 0, else top-k/top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the mass before it already reaches top_p (the first always stays).
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
+    """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorms.
+
+    Uses the fused kernel where this torch has it for the device, else the multi-tensor one.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fast = {"fused": True} if device_type in ("cuda", "cpu", "mps") else {"foreach": True}
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **fast)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, foreach=True)
