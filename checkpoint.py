@@ -1,0 +1,414 @@
+"""Checkpoints: atomic saves, rotation by step, discovery for resume, and RNG state capture.
+
+Layout (the original guide's):
+    out_dir/best_model.pt                                  lowest val loss so far, never rotated
+    out_dir/emergency_checkpoint.pt                        written on interruption
+    checkpoint_dir/checkpoint_epoch{E}_step{S}.pt          every save_steps, newest `keep` by step
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+`torch.load(..., weights_only=True)` and never needs to unpickle arbitrary objects.
+"""
+
+import errno
+import json
+import os
+import random
+import re
+import secrets
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
+
+BEST_NAME = "best_model.pt"
+EMERGENCY_NAME = "emergency_checkpoint.pt"
+# Only files with exactly this name are ever listed or rotated.
+_CHECKPOINT_RE = re.compile(r"checkpoint_epoch(\d+)_step(\d+)\.pt")
+# Temp files: ".{final name}.{pid}.{8 hex}.tmp" next to the final file, hidden and never matching the above.
+_TEMP_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
+# The keys every checkpoint of ours has and that resume and discovery rely on.
+_REQUIRED_KEYS = ("format_version", "model_state_dict", "config", "epoch", "step")
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be saved, found or loaded; the message is one line saying what to do."""
+
+
+# --- atomic writes -----------------------------------------------------------------------------
+
+class _FdWriter:
+    """A minimal file object over a raw fd that keeps the OSError of a failed write.
+
+    torch.save turns a failed write into a RuntimeError without errno ("unexpected pos ..."); writing
+    through this object lets us report the real cause (disk full, file too large).
+    """
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.error = None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        size = len(view)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return size
+
+    def flush(self):
+        pass  # unbuffered: every write already went to the kernel
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but belongs to someone else
+    return True
+
+
+def _remove_stale_temps(folder):
+    """Delete temp files a killed save left behind in `folder` (only our temp names, only of dead pids).
+
+    A kill -9 mid-save leaves a temp file as large as a checkpoint; over several interrupted sessions
+    these would fill the disk.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP_RE.fullmatch(entry.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                pass
+
+
+def _fsync_dir(folder):
+    """Make a rename durable. Some filesystems (network mounts) cannot fsync a folder; the file itself
+    is already synced then, so that is not an error."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_error(path, err):
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        fix = "free disk space or lower max_checkpoints"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {Path(path).parent} writable or point checkpoint_dir/out_dir elsewhere"
+    else:
+        fix = "check the disk"
+    return CheckpointError(f"could not save {path}: {reason}; earlier checkpoints are intact; {fix}")
+
+
+def _atomic_write(path, write):
+    """Call write(file) on a temp file next to `path`, fsync it, rename it over `path`, fsync the folder.
+
+    At every instant `path` is either its old content or the complete new one. On failure the temp
+    file is removed and an OSError becomes a one-line CheckpointError; other errors propagate.
+    """
+    path = Path(path)
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _save_error(path, e) from e
+    _remove_stale_temps(folder)
+    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    writer = None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            writer = _FdWriter(fd)
+            write(writer)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        err = writer.error if writer is not None and writer.error is not None else e
+        if isinstance(err, OSError):
+            raise _save_error(path, err) from e
+        raise
+    _fsync_dir(folder)
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to `path` atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path, text):
+    """Write UTF-8 text to `path` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj):
+    """Write `obj` as indented JSON to `path` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path` atomically; a failed write raises CheckpointError, leaving `path` as it was."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# --- rotated checkpoints -----------------------------------------------------------------------
+
+def checkpoint_path(checkpoint_dir, epoch, step):
+    """checkpoint_dir/checkpoint_epoch{epoch}_step{step}.pt"""
+    return Path(checkpoint_dir) / f"checkpoint_epoch{int(epoch)}_step{int(step)}.pt"
+
+
+def _epoch_step(path):
+    epoch, step = _CHECKPOINT_RE.fullmatch(path.name).groups()
+    return int(epoch), int(step)
+
+
+def list_checkpoints(checkpoint_dir):
+    """Rotated checkpoint files in checkpoint_dir, oldest first by step (then epoch); [] if none."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _CHECKPOINT_RE.fullmatch(p.name) and p.is_file()]
+    return sorted(found, key=lambda p: (_epoch_step(p)[1], _epoch_step(p)[0]))
+
+
+def _delete(path):
+    """Remove one rotated checkpoint; True if it is gone. A failure is reported, never fatal."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        print(f"warning: could not delete old checkpoint {path}: {e.strerror}", file=sys.stderr)
+        return False
+    return True
+
+
+def rotate_checkpoints(checkpoint_dir, keep, protect=None):
+    """Delete all but the newest `keep` checkpoints (by step) in checkpoint_dir; returns the deleted paths.
+
+    Touches nothing but files named checkpoint_epoch{E}_step{S}.pt directly in checkpoint_dir.
+    `protect` (a path) is never deleted, even when older checkpoints from another run outnumber it.
+    """
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise CheckpointError(f"max_checkpoints must be an integer >= 1, got {keep!r}")
+    protect = Path(protect).resolve() if protect is not None else None
+    old = list_checkpoints(checkpoint_dir)[:-keep]
+    return [p for p in old if p.resolve() != protect and _delete(p)]
+
+
+def _make_room(checkpoint_dir):
+    """If free disk is below the size of the newest checkpoint, delete the oldest ones until it is not.
+
+    Never deletes the newest (so at least one checkpoint always survives); returns the deleted paths.
+    """
+    existing = list_checkpoints(checkpoint_dir)
+    if not existing:
+        return []
+    need = existing[-1].stat().st_size
+    deleted = []
+    for old in existing[:-1]:
+        free = shutil.disk_usage(checkpoint_dir).free
+        if free >= need:
+            break
+        if _delete(old):
+            deleted.append(old)
+            print(f"checkpoint: low disk ({free / 2**20:.0f} MiB free, a checkpoint is "
+                  f"{need / 2**20:.0f} MiB): deleted {old.name} before saving", file=sys.stderr)
+    return deleted
+
+
+def _stamped(state):
+    return {**state, "format_version": FORMAT_VERSION}
+
+
+def save_checkpoint(state, checkpoint_dir, keep):
+    """Save `state` as checkpoint_dir/checkpoint_epoch{E}_step{S}.pt, then keep only the newest `keep`.
+
+    Old checkpoints are deleted only after the new one is on disk, except when free disk is below the
+    size of the newest checkpoint: then the oldest go first (never the newest) so the save can succeed.
+    Raises CheckpointError when the save fails; earlier checkpoints are untouched then.
+    """
+    path = checkpoint_path(checkpoint_dir, state["epoch"], state["step"])
+    _make_room(checkpoint_dir)
+    atomic_save(_stamped(state), path)
+    rotate_checkpoints(checkpoint_dir, keep, protect=path)
+    return path
+
+
+def save_best(state, out_dir):
+    """Save `state` atomically as out_dir/best_model.pt (never rotated)."""
+    path = Path(out_dir) / BEST_NAME
+    atomic_save(_stamped(state), path)
+    return path
+
+
+def save_emergency(state, out_dir):
+    """Save `state` atomically as out_dir/emergency_checkpoint.pt."""
+    path = Path(out_dir) / EMERGENCY_NAME
+    atomic_save(_stamped(state), path)
+    return path
+
+
+# --- loading and discovery ---------------------------------------------------------------------
+
+def _first_line(e):
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line[:200]
+
+
+def _read(path, map_location, mmap):
+    """torch.load(weights_only=True) + checks; every way a file can be bad becomes a CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}; check the path (or use 'latest' / 'auto')")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(
+                f"{path} holds Python objects that weights_only loading refuses, so this trainer did not "
+                f"write it; load it yourself with weights_only=False only if you trust its source") from e
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({_first_line(e)}); use another checkpoint, "
+            f"e.g. resume_from_checkpoint='latest'") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict of this trainer")
+    missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of this trainer (missing {', '.join(missing)})")
+    version = ckpt["format_version"]
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointError(f"{path} has an invalid format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version} but this code reads up to {FORMAT_VERSION}; "
+            f"update the code (git pull)")
+    return ckpt
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint dict with torch.load(weights_only=True); CheckpointError if it is missing,
+    truncated, corrupt, not one of ours, or from a newer format. Never writes anything."""
+    return _read(path, map_location, mmap=False)
+
+
+def _candidates(checkpoint_dir, out_dir):
+    """(path, tie rank) of every checkpoint file 'latest' considers: emergency > rotated > best on a tie."""
+    found = [(p, 1) for p in list_checkpoints(checkpoint_dir)] if checkpoint_dir is not None else []
+    if out_dir is not None:
+        found += [(Path(out_dir) / name, rank) for name, rank in ((EMERGENCY_NAME, 2), (BEST_NAME, 0))
+                  if (Path(out_dir) / name).is_file()]
+    return found
+
+
+def find_checkpoint(spec, checkpoint_dir, out_dir):
+    """Resolve resume_from_checkpoint to a path, or None to start fresh.
+
+    spec: '' or None -> None; a path -> that file (CheckpointError if missing or unreadable);
+    'latest' -> the valid checkpoint with the highest stored step among checkpoint_dir's rotated ones,
+    out_dir/emergency_checkpoint.pt and out_dir/best_model.pt (ties: emergency, rotated, best),
+    skipping unreadable files with a warning on stderr; CheckpointError if there is none;
+    'auto' -> like 'latest', but None when no checkpoint file exists at all.
+    Files are peeked with mmap, so this stays cheap for large checkpoints.
+    """
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, str) and spec in ("latest", "auto"):
+        candidates = _candidates(checkpoint_dir, out_dir)
+        if not candidates:
+            if spec == "auto":
+                return None
+            raise CheckpointError(
+                f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
+                f"{out_dir}; use 'auto' to start fresh when there is none")
+        valid = []
+        for path, rank in candidates:
+            try:
+                step = _read(path, "cpu", mmap=True)["step"]
+            except CheckpointError as e:
+                print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+                continue
+            valid.append((step, rank, path))
+        if not valid:
+            raise CheckpointError(
+                f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
+                f"loaded (see warnings above); remove them or set resume_from_checkpoint='' to start fresh")
+        return max(valid, key=lambda v: (v[0], v[1]))[2]
+    path = Path(spec).expanduser()
+    _read(path, "cpu", mmap=True)
+    return path
+
+
+# --- RNG state and model weights ---------------------------------------------------------------
+
+def capture_rng_state():
+    """RNG states of python `random`, numpy's global generator, torch CPU and every CUDA device.
+
+    Stored as tensors, lists, ints and floats only, so a checkpoint holding it loads with weights_only=True.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    np_key, np_state, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": [py_version, list(py_state), py_gauss],
+        "numpy": {"key": str(np_key), "state": torch.from_numpy(np_state.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state):
+    """Restore what capture_rng_state() returned (CUDA states only for the devices present)."""
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
+    n = state["numpy"]
+    np.random.set_state((n["key"], n["state"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    # map_location may have moved these tensors; the setters want CPU uint8 tensors.
+    torch.set_rng_state(state["torch_cpu"].cpu().to(torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)
+
+
+def unwrapped_state_dict(model):
+    """model.state_dict() as the bare model has it: no `_orig_mod.` (torch.compile) or `module.` (DDP) prefix."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            return model.state_dict()
