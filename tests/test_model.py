@@ -1,0 +1,172 @@
+"""model.py: config validation, parameter count, parity with HF GPT2LMHeadModel, KV-cache generation."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from export_hf import export_hf
+from model import GPT, GPTConfig, sample_next
+
+TINY = dict(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48)
+
+
+def randomized(config, seed=0):
+    """A GPT whose every parameter is random (biases and LayerNorms too, which init leaves at 0 and 1)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.02 * torch.randn_like(p))
+        model.transformer.wte.weight[config.vocab_size:].zero_()
+    return model.eval()
+
+
+# --- config
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(n_embd=256, n_head=6), "divisible by n_head"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(vocab_size=-1), "vocab_size must be a positive integer"),
+    (dict(n_positions=512.0), "n_positions must be a positive integer"),
+    (dict(n_head=True), "n_head must be a positive integer"),
+    (dict(dropout=1.0), "dropout must be in [0, 1)"),
+])
+def test_config_validation(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        GPTConfig(**kwargs)
+
+
+def test_config_from_dict_ignores_training_keys():
+    d = dict(GPTConfig(n_layer=3).to_dict(), learning_rate=3e-4, batch_size=8)
+    assert GPTConfig.from_dict(d) == GPTConfig(n_layer=3)
+
+
+def test_param_count_of_default_config():
+    model = GPT(GPTConfig())
+    assert model.num_params() == 19_315_456
+    assert model.num_params(non_embedding=True) == 6_318_592
+    # The count is what an exported model holds: the tied head once, the vocab unpadded.
+    exported = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert sum(v.numel() for v in exported.values()) == 19_315_456
+
+
+# --- parity with transformers
+
+@pytest.mark.parametrize("config", [GPTConfig(), GPTConfig(n_layer=3, n_inner=640, n_positions=64)],
+                         ids=["default", "n_layer3_n_inner640"])
+def test_logits_match_hf(config, tmp_path):
+    ours = randomized(config)
+    export_hf(ours, tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.randint(0, config.vocab_size, (2, config.n_positions), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, _ = ours(idx, all_logits=True)
+        hf_logits = hf(idx).logits
+    assert logits.shape == hf_logits.shape == (2, config.n_positions, config.vocab_size)
+    assert (logits - hf_logits).abs().max().item() < 1e-5
+
+
+# --- generation
+
+def no_cache_greedy(model, idx, n):
+    """The reference: a full forward pass over the last n_positions tokens for every new token."""
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.n_positions:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_kv_cache_generate_equals_no_cache_loop_past_the_context():
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(0))
+    n = 3 * model.config.n_positions  # the window slides twice
+    with torch.no_grad():
+        expected = no_cache_greedy(model, idx, n)
+    assert torch.equal(model.generate(idx, n, temperature=0), expected)
+
+
+def test_generate_from_a_prompt_longer_than_the_context():
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = no_cache_greedy(model, idx, 10)
+    assert torch.equal(model.generate(idx, 10, temperature=0), expected)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(idx, 20, temperature=0)
+    assert torch.equal(model.generate(idx, 20, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(model.generate(idx, 20, temperature=1.5, top_p=1e-6), greedy)
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.zeros((2, 1), dtype=torch.long)
+
+    def sample(seed):
+        return model.generate(idx, 30, temperature=1.0, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+
+
+def test_top_k_and_top_p_keep_only_their_tokens():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_next(logits, top_k=2, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, top_k=3, generator=g).tolist()) == {0, 1, 2}
+    # top_p=0.7: token 1 is kept (mass before it 0.5 < 0.7), token 2 is not (0.8 >= 0.7).
+    assert set(sample_next(logits, top_p=0.7, generator=g).tolist()) == {0, 1}
+    assert set(sample_next(logits, generator=g).tolist()) == {0, 1, 2, 3}
+    assert set(sample_next(logits, temperature=0).tolist()) == {0}
+
+
+def test_generate_stops_rows_at_eos():
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.zeros((4, 1), dtype=torch.long)
+    out = model.generate(idx, 200, temperature=3.0, eos_token_id=5, generator=torch.Generator().manual_seed(0))
+    for row in out[:, 1:].tolist():
+        if 5 in row:  # after the first eos a row only repeats it
+            assert set(row[row.index(5):]) == {5}
+
+
+# --- padded vocabulary and dropout
+
+def test_padded_vocab_never_leaks():
+    config = GPTConfig(**TINY)
+    model = randomized(config)
+    assert model.padded_vocab == 128 > config.vocab_size
+    sd = model.state_dict()
+    assert sd["transformer.wte.weight"].shape == sd["lm_head.weight"].shape == (97, 32)
+    fresh = GPT(config)
+    fresh.load_state_dict(sd)
+    idx = torch.randint(0, 97, (2, 8))
+    logits, loss = model(idx, targets=idx)
+    assert logits.shape[-1] == 97 and torch.isfinite(loss)
+    assert torch.equal(fresh.eval()(idx)[0], model(idx)[0])
+    # A hot temperature samples near-uniformly: never a padded id.
+    out = model.generate(idx, 200, temperature=50.0, generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < 97
+
+
+def test_dropout_only_in_training():
+    model = randomized(GPTConfig(**dict(TINY, dropout=0.5)))
+    idx = torch.randint(0, 97, (2, 8))
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    # generate switches to eval for its duration and restores training mode afterwards
+    g = model.generate(idx, 5, temperature=0)
+    assert model.training and torch.equal(g, model.eval().generate(idx, 5, temperature=0))
