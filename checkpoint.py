@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ _CHECKPOINT_RE = re.compile(r"checkpoint_epoch(\d+)_step(\d+)\.pt")
 _TEMP_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
 # The keys every checkpoint of ours has and that resume and discovery rely on.
 _REQUIRED_KEYS = ("format_version", "model_state_dict", "config", "epoch", "step")
+_USE_ANOTHER = "use another checkpoint, e.g. resume_from_checkpoint='latest'"
 
 
 class CheckpointError(Exception):
@@ -278,19 +280,33 @@ def save_emergency(state, out_dir):
 
 # --- loading and discovery ---------------------------------------------------------------------
 
-def _first_line(e):
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    line = text.splitlines()[0] if text else type(e).__name__
-    return line[:200]
+def _reason(e):
+    """A short, one-line cause from a torch.load exception (whose messages run to paragraphs)."""
+    text = re.sub(r"\x1b\[[0-9;]*m|^\[enforce fail at [^\]]*\][ .]*", "", str(e)).strip()
+    if not text:
+        return type(e).__name__
+    return text.splitlines()[0].split(". ")[0][:200]
 
 
 def _read(path, map_location, mmap):
-    """torch.load(weights_only=True) + checks; every way a file can be bad becomes a CheckpointError."""
+    """torch.load(weights_only=True) + checks; every way a file can be bad becomes a CheckpointError.
+
+    Tensor bytes are not checksummed here (torch.load never does); _verify_checksums does that.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; check the path (or use 'latest' / 'auto')")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
+    # torch.save writes a zip whose directory is at the very end: a file cut short has none.
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is truncated or not a PyTorch checkpoint (no zip directory at its end); {_USE_ANOTHER}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except (MemoryError, torch.OutOfMemoryError):
@@ -300,9 +316,7 @@ def _read(path, map_location, mmap):
             raise CheckpointError(
                 f"{path} holds Python objects that weights_only loading refuses, so this trainer did not "
                 f"write it; load it yourself with weights_only=False only if you trust its source") from e
-        raise CheckpointError(
-            f"{path} is truncated or corrupt ({_first_line(e)}); use another checkpoint, "
-            f"e.g. resume_from_checkpoint='latest'") from e
+        raise CheckpointError(f"{path} is corrupt ({_reason(e)}); {_USE_ANOTHER}") from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict of this trainer")
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
@@ -318,10 +332,25 @@ def _read(path, map_location, mmap):
     return ckpt
 
 
+def _verify_checksums(path):
+    """Check the CRC32 torch.save stores for every record, catching damaged bytes inside the file
+    (bit rot, a bad copy) that torch.load would silently load as wrong weights. Reads the whole file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt ({_reason(e)}); {_USE_ANOTHER}") from e
+    if bad is not None:
+        raise CheckpointError(f"{path} is corrupt (checksum mismatch in {bad}); {_USE_ANOTHER}")
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint dict with torch.load(weights_only=True); CheckpointError if it is missing,
-    truncated, corrupt, not one of ours, or from a newer format. Never writes anything."""
-    return _read(path, map_location, mmap=False)
+    truncated, corrupt (checksums are verified), not one of ours, or from a newer format.
+    Never writes anything."""
+    ckpt = _read(path, map_location, mmap=False)
+    _verify_checksums(path)
+    return ckpt
 
 
 def _candidates(checkpoint_dir, out_dir):
@@ -341,34 +370,37 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
     out_dir/emergency_checkpoint.pt and out_dir/best_model.pt (ties: emergency, rotated, best),
     skipping unreadable files with a warning on stderr; CheckpointError if there is none;
     'auto' -> like 'latest', but None when no checkpoint file exists at all.
-    Files are peeked with mmap, so this stays cheap for large checkpoints.
+    Candidates are peeked with mmap (cheap); only the one chosen is read in full to verify checksums.
     """
     if spec is None or spec == "":
         return None
-    if isinstance(spec, str) and spec in ("latest", "auto"):
-        candidates = _candidates(checkpoint_dir, out_dir)
-        if not candidates:
-            if spec == "auto":
-                return None
-            raise CheckpointError(
-                f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
-                f"{out_dir}; use 'auto' to start fresh when there is none")
-        valid = []
-        for path, rank in candidates:
-            try:
-                step = _read(path, "cpu", mmap=True)["step"]
-            except CheckpointError as e:
-                print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
-                continue
-            valid.append((step, rank, path))
-        if not valid:
-            raise CheckpointError(
-                f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
-                f"loaded (see warnings above); remove them or set resume_from_checkpoint='' to start fresh")
-        return max(valid, key=lambda v: (v[0], v[1]))[2]
-    path = Path(spec).expanduser()
-    _read(path, "cpu", mmap=True)
-    return path
+    if not (isinstance(spec, str) and spec in ("latest", "auto")):
+        path = Path(spec).expanduser()
+        _read(path, "cpu", mmap=True)
+        _verify_checksums(path)
+        return path
+    candidates = _candidates(checkpoint_dir, out_dir)
+    if not candidates:
+        if spec == "auto":
+            return None
+        raise CheckpointError(
+            f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
+            f"{out_dir}; use 'auto' to start fresh when there is none")
+    readable = []
+    for path, rank in candidates:
+        try:
+            readable.append((_read(path, "cpu", mmap=True)["step"], rank, path))
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+    for _, _, path in sorted(readable, key=lambda c: (c[0], c[1]), reverse=True):
+        try:
+            _verify_checksums(path)
+            return path
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+    raise CheckpointError(
+        f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
+        f"loaded (see warnings above); remove them or set resume_from_checkpoint='' to start fresh")
 
 
 # --- RNG state and model weights ---------------------------------------------------------------
