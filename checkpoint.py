@@ -212,14 +212,18 @@ def _delete(path):
     return True
 
 
+def _check_keep(keep):
+    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+        raise CheckpointError(f"max_checkpoints must be an integer >= 1, got {keep!r}")
+
+
 def rotate_checkpoints(checkpoint_dir, keep, protect=None):
     """Delete all but the newest `keep` checkpoints (by step) in checkpoint_dir; returns the deleted paths.
 
     Touches nothing but files named checkpoint_epoch{E}_step{S}.pt directly in checkpoint_dir.
     `protect` (a path) is never deleted, even when older checkpoints from another run outnumber it.
     """
-    if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-        raise CheckpointError(f"max_checkpoints must be an integer >= 1, got {keep!r}")
+    _check_keep(keep)
     protect = Path(protect).resolve() if protect is not None else None
     old = list_checkpoints(checkpoint_dir)[:-keep]
     return [p for p in old if p.resolve() != protect and _delete(p)]
@@ -228,22 +232,19 @@ def rotate_checkpoints(checkpoint_dir, keep, protect=None):
 def _make_room(checkpoint_dir):
     """If free disk is below the size of the newest checkpoint, delete the oldest ones until it is not.
 
-    Never deletes the newest (so at least one checkpoint always survives); returns the deleted paths.
+    Never deletes the newest, so at least one checkpoint always survives.
     """
     existing = list_checkpoints(checkpoint_dir)
     if not existing:
-        return []
+        return
     need = existing[-1].stat().st_size
-    deleted = []
     for old in existing[:-1]:
         free = shutil.disk_usage(checkpoint_dir).free
         if free >= need:
             break
         if _delete(old):
-            deleted.append(old)
             print(f"checkpoint: low disk ({free / 2**20:.0f} MiB free, a checkpoint is "
                   f"{need / 2**20:.0f} MiB): deleted {old.name} before saving", file=sys.stderr)
-    return deleted
 
 
 def _stamped(state):
@@ -257,6 +258,7 @@ def save_checkpoint(state, checkpoint_dir, keep):
     size of the newest checkpoint: then the oldest go first (never the newest) so the save can succeed.
     Raises CheckpointError when the save fails; earlier checkpoints are untouched then.
     """
+    _check_keep(keep)
     path = checkpoint_path(checkpoint_dir, state["epoch"], state["step"])
     _make_room(checkpoint_dir)
     atomic_save(_stamped(state), path)

@@ -79,10 +79,9 @@ KILL_CHILD = """
 import sys, torch
 from pathlib import Path
 from checkpoint import save_best, save_checkpoint
-ckdir, out = Path(sys.argv[1]), Path(sys.argv[2])
+ckdir, out, step = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 w = torch.empty(4 << 20)  # 16 MiB: a save takes long enough to be killed in the middle of it
 print("ready", flush=True)
-step = 1
 while True:
     w.fill_(step)
     s = {"model_state_dict": {"w": w}, "config": {}, "epoch": 0, "step": step}
@@ -99,10 +98,16 @@ def test_kill_9_mid_save_never_leaves_a_partial_file_under_a_final_name(tmp_path
     ck.save_emergency(state(0), out)  # the child never writes this one: it must stay byte-identical
     emergency = (out / "emergency_checkpoint.pt").read_bytes()
     killed_mid_write = 0
-    for delay in (0.05, 0.2, 0.45, 0.7, 1.1):
-        child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(ckdir), str(out)],
+    # Kills at plain delays land anywhere (between saves, mid-rotation); the others wait until a
+    # temp file exists, so some kills surely land inside a write.
+    for delay, while_writing in ((0.05, False), (0.45, False), (1.1, False), (0.0, True), (0.01, True), (0.03, True)):
+        newest = ck.load_checkpoint(ck.list_checkpoints(ckdir)[-1])["step"]
+        child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(ckdir), str(out), str(newest + 1)],
                                  env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while while_writing and not (temps(ckdir) or temps(out)) and time.monotonic() < deadline:
+            time.sleep(0.0005)
         time.sleep(delay)
         child.send_signal(signal.SIGKILL)
         child.wait()
@@ -114,14 +119,13 @@ def test_kill_9_mid_save_never_leaves_a_partial_file_under_a_final_name(tmp_path
         for path in finals:
             assert_whole(path)
         assert (out / "emergency_checkpoint.pt").read_bytes() == emergency
-    # The kills are real and land inside a save: a temp file was left behind at least once...
-    assert killed_mid_write >= 1
-    # ...and the next save cleans up what the dead processes left, keeping everything loadable.
+    assert killed_mid_write >= 1  # the test really killed a save in the middle
+    # The next save cleans up what the dead processes left, keeping everything loadable.
     newest = ck.load_checkpoint(ck.list_checkpoints(ckdir)[-1])["step"]
     ck.save_checkpoint(state(newest + 1), ckdir, keep=2)
     ck.save_best(state(newest + 1), out)
     assert temps(ckdir) == temps(out) == []
-    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)][-1] == newest + 1
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [newest, newest + 1]
 
 
 def test_temps_of_a_live_process_are_not_touched(tmp_path):
@@ -193,6 +197,9 @@ def test_list_and_rotate_go_by_step_not_file_time_and_ignore_other_files(tmp_pat
     assert (tmp_path / "checkpoint_epoch9_step9999.pt").is_dir()
     with pytest.raises(CheckpointError, match="max_checkpoints must be an integer >= 1"):
         ck.rotate_checkpoints(tmp_path, keep=0)
+    with pytest.raises(CheckpointError, match="max_checkpoints must be an integer >= 1, got None"):
+        ck.save_checkpoint(state(7000), tmp_path, keep=None)
+    assert not ck.checkpoint_path(tmp_path, 0, 7000).exists()  # refused before writing anything
 
 
 def test_save_never_rotates_out_the_checkpoint_it_just_wrote(tmp_path):
