@@ -149,6 +149,19 @@ def load_hf(hf_dir):
     return model
 
 
+def load_checkpoint_model(source):
+    """A GPT (CPU, fp32) with the weights of a checkpoint path or dict (as train.py writes them).
+
+    CheckpointError for a missing or unreadable file, ExportError for weights that do not fit the config.
+    """
+    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    if "model_state_dict" not in ckpt or "config" not in ckpt:
+        raise ExportError("the checkpoint has no model_state_dict/config: use a checkpoint written by train.py")
+    model = GPT(GPTConfig.from_dict(ckpt["config"]))
+    _load_into(model, ckpt["model_state_dict"], "the checkpoint" if isinstance(source, dict) else source)
+    return model
+
+
 def _config_and_state(source):
     """(GPTConfig, state_dict) from a checkpoint path, a checkpoint dict, or a GPT (compiled/DDP too)."""
     if isinstance(source, nn.Module):
@@ -156,13 +169,8 @@ def _config_and_state(source):
         while not isinstance(base, GPT):  # torch.compile keeps it in _orig_mod, DDP in module
             base = base._orig_mod if hasattr(base, "_orig_mod") else base.module
         return base.config, unwrapped_state_dict(source)
-    ckpt = source if isinstance(source, dict) else load_checkpoint(source)
-    if "model_state_dict" not in ckpt or "config" not in ckpt:
-        raise ExportError("the checkpoint has no model_state_dict/config: export a checkpoint written by train.py")
-    config = GPTConfig.from_dict(ckpt["config"])
-    model = GPT(config)  # loading into a model checks every name and shape
-    _load_into(model, ckpt["model_state_dict"], source if isinstance(source, (str, Path)) else "the checkpoint")
-    return config, model.state_dict()
+    model = load_checkpoint_model(source)  # loading into a model checks every name and shape
+    return model.config, model.state_dict()
 
 
 def _replace_dir(new, target):
