@@ -1,0 +1,165 @@
+"""Generate text from a trained model.
+
+    python sample.py --start "The future of AI"             # out/best_model.pt
+    python sample.py --checkpoint out/checkpoints/checkpoint_epoch1_step5000.pt --temperature 0
+    python sample.py --model_dir out/final_model --start FILE:prompt.txt --num_samples 3
+
+Tokens are printed as they are generated (--no_stream prints each sample when it is complete);
+a sample ends at <|endoftext|> or after --max_new_tokens. The speed goes to stderr.
+"""
+
+import argparse
+import codecs
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import hardware
+from checkpoint import BEST_NAME, CheckpointError, find_checkpoint
+from data import EOT_TOKEN, get_tokenizer
+from export_hf import ExportError, load_checkpoint_model, load_hf
+
+DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
+
+
+class SampleError(Exception):
+    """A wrong option or a missing model; one line saying what to do."""
+
+
+def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
+    """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
+    resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
+    if model_dir:
+        return load_hf(model_dir)
+    path = Path(out_dir) / BEST_NAME
+    if checkpoint:
+        path = find_checkpoint(checkpoint, Path(out_dir) / "checkpoints", out_dir)
+    if path is None or not path.is_file():
+        where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
+        raise SampleError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
+                          f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
+                          f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")
+    return load_checkpoint_model(path)
+
+
+def read_prompt(start):
+    """The prompt text: --start itself, or the file named after FILE:."""
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:"):]).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def encode_prompt(text, n_positions):
+    """Prompt token ids, (1, T): <|endoftext|> alone for an empty prompt (an unconditional sample);
+    a prompt longer than the context keeps its last n_positions tokens."""
+    ids = get_tokenizer().encode(text, allowed_special="all") or [EOT_TOKEN]
+    if len(ids) > n_positions:
+        print(f"note: the prompt is {len(ids)} tokens, longer than the model's context "
+              f"(n_positions={n_positions}); keeping its last {n_positions} tokens", file=sys.stderr)
+        ids = ids[-n_positions:]
+    return torch.tensor([ids])
+
+
+def sample(model, idx, out, stream=True, **gen_kwargs):
+    """Generate one sample after prompt idx (1, T) and write prompt + continuation to `out`.
+
+    Streaming decodes incrementally: a character split across tokens is written once its bytes are complete.
+    Returns the number of tokens generated.
+    """
+    enc = get_tokenizer()
+    prompt = idx[0].tolist()
+    prompt = [] if prompt == [EOT_TOKEN] else prompt  # an unconditional sample shows no prompt
+    new = []
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    if stream:
+        out.write(enc.decode(prompt))
+        out.flush()
+    n = 0
+    for tok in model.generate_stream(idx, eos_token_id=EOT_TOKEN, **gen_kwargs):
+        n += 1
+        t = tok.item()
+        if t == EOT_TOKEN:
+            break
+        new.append(t)
+        if stream:
+            out.write(utf8.decode(enc.decode_single_token_bytes(t)))
+            out.flush()
+    out.write((utf8.decode(b"", final=True) if stream else enc.decode(prompt + new)) + "\n")
+    out.flush()
+    return n
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Generate text from a trained GPT (a checkpoint or a HuggingFace folder).")
+    p.add_argument("--start", default="", help='prompt text, or FILE:path to read it from a file '
+                                               '("" = unconditional, from <|endoftext|>)')
+    p.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
+    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="train.py's out_dir, searched for best_model.pt")
+    p.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
+    p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after the other")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
+    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens only (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
+    p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (autocast)")
+    p.add_argument("--no_stream", action="store_true", help="print each sample when complete, not token by token")
+    p.error = _fail
+    args = p.parse_args(argv)
+    for name, ok, rule in (("num_samples", args.num_samples >= 1, ">= 1"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+                           ("temperature", args.temperature >= 0, ">= 0"),
+                           ("top_k", args.top_k >= 0, ">= 0"),
+                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
+        if not ok:
+            raise SampleError(f"--{name} must be {rule}, got {getattr(args, name)}")
+    if args.checkpoint and args.model_dir:
+        raise SampleError("give --checkpoint or --model_dir, not both")
+    return args
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        facts = hardware.probe_facts(hardware.choose_device(args.device))
+        hardware.preflight(facts)
+        plan = hardware.decide(facts, dtype=args.dtype, compile=False)
+        model = load_model(args.checkpoint, args.model_dir, args.out_dir).to(plan.device).eval()
+        prompt = read_prompt(args.start)
+        idx = encode_prompt(prompt, model.config.n_positions).to(plan.device)
+    except (SampleError, CheckpointError, ExportError, hardware.HardwareError, ValueError) as e:
+        _fail(str(e))
+    print(hardware.describe(facts, plan), file=sys.stderr)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets "?"
+    generator = torch.Generator(device=plan.device).manual_seed(args.seed)
+    gen_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k or None, top_p=args.top_p, generator=generator)
+    n_tokens, t0 = 0, time.perf_counter()
+    try:
+        with hardware.autocast(plan.device, plan.dtype):
+            for i in range(args.num_samples):
+                if i:
+                    print("-" * 40, flush=True)
+                n_tokens += sample(model, idx, sys.stdout, stream=not args.no_stream, **gen_kwargs)
+    except KeyboardInterrupt:  # Ctrl-C ends the output, not with a traceback
+        print(flush=True)
+        sys.exit(130)
+    elapsed = time.perf_counter() - t0
+    print(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

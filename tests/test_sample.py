@@ -1,0 +1,159 @@
+"""sample.py, run as a real subprocess on tiny checkpoints made here."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data import EOT_TOKEN, get_tokenizer
+from export_hf import export_hf
+from model import GPT, GPTConfig
+from sample import sample
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=64)
+CPU = ["--device", "cpu", "--dtype", "float32"]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY).eval()
+
+
+def save_checkpoint(model, path):
+    """A checkpoint with the keys train.py writes and sample.py reads."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": 10,
+                "config": dict(model.config.to_dict(), out_dir=str(path.parent))}, path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run folder as train.py leaves it: out/best_model.pt and out/final_model/."""
+    root = tmp_path_factory.mktemp("run")
+    model = tiny_model()
+    save_checkpoint(model, root / "out" / "best_model.pt")
+    export_hf(model, root / "out" / "final_model")
+    return root
+
+
+def run_sample(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+
+
+def greedy_text(model, prompt, n):
+    idx = torch.tensor([get_tokenizer().encode(prompt)])
+    out = model.generate(idx, n, temperature=0, eos_token_id=EOT_TOKEN)[0].tolist()
+    return get_tokenizer().decode([t for t in out if t != EOT_TOKEN])
+
+
+def test_default_is_best_model_of_out_dir(run_dir):
+    result = run_sample("--start", "The future of AI", "--temperature", "0", "--max_new_tokens", "20", *CPU,
+                        cwd=run_dir)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_text(tiny_model(), "The future of AI", 20) + "\n"
+    assert "tokens/s" in result.stderr.splitlines()[-1]
+
+
+def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
+    common = ["--start", "Hello", "--temperature", "0", "--max_new_tokens", "15", *CPU]
+    from_hf = run_sample("--model_dir", run_dir / "out" / "final_model", *common)
+    from_ckpt = run_sample("--checkpoint", run_dir / "out" / "best_model.pt", *common)
+    assert from_hf.returncode == from_ckpt.returncode == 0, from_hf.stderr + from_ckpt.stderr
+    assert from_hf.stdout == from_ckpt.stdout == greedy_text(tiny_model(), "Hello", 15) + "\n"
+
+
+def test_latest_rotated_checkpoint(tmp_path):
+    save_checkpoint(tiny_model(seed=3), tmp_path / "out" / "checkpoints" / "checkpoint_epoch1_step10.pt")
+    result = run_sample("--checkpoint", "latest", "--out_dir", tmp_path / "out", "--start", "Hi",
+                        "--temperature", "0", "--max_new_tokens", "8", *CPU)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_text(tiny_model(seed=3), "Hi", 8) + "\n"
+
+
+def test_seeded_sampling_is_reproducible_and_streaming_prints_the_same(run_dir):
+    # A hot temperature on a random model: many byte tokens that are not whole UTF-8 characters.
+    common = ["--out_dir", run_dir / "out", "--temperature", "2.0", "--top_k", "0", "--num_samples", "2",
+              "--max_new_tokens", "30", *CPU]
+    streamed = run_sample(*common, "--seed", "5")
+    whole = run_sample(*common, "--seed", "5", "--no_stream")
+    other_seed = run_sample(*common, "--seed", "6", "--no_stream")
+    assert streamed.returncode == whole.returncode == other_seed.returncode == 0, streamed.stderr
+    assert streamed.stdout == whole.stdout != other_seed.stdout
+    assert streamed.stdout.count("-" * 40 + "\n") == 1
+
+
+def test_stream_writes_token_by_token_without_breaking_characters():
+    text = "naïve 🤖 日本語 ok"
+    ids = get_tokenizer().encode(text)
+    # Some tokens hold part of a character only: the case incremental decoding exists for.
+    pieces = [get_tokenizer().decode_single_token_bytes(t) for t in ids]
+    assert any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)
+
+    class Replay:
+        """Stands in for the model: yields a fixed token sequence, as generate_stream does."""
+
+        def generate_stream(self, idx, **kwargs):
+            for t in ids + [EOT_TOKEN, 11]:
+                yield torch.tensor([t])
+
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    n = sample(Replay(), torch.tensor([[EOT_TOKEN]]), out, stream=True)
+    assert out.getvalue() == text + "\n" and n == len(ids) + 1  # stopped at <|endoftext|>
+    assert len([w for w in writes if w]) > 3 and not any("\ufffd" in w for w in writes)
+
+
+def test_stops_at_endoftext(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():  # every position predicts <|endoftext|>: ln_f outputs a constant it matches
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[EOT_TOKEN] = 10.0
+    save_checkpoint(model, tmp_path / "best_model.pt")
+    result = run_sample("--checkpoint", tmp_path / "best_model.pt", "--start", "Hello", "--max_new_tokens", "50",
+                        *CPU)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "Hello\n"
+    assert result.stderr.splitlines()[-1].startswith("1 tokens in")
+
+
+def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
+    text = "".join(f"word{i} " for i in range(40))  # well over 32 tokens
+    (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")
+    result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
+                        "--temperature", "0", "--max_new_tokens", "5", *CPU)
+    assert result.returncode == 0, result.stderr
+    ids = get_tokenizer().encode(text)
+    assert f"the prompt is {len(ids)} tokens" in result.stderr and "keeping its last 32 tokens" in result.stderr
+    assert result.stdout.startswith(get_tokenizer().decode(ids[-32:]))
+    assert not result.stdout.startswith(text)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ([], "no model at out/best_model.pt: train one with `python train.py`"),
+    (["--checkpoint", "nowhere.pt"], "no checkpoint at nowhere.pt"),
+    (["--checkpoint", "auto"], "no model at out or out/checkpoints: train one"),
+    (["--model_dir", "nowhere"], "nowhere/config.json not found"),
+    (["--start", "FILE:missing.txt", "--out_dir", "{run}/out"], "cannot read the prompt file missing.txt"),
+    (["--top_p", "0", "--out_dir", "{run}/out"], "--top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--max_new_tokens", "ten"], "argument --max_new_tokens: invalid int value"),
+])
+def test_errors_are_one_line(tmp_path, run_dir, args, fragment):
+    result = run_sample(*[a.format(run=run_dir) for a in args], *CPU, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
