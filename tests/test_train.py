@@ -1,0 +1,243 @@
+"""train.py as a user runs it: real subprocesses on tiny bins, real signals, real kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as ckpt
+from data import EOT_TOKEN, get_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = ["--n_positions=32", "--n_embd=32", "--n_layer=2", "--n_head=2", "--n_inner=64", "--max_length=32",
+        "--batch_size=4", "--gradient_accumulation_steps=2", "--device=cpu", "--dtype=float32", "--compile=False",
+        "--sample_prompt=", "--warmup_steps=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--log_steps=1",
+        "--eval_iters=2", "--export_final_model=False"]
+
+
+def write_bins(folder, train_tokens=3000, val_tokens=600):
+    """Token bins from real text, as data.py lays them out."""
+    enc = get_tokenizer()
+    words = "the cat sat on a mat while dogs ran over green hills and birds sang in tall trees".split()
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"tokenizer": "gpt2", "vocab_size": 50257, "dtype": "uint16", "tokens": {}}
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        ids = []
+        while len(ids) < n:
+            ids += enc.encode_ordinary(" ".join(rng.choice(words, 40))) + [EOT_TOKEN]
+        np.asarray(ids[:n], dtype=np.uint16).tofile(folder / f"{split}.bin")
+        meta["tokens"][split] = n
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory):
+    return write_bins(tmp_path_factory.mktemp("data"))
+
+
+def train_cmd(out_dir, bins, *extra):
+    return [sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={bins}", f"--out_dir={out_dir}", *extra]
+
+
+def run_train(out_dir, bins, *extra, env=None, check=True):
+    p = subprocess.run(train_cmd(out_dir, bins, *extra), capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def weights(path):
+    return ckpt.load_checkpoint(path)["model_state_dict"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def step_losses(out_dir):
+    """{step: loss text} from the plain log lines of train.log."""
+    losses = {}
+    for line in (out_dir / "train.log").read_text().splitlines():
+        if " loss " in line and "/" in line and line.split()[1] == "step":
+            step = int(line.split()[2].split("/")[0])
+            losses[step] = line.split("loss ")[1].split(",")[0]
+    return losses
+
+
+def test_help_lists_every_setting():
+    p = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0
+    for name in ("batch_size=8", "gradient_accumulation_steps=8", "learning_rate=0.0005", "max_checkpoints=4",
+                 "resume_from_checkpoint='auto'", "max_runtime=''"):
+        assert f"--{name}" in p.stdout
+    assert "keep only the newest N rotated checkpoints" in p.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--learnig_rate=1e-3"], "unknown setting 'learnig_rate' (did you mean 'learning_rate'?)"),
+    (["--batch_size=big"], "batch_size must be int, got 'big'"),
+    (["--batch_size"], "'--batch_size' needs a value"),
+    (["config/nope.py"], "config file 'config/nope.py' not found"),
+    (["--n_embd=30", "--n_head=4"], "must be divisible by n_head"),
+    (["--max_runtime=soon"], "max_runtime 'soon' is not a duration"),
+    (["--data_dir=/nonexistent/bins"], "python data.py wikitext103"),
+])
+def test_bad_settings_get_one_line(args, message, tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", *args],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
+    out = tmp_path / "out"
+    p = run_train(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3", "--max_checkpoints=2",
+                  "--export_final_model=True")
+    # 2700 train tokens... 3000 // 33 = 90 windows, 8 per step -> 11 steps per epoch, 22 in all.
+    assert "11 steps per epoch, 22 steps in all" in p.stdout
+    kept = ckpt.list_checkpoints(out / "checkpoints")
+    assert [c.name for c in kept] == ["checkpoint_epoch2_step20.pt", "checkpoint_epoch2_step22.pt"]
+    best = ckpt.load_checkpoint(out / "best_model.pt")
+    for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "epoch", "step",
+                "train_loss", "val_loss", "config"):
+        assert key in best
+    history = json.loads((out / "training_history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "train_loss", "val_loss", "val_perplexity", "timestamp"}
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    evals = json.loads((out / "eval_history.json").read_text())
+    assert [r["step"] for r in evals] == [3, 6, 9, 11, 12, 15, 18, 21, 22]  # and each epoch end
+    assert best["val_loss"] == min(r["val_loss"] for r in evals)
+    assert {"step", "tokens", "lr", "elapsed_s"} <= set(evals[0])
+    assert "step 22/22" in (out / "train.log").read_text()
+    assert (out / "final_model" / "config.json").exists()
+
+
+def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins):
+    straight = tmp_path / "straight"
+    run_train(straight, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
+              "--gradient_accumulation_steps=4")
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(train_cmd(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
+                                      "--gradient_accumulation_steps=4"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GPT_TEST_STEP_DELAY": "0.3"})
+    log = interrupted / "train.log"
+    deadline = time.time() + 120
+    while not (log.exists() and "step 5/16" in log.read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Resume with: python train.py" in stdout
+    emergency = ckpt.load_checkpoint(interrupted / "emergency_checkpoint.pt")
+    assert 5 <= emergency["step"] < 16
+
+    run_train(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
+              "--gradient_accumulation_steps=4", "--resume_from_checkpoint=latest")
+    assert_same_weights(weights(ckpt.list_checkpoints(straight / "checkpoints")[-1]),
+                        weights(ckpt.list_checkpoints(interrupted / "checkpoints")[-1]))
+    assert step_losses(interrupted) == step_losses(straight)
+
+
+def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, bins):
+    straight = tmp_path / "straight"
+    run_train(straight, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "GPT_TEST_STEP_DELAY": "0.1"})
+    deadline = time.time() + 120
+    while len(ckpt.list_checkpoints(killed / "checkpoints")) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    for path in (killed / "checkpoints").iterdir():
+        if path.name.startswith("checkpoint_"):
+            ckpt.load_checkpoint(path)  # every file under a final name is whole
+    run_train(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")  # resume_from_checkpoint='auto'
+    assert_same_weights(weights(straight / "checkpoints" / "checkpoint_epoch2_step20.pt"),
+                        weights(killed / "checkpoints" / "checkpoint_epoch2_step20.pt"))
+
+
+def test_out_of_memory_halves_micro_batch_and_keeps_the_result(tmp_path, bins):
+    normal = tmp_path / "normal"
+    run_train(normal, bins, "--max_steps=6", "--save_steps=6", "--eval_steps=100")
+    backed_off = tmp_path / "oom"
+    p = run_train(backed_off, bins, "--max_steps=6", "--save_steps=6", "--eval_steps=100",
+                  env={"GPT_TEST_OOM_ABOVE_BATCH": "1"})
+    assert "out of memory: micro-batch now 2 x 4 accumulation steps" in p.stdout
+    assert "out of memory: micro-batch now 1 x 8 accumulation steps" in p.stdout
+    state = ckpt.load_checkpoint(backed_off / "checkpoints" / "checkpoint_epoch1_step6.pt")
+    assert (state["batch_size"], state["gradient_accumulation_steps"]) == (1, 8)
+    ref = weights(normal / "checkpoints" / "checkpoint_epoch1_step6.pt")
+    for k, v in state["model_state_dict"].items():
+        torch.testing.assert_close(v, ref[k], atol=2e-5, rtol=1e-4)
+
+
+def test_out_of_memory_at_micro_batch_1_gives_up_clearly(tmp_path, bins):
+    p = run_train(tmp_path / "out", bins, "--max_steps=2", env={"GPT_TEST_OOM_ABOVE_BATCH": "0"}, check=False)
+    assert p.returncode != 0
+    assert "out of memory even at batch_size=1" in p.stderr
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
+    one = run_train(tmp_path / "one", bins, "--max_steps=5", "--save_steps=5", "--eval_steps=100",
+                    env={"GPT_TEST_NAN_AT_STEPS": "3"})
+    assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in one.stdout
+    final = weights(tmp_path / "one" / "checkpoints" / "checkpoint_epoch1_step5.pt")
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+    many = run_train(tmp_path / "many", bins, "--max_steps=10", "--max_nonfinite=3", "--eval_steps=100",
+                     env={"GPT_TEST_NAN_AT_STEPS": "2,3,4"}, check=False)
+    assert many.returncode == 3
+    assert "3 non-finite losses in a row at step 4" in many.stdout
+    assert ckpt.load_checkpoint(tmp_path / "many" / "emergency_checkpoint.pt")["step"] == 4
+
+
+def test_max_runtime_stops_cleanly_with_a_checkpoint(tmp_path, bins):
+    p = run_train(tmp_path / "out", bins, "--max_steps=1000", "--save_steps=1000", "--eval_steps=1000",
+                  "--max_runtime=2", env={"GPT_TEST_STEP_DELAY": "0.05"})
+    assert "max_runtime (2) reached at step" in p.stdout
+    kept = ckpt.list_checkpoints(tmp_path / "out" / "checkpoints")
+    assert len(kept) == 1 and 0 < ckpt.load_checkpoint(kept[0])["step"] < 1000
+
+
+def test_resume_keeps_history_and_refuses_another_model(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--epochs=1", "--eval_steps=5")
+    first = json.loads((out / "training_history.json").read_text())
+    run_train(out, bins, "--epochs=2", "--eval_steps=5")  # auto-resume and go on for a second epoch
+    history = json.loads((out / "training_history.json").read_text())
+    assert history[0] == first[0] and [r["epoch"] for r in history] == [1, 2]
+    assert (out / "train.log").read_text().count("resumed from") == 1
+    p = run_train(out, bins, "--epochs=3", "--n_layer=3", check=False)
+    assert p.returncode == 2 and "is a different model (n_layer: 2 vs 3)" in p.stderr
+
+
+@pytest.mark.slow
+def test_default_config_trains_on_cpu(tmp_path, bins):
+    big = write_bins(tmp_path / "data", train_tokens=2 * 513 * 8 + 10, val_tokens=600)
+    p = subprocess.run([sys.executable, "train.py", "config/kaggle_t4.py", f"--data_dir={big}",
+                        f"--out_dir={tmp_path / 'out'}", "--checkpoint_dir=", "--gradient_accumulation_steps=1",
+                        "--max_steps=2", "--eval_iters=1", "--device=cpu", "--compile=False", "--sample_prompt=",
+                        "--max_runtime="], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert "19.32M parameters (6.32M without embeddings)" in p.stdout
+    assert (tmp_path / "out" / "final_model" / "model.safetensors").exists()

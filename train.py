@@ -1,0 +1,761 @@
+"""Train a GPT-2 model on token bins made by data.py.
+
+    python train.py config/kaggle_t4.py [--name=value ...]
+    torchrun --standalone --nproc_per_node=2 train.py config/kaggle_t4.py
+    python train.py --help          # every setting with its default
+
+A step is one optimizer step (gradient_accumulation_steps micro-batches). Checkpointing, signal
+handling and the time budget keep a run safe: see README.md, "Training".
+"""
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import re
+import runpy
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import checkpoint as ckpt
+import hardware
+from data import DataError, TokenBins, get_tokenizer
+from model import GPT, GPTConfig, configure_optimizer
+
+
+@dataclass
+class TrainConfig:
+    # model (the names of the original guide / HF GPT2Config)
+    vocab_size: int = 50257  # tokenizer vocabulary (GPT-2 BPE)
+    n_positions: int = 512  # context length the model supports
+    n_embd: int = 256  # embedding width
+    n_layer: int = 8  # transformer blocks
+    n_head: int = 8  # attention heads
+    n_inner: int = 1024  # MLP hidden width
+    dropout: float = 0.0  # dropout during training (0 is best for one pass over big data)
+    bias: bool = True  # biases in Linear/LayerNorm (needed for the HF export)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
+    init_from: str = "scratch"  # 'scratch', a checkpoint .pt, or a HuggingFace GPT-2 folder
+    # data
+    data_dir: str = "data/wikitext103"  # folder with train.bin/val.bin from data.py
+    max_length: int = 512  # tokens per training sequence (<= n_positions)
+    # optimisation
+    batch_size: int = 8  # micro-batch per device (halved automatically on out-of-memory)
+    gradient_accumulation_steps: int = 8  # micro-batches per step, over all processes
+    learning_rate: float = 5e-4  # peak learning rate
+    min_lr: float = 5e-5  # learning rate at the end of the decay
+    lr_decay: str = "cosine"  # 'cosine', 'linear' or 'constant' after warmup
+    warmup_steps: int = 500  # linear warmup from 0
+    weight_decay: float = 0.01  # AdamW decay on 2-D weights only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    epochs: int = 3  # passes over the train split
+    max_steps: int = 0  # stop after this many steps (0 = epochs decide)
+    # evaluation and logging
+    eval_steps: int = 500  # evaluate every N steps (and at the end)
+    eval_iters: int = 0  # val batches per evaluation (0 = the whole val split)
+    log_steps: int = 10  # plain log line every N steps when stdout is not a terminal
+    sample_prompt: str = "The future of AI"  # sample printed at each evaluation ('' = off)
+    sample_tokens: int = 40  # length of that sample
+    # checkpoints
+    out_dir: str = "out"  # best_model.pt, final_model/, history and logs go here
+    checkpoint_dir: str = ""  # rotated checkpoints ('' = out_dir/checkpoints)
+    save_steps: int = 1000  # save a checkpoint every N steps
+    max_checkpoints: int = 4  # keep only the newest N rotated checkpoints
+    resume_from_checkpoint: str = "auto"  # a path, 'latest', 'auto' (latest if any) or '' (fresh)
+    export_final_model: bool = True  # write out_dir/final_model/ (HuggingFace format) at the end
+    # system
+    device: str = "auto"  # 'auto' (cuda > mps > cpu), 'cuda', 'cuda:1', 'mps', 'cpu'
+    dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
+    compile: object = "auto"  # torch.compile: 'auto', True or False
+    seed: int = 1337  # seed for init, data order and dropout
+    max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds)
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+
+
+class ConfigError(Exception):
+    """A wrong setting: one line that says what and how to fix it."""
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def setting_comments():
+    """{name: comment} read from the TrainConfig source, for --help."""
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2)
+    return comments
+
+
+def check_setting(name, value):
+    """Return value checked against the TrainConfig field's type; ConfigError otherwise."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown setting '{name}'{hint}; `python train.py --help` lists them all")
+    expected = fields[name].type
+    if expected is object:  # compile: 'auto', True or False
+        if value in ("auto", True, False):
+            return value
+        raise ConfigError(f"{name} must be 'auto', True or False, got {value!r}")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # --max_runtime=3600 or --sample_prompt=1984 parse as numbers
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def parse_value(text):
+    """`--name=value`: a Python literal, or else the bare text as a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(argv):
+    """TrainConfig from an optional config file (plain Python assignments) and --name=value overrides."""
+    file_values, cli_values = {}, {}
+    for arg in argv:
+        if arg.startswith("--"):
+            name, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"'{arg}' needs a value: --{name}=VALUE")
+            cli_values[name] = parse_value(text)
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise ConfigError(f"config file '{arg}' not found; the shipped ones are in config/")
+            # The file runs in its own namespace; its public, non-module names are settings.
+            namespace = runpy.run_path(str(path))
+            file_values.update({name: value for name, value in namespace.items()
+                                if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)})
+    checked = {name: check_setting(name, value) for name, value in {**file_values, **cli_values}.items()}
+    return TrainConfig(**checked)
+
+
+def print_help():
+    print(__doc__)
+    comments = setting_comments()
+    for f in dataclasses.fields(TrainConfig):
+        print(f"  --{f.name}={f.default!r}".ljust(44) + comments.get(f.name, ""))
+
+
+def parse_duration(text):
+    """'8h30m', '90m', '45s', '3600' -> seconds (0 for '')."""
+    if text in ("", None):
+        return 0.0
+    if isinstance(text, (int, float)) or re.fullmatch(r"\d+(\.\d+)?", str(text)):
+        return float(text)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", str(text).strip())
+    if not parts or not any(parts.groups()):
+        raise ConfigError(f"max_runtime '{text}' is not a duration; use e.g. '8h30m', '90m' or seconds")
+    h, m, s = (int(g or 0) for g in parts.groups())
+    return h * 3600.0 + m * 60.0 + s
+
+
+def model_config(cfg):
+    return GPTConfig.from_dict(dataclasses.asdict(cfg))
+
+
+def validate(cfg):
+    try:
+        model_config(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.max_length > cfg.n_positions:
+        raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
+    for name in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "max_checkpoints", "log_steps"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lr_decay not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {cfg.lr_decay!r}")
+    parse_duration(cfg.max_runtime)
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def init_distributed(device_type):
+    """Join the torchrun group when launched by torchrun (RANK/WORLD_SIZE set), else a single process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(d.local_rank)
+    dist.init_process_group(backend=backend)
+    return d
+
+
+def any_rank(flag, ddp, device):
+    """True on every rank when flag is True on any rank (all ranks must call it together)."""
+    if not ddp.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def min_over_ranks(value, ddp, device):
+    if not ddp.enabled:
+        return value
+    t = torch.tensor([value], device=device, dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+# --- small pieces of the loop ------------------------------------------------------------------
+
+def lr_lambda(cfg, total_steps):
+    """Multiplier of learning_rate at a step: linear warmup, then decay to min_lr."""
+    floor = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
+
+    def at(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.lr_decay == "constant" or total_steps <= cfg.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_decay == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * shape
+
+    return at
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks at each micro-step; a second signal exits at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping at the next micro-step, saving an emergency "
+              f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+
+
+class Logger:
+    """Lines to the terminal (above the progress bar) and to out_dir/train.log (rank 0 only)."""
+
+    def __init__(self, path, enabled):
+        self.enabled = enabled
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.bar = None
+
+    def __call__(self, msg):
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+        self.file.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
+        self.file.flush()
+
+
+def memory_note(device_type):
+    if device_type != "cuda":
+        return ""
+    return (f"mem {torch.cuda.memory_allocated() / 2**30:.2f}G "
+            f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f}G")
+
+
+def fmt_duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def read_history(path, keep):
+    """Records of a JSON list file that `keep` accepts (a resumed run drops what came after its checkpoint)."""
+    import json
+    if not path.exists():
+        return []
+    try:
+        return [r for r in json.loads(path.read_text()) if keep(r)]
+    except (ValueError, TypeError):
+        return []
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+class Trainer:
+    """Holds the run's state; `run()` is the loop, the methods are its named pieces."""
+
+    def __init__(self, cfg, ddp):
+        self.cfg, self.ddp = cfg, ddp
+        self.out_dir = Path(cfg.out_dir)
+        self.checkpoint_dir = Path(cfg.checkpoint_dir or self.out_dir / "checkpoints")
+        if ddp.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.log = Logger(self.out_dir / "train.log", ddp.master)
+        self.stop = StopRequest()
+        self.max_runtime = parse_duration(cfg.max_runtime)
+        # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size, a NaN loss
+        # at given steps, and a pause per micro-step so that signals land mid-run.
+        oom_above = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH")
+        self.test_oom_above = int(oom_above) if oom_above else None
+        self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
+        self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
+
+    # setup -------------------------------------------------------------------------------------
+    def setup(self):
+        cfg, ddp = self.cfg, self.ddp
+        device_type = hardware.choose_device(cfg.device)
+        self.facts = facts = hardware.probe_facts(device_type)
+        hardware.preflight(facts)
+        self.device = f"cuda:{ddp.local_rank}" if device_type == "cuda" and ddp.enabled else (
+            cfg.device if cfg.device.startswith("cuda:") else device_type)
+        self.device_type = device_type
+        if cfg.gradient_accumulation_steps % ddp.world_size:
+            raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
+                              f"the number of processes ({ddp.world_size})")
+
+        self.train_bins = TokenBins(cfg.data_dir, "train", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
+                                    cfg.vocab_size)
+        self.val_bins = TokenBins(cfg.data_dir, "val", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
+                                  cfg.vocab_size)
+        self.batch_size = cfg.batch_size
+        self.accum = cfg.gradient_accumulation_steps // ddp.world_size  # micro-steps per process
+        windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        self.steps_per_epoch = self.train_bins.n_windows // windows_per_step
+        if self.steps_per_epoch == 0:
+            raise DataError(f"the train split of {cfg.data_dir} has {self.train_bins.n_windows} sequences of "
+                            f"{cfg.max_length + 1} tokens, fewer than one step needs ({windows_per_step}); lower "
+                            f"batch_size, gradient_accumulation_steps or max_length, or add data")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.tokens_per_step = windows_per_step * cfg.max_length
+
+        self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=self.total_steps * self.tokens_per_step)
+        torch.manual_seed(cfg.seed + ddp.rank)
+        self.model = GPT(model_config(cfg)).to(self.device)
+        self.optimizer = configure_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+                                             device_type=device_type)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.scaler = hardware.grad_scaler(self.plan)
+        self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
+        self.val_loss, self.epoch_loss_sum, self.epoch_loss_count = None, 0.0, 0
+        self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
+
+        resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
+        if resume is not None:
+            self.restore(resume)
+        else:
+            self.init_weights()
+            self.train_bins.start_epoch(0)
+        self.train_model = hardware.compile_or_eager(self.model, True) if self.plan.compile else self.model
+        if ddp.enabled:
+            hardware.nccl_check()
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+        self.autocast = hardware.autocast(device_type, self.plan.dtype)
+
+    def init_weights(self):
+        src = self.cfg.init_from
+        if src in ("", "scratch"):
+            return
+        path = Path(src)
+        if path.is_dir():
+            import export_hf
+            state = export_hf.load_hf(path).state_dict()
+        else:
+            state = ckpt.load_checkpoint(path)["model_state_dict"]
+        try:
+            self.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ConfigError(f"init_from '{src}' does not fit this model's shape ({str(e).splitlines()[1].strip()}); "
+                              f"set the model settings to match it") from None
+        self.log(f"initialised weights from {src}")
+
+    def restore(self, path):
+        state = ckpt.load_checkpoint(path, map_location="cpu")
+        saved = GPTConfig.from_dict(state["config"])
+        if saved != model_config(self.cfg):
+            diff = {k: (v, getattr(model_config(self.cfg), k)) for k, v in saved.to_dict().items()
+                    if getattr(model_config(self.cfg), k) != v}
+            raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
+                              f"use the same model settings or resume_from_checkpoint=''")
+        self.model.load_state_dict(state["model_state_dict"])
+        self.optimizer.load_state_dict(state["optimizer_state_dict"])
+        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        if state.get("scaler_state_dict"):
+            self.scaler.load_state_dict(state["scaler_state_dict"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.best_val_loss, self.val_loss = state["best_val_loss"], state["val_loss"]
+        self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        self.train_bins.load_state_dict(state["data_state"])
+        # An OOM back-off is remembered, as long as it keeps the configured effective batch.
+        if state["batch_size"] * state["gradient_accumulation_steps"] == (
+                self.cfg.batch_size * self.cfg.gradient_accumulation_steps):
+            self.batch_size = state["batch_size"]
+            self.accum = state["gradient_accumulation_steps"] // self.ddp.world_size
+        ckpt.restore_rng_state(state["rng_state"])
+        if self.ddp.enabled:  # each rank's own dropout stream; data order is shared
+            torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
+        del state  # nothing of it stays on the GPU (map_location='cpu')
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch + 1})")
+
+    # checkpoints -------------------------------------------------------------------------------
+    def state(self, data_state=None, rng_state=None):
+        return {
+            "format_version": ckpt.FORMAT_VERSION,
+            "model_state_dict": ckpt.unwrapped_state_dict(self.model),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "epoch": max(1, math.ceil(self.step / self.steps_per_epoch)),  # the epoch this step belongs to
+            "step": self.step,
+            "train_loss": self.last_train_loss,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "tokens_seen": self.tokens_seen,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_count": self.epoch_loss_count,
+            "elapsed_s": self.elapsed(),
+            "config": dataclasses.asdict(self.cfg),
+            "data_state": data_state or self.train_bins.state_dict(),
+            "rng_state": rng_state or ckpt.capture_rng_state(),
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accum * self.ddp.world_size,
+        }
+
+    def save(self, kind, **state_parts):
+        """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run."""
+        if self.ddp.master:
+            state = self.state(**state_parts)
+            try:
+                if kind == "rotated":
+                    path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)
+                elif kind == "best":
+                    path = ckpt.save_best(state, self.out_dir)
+                else:
+                    path = ckpt.save_emergency(state, self.out_dir)
+                self.log(f"saved {path}")
+            except ckpt.CheckpointError as e:
+                self.log(f"warning: {e}")
+        if self.ddp.enabled:
+            dist.barrier()
+
+    # one optimizer step ------------------------------------------------------------------------
+    def train_step(self):
+        """Forward/backward over the step's micro-batches and one update. Returns the mean loss, or None
+        when a stop was requested before the step finished (the step is then redone on resume)."""
+        self.step_start = (self.train_bins.state_dict(), ckpt.capture_rng_state())
+        while True:
+            try:
+                return self._accumulate_and_update()
+            except torch.OutOfMemoryError:
+                self.back_off_oom()
+
+    def _accumulate_and_update(self):
+        total = torch.zeros((), device=self.device)
+        oom = False
+        for micro in range(self.accum):
+            if self.stop.signum is not None and not self.ddp.enabled:
+                return None
+            last = micro == self.accum - 1
+            time.sleep(self.test_step_delay / self.accum)
+            x, y = self.train_bins.next_batch(self.batch_size, self.device)
+            # Under DDP gradients are all-reduced only after the last micro-batch.
+            sync = nullcontext() if (last or not self.ddp.enabled) else self.train_model.no_sync()
+            loss = None
+            if not oom:
+                try:
+                    with sync, self.autocast:
+                        if self.test_oom_above is not None and self.batch_size > self.test_oom_above:
+                            raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
+                        _, loss = self.train_model(x, y)
+                except torch.OutOfMemoryError:
+                    oom = True
+            # A rank out of memory must not leave the others waiting in the all-reduce: all agree
+            # before the synchronising backward, and all back off together.
+            if (oom and not self.ddp.enabled) or (last and any_rank(oom, self.ddp, self.device)):
+                raise torch.OutOfMemoryError("out of memory")
+            if oom:
+                continue
+            try:
+                self.scaler.scale(loss / self.accum).backward()
+            except torch.OutOfMemoryError:
+                if last or not self.ddp.enabled:
+                    raise
+                oom = True
+                continue
+            total += loss.detach()
+        if self.step + 1 in self.test_nan_steps:
+            total = total * float("nan")
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        loss = total.item() / self.accum
+        if self.ddp.enabled:
+            t = torch.tensor([loss], device=self.device)
+            dist.all_reduce(t)
+            loss = t.item() / self.ddp.world_size
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm.item()))
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss if finite else float("nan")
+
+    def back_off_oom(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()
+        new_batch = min_over_ranks(self.batch_size // 2, self.ddp, self.device)
+        if new_batch < 1:
+            raise SystemExit("error: out of memory even at batch_size=1; lower max_length or the model size, "
+                             "or use a GPU with more memory")
+        self.batch_size, self.accum = new_batch, self.accum * (self.batch_size // new_batch)
+        self.log(f"out of memory: micro-batch now {self.batch_size} x {self.accum * self.ddp.world_size} accumulation "
+                 f"steps (same effective batch); redoing step {self.step + 1}")
+        self.train_bins.load_state_dict(self.step_start[0])
+        ckpt.restore_rng_state(self.step_start[1])
+
+    # evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean val loss over the val split (or eval_iters batches), averaged over all ranks."""
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for x, y in self.val_bins.eval_batches(self.batch_size, self.cfg.eval_iters or None, self.device):
+            with self.autocast:
+                _, loss = self.model(x, y)
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
+        if self.ddp.enabled:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item() if total[1] else float("nan")
+
+    def sample(self):
+        if not self.cfg.sample_prompt or not self.ddp.master:
+            return
+        enc = get_tokenizer()
+        idx = torch.tensor([enc.encode_ordinary(self.cfg.sample_prompt)], device=self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
+        with self.autocast:
+            out = self.model.generate(idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
+                                      eos_token_id=50256, generator=gen)
+        text = enc.decode(out[0].tolist()).replace("\n", " ")
+        self.log(f"sample: {text}")
+
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.t0
+
+    def run_eval(self, lr):
+        val = self.evaluate()
+        self.val_loss = val
+        improved = val < self.best_val_loss
+        ppl = math.exp(min(val, 50))
+        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+        if self.ddp.master:
+            self.eval_history.append({
+                "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
+                "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
+                "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")})
+            ckpt.atomic_write_json(self.out_dir / "eval_history.json", self.eval_history)
+        if improved:
+            self.best_val_loss = val
+            self.save("best")
+        self.sample()
+
+    def end_epoch(self):
+        epoch = self.step // self.steps_per_epoch
+        train_loss = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+        val = self.val_loss if self.val_loss is not None else float("nan")
+        self.log(f"epoch {epoch} done: train loss {train_loss:.4f}, val loss {val:.4f}")
+        if self.ddp.master:
+            self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
+                                 "val_perplexity": math.exp(min(val, 50)),
+                                 "timestamp": datetime.now().isoformat(timespec="seconds")})
+            ckpt.atomic_write_json(self.out_dir / "training_history.json", self.history)
+        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+
+    def banner(self, n_params, n_params_ne):
+        cfg = self.cfg
+        self.log(hardware.describe(self.facts, self.plan))
+        hint = hardware.multi_gpu_hint(self.facts, self.ddp.world_size)
+        if hint:
+            self.log(hint)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
+        self.log(f"batch: {self.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {cfg.max_length} tokens = "
+                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} process(es)")
+        self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
+                 f"{self.total_steps} steps in all")
+
+    # the loop ----------------------------------------------------------------------------------
+    def run(self):
+        from tqdm import tqdm
+        cfg, ddp = self.cfg, self.ddp
+        self.t0 = time.time()
+        self.last_train_loss = None
+        self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
+        self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+        done_epochs = self.step // self.steps_per_epoch
+        self.history = read_history(self.out_dir / "training_history.json", lambda r: r.get("epoch", 0) <= done_epochs)
+        self.eval_history = read_history(self.out_dir / "eval_history.json", lambda r: r.get("step", 0) <= self.step)
+        self.stop.install()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
+                   dynamic_ncols=True, unit="step")
+        self.log.bar = bar
+        nonfinite, session_start, session_steps = 0, time.time(), 0
+        try:
+            while self.step < self.total_steps:
+                if self.train_bins.epoch != self.step // self.steps_per_epoch:
+                    self.train_bins.start_epoch(self.step // self.steps_per_epoch)
+                lr = self.scheduler.get_last_lr()[0]
+                loss = self.train_step()
+                if loss is None or any_rank(self.stop.signum is not None, ddp, self.device):
+                    return self.emergency_exit()
+                self.step += 1
+                session_steps += 1
+                self.tokens_seen += self.tokens_per_step
+                if math.isfinite(loss):
+                    nonfinite = 0
+                    self.last_train_loss = loss
+                    self.epoch_loss_sum += loss
+                    self.epoch_loss_count += 1
+                else:
+                    nonfinite += 1
+                    self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
+                    if nonfinite >= cfg.max_nonfinite:
+                        return self.nonfinite_exit(nonfinite)
+                tok_s = session_steps * self.tokens_per_step / max(1e-9, time.time() - session_start)
+                bar.set_description(f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}/"
+                                    f"{math.ceil(self.total_steps / self.steps_per_epoch)}")
+                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s {memory_note(self.device_type)}".strip())
+                bar.update(1)
+                if bar.disable and ddp.master and self.step % cfg.log_steps == 0:
+                    self.log(f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
+                             f"{memory_note(self.device_type)}".rstrip())
+                if session_steps == 10:
+                    left = (self.total_steps - self.step) * self.tokens_per_step / tok_s
+                    self.log(f"estimated time left: {fmt_duration(left)} at {tok_s:,.0f} tokens/s")
+                last = self.step == self.total_steps
+                epoch_end = self.step % self.steps_per_epoch == 0 or last
+                if self.step % cfg.eval_steps == 0 or epoch_end:
+                    self.run_eval(lr)
+                if epoch_end:
+                    self.end_epoch()
+                out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
+                if self.step % cfg.save_steps == 0 or last or out_of_time:
+                    self.save("rotated")
+                if out_of_time and not last:
+                    self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
+                             f"Resume with: {self.resume_command()}")
+                    break
+        except BaseException:
+            # Anything unexpected: keep the last completed step's state, then let the error through.
+            if self.ddp.master and self.step > 0 and not isinstance(sys.exc_info()[1], SystemExit):
+                self.log("error during training: writing an emergency checkpoint of the last completed step")
+                self.save_emergency_local()
+            raise
+        finally:
+            bar.close()
+        self.finish()
+        return 0
+
+    def elapsed_session(self):
+        return time.time() - self.t0
+
+    def resume_command(self):
+        args = " ".join(sys.argv[1:])
+        return f"python train.py {args} --resume_from_checkpoint=latest".replace("  ", " ")
+
+    def save_emergency_local(self):
+        try:
+            path = ckpt.save_emergency(self.state(*self.step_start), self.out_dir)
+            self.log(f"saved {path}")
+        except Exception as e:  # the original error matters more
+            self.log(f"warning: could not write the emergency checkpoint: {e}")
+
+    def emergency_exit(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        self.save("emergency", data_state=self.step_start[0], rng_state=self.step_start[1])
+        self.log(f"interrupted at step {self.step}: {self.out_dir / 'emergency_checkpoint.pt'} holds the last completed "
+                 f"step. Resume with: {self.resume_command()}")
+        signum = self.stop.signum or signal.SIGTERM
+        return 128 + int(signum)
+
+    def nonfinite_exit(self, count):
+        self.save("emergency")
+        hint = " fp16 runs are known to overflow after many steps: rerun with --dtype=float32 (or bfloat16 on an A100/L4/H100)." \
+            if self.plan.dtype == "float16" else " lower learning_rate or raise warmup_steps."
+        self.log(f"error: {count} non-finite losses in a row at step {self.step}; stopped. The emergency checkpoint holds "
+                 f"the last good weights.{hint}")
+        return 3
+
+    def finish(self):
+        if not self.ddp.master or not self.cfg.export_final_model:
+            return
+        import export_hf
+        best = self.out_dir / "best_model.pt"
+        try:
+            export_hf.export_hf(best if best.exists() else self.state(), self.out_dir / "final_model")
+            self.log(f"exported {self.out_dir / 'final_model'} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
+        except Exception as e:
+            self.log(f"warning: could not export final_model/: {e}")
+        self.log(f"done: {self.step} steps, best val loss {self.best_val_loss:.4f} in {fmt_duration(self.elapsed())}")
+
+
+def main(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        print_help()
+        return 0
+    ddp = Dist()
+    try:
+        cfg = load_config(argv)
+        validate(cfg)
+        ddp = init_distributed(hardware.choose_device(cfg.device))
+        trainer = Trainer(cfg, ddp)
+        trainer.setup()
+        return trainer.run()
+    except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if ddp.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
