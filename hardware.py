@@ -138,9 +138,10 @@ def probe_facts(device="cpu"):
 
 
 def resolve_device(requested, cuda_count, mps_available, cuda_version):
-    """Pure: the device string for `requested` ('auto'|'cuda'|'cuda:N'|'mps'|'cpu') given what exists.
+    """Pure: the device type ('cuda'|'mps'|'cpu') for `requested` ('auto'|'cuda'|'cuda:N'|'mps'|'cpu').
 
-    auto picks cuda > mps > cpu. `cuda_version` is torch.version.cuda (None in a CPU-only build)."""
+    auto picks cuda > mps > cpu; for 'cuda:N' the index is checked against `cuda_count` and the type
+    returned (the caller keeps the index). `cuda_version` is torch.version.cuda (None: CPU-only build)."""
     req = str(requested).strip().lower()
     if req == "auto":
         return "cuda" if cuda_count else "mps" if mps_available else "cpu"
@@ -161,11 +162,12 @@ def resolve_device(requested, cuda_count, mps_available, cuda_version):
     if m.group(1) is not None and int(m.group(1)) >= cuda_count:
         raise HardwareError(f"device='{requested}' but only {cuda_count} CUDA GPU(s) are visible "
                             f"(cuda:0..cuda:{cuda_count - 1}); pick one of those or --device=cuda")
-    return req
+    return "cuda"
 
 
 def choose_device(requested="auto"):
-    """The device to train on: 'auto' picks cuda > mps > cpu; HardwareError if the asked one is absent."""
+    """The device type to train on, 'cuda'|'mps'|'cpu': 'auto' picks cuda > mps > cpu; HardwareError if the
+    asked one is absent (for 'cuda:N', if there is no GPU N)."""
     req = str(requested).strip().lower()
     # Only probe CUDA when it may be used: a CPU run never initialises the CUDA driver.
     cuda_count = torch.cuda.device_count() if req != "cpu" and req != "mps" and torch.cuda.is_available() else 0

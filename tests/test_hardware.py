@@ -254,7 +254,7 @@ def test_probe_cpu_reads_proc_cpuinfo_without_touching_cuda():
     (("auto", 2, False, "12.8"), "cuda"),
     (("auto", 0, True, None), "mps"),
     (("auto", 0, False, None), "cpu"),
-    (("cuda:1", 2, False, "12.8"), "cuda:1"),
+    (("cuda:1", 2, False, "12.8"), "cuda"),  # the type; the index was checked
     (("CUDA", 1, False, "12.8"), "cuda"),
     (("cpu", 2, False, "12.8"), "cpu"),
 ])
