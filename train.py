@@ -644,8 +644,8 @@ class Trainer:
                     self.train_bins.start_epoch(self.step // self.steps_per_epoch)
                 lr = self.scheduler.get_last_lr()[0]
                 loss = self.train_step()
-                if loss is None or any_rank(self.stop.signum is not None, ddp, self.device):
-                    return self.emergency_exit()
+                if loss is None:  # stopped inside the step: it is redone on resume
+                    return self.emergency_exit(self.step_start)
                 self.step += 1
                 session_steps += 1
                 self.tokens_seen += self.tokens_per_step
@@ -683,6 +683,8 @@ class Trainer:
                     self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
                              f"Resume with: {self.resume_command()}")
                     break
+                if any_rank(self.stop.signum is not None, ddp, self.device) and not last:
+                    return self.emergency_exit()
         except BaseException:
             # Anything unexpected: keep the last completed step's state, then let the error through.
             if self.ddp.master and self.step > 0 and not isinstance(sys.exc_info()[1], SystemExit):
@@ -708,9 +710,10 @@ class Trainer:
         except Exception as e:  # the original error matters more
             self.log(f"warning: could not write the emergency checkpoint: {e}")
 
-    def emergency_exit(self):
+    def emergency_exit(self, step_start=(None, None)):
+        """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.save("emergency", data_state=self.step_start[0], rng_state=self.step_start[1])
+        self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
         self.log(f"interrupted at step {self.step}: {self.out_dir / 'emergency_checkpoint.pt'} holds the last completed "
                  f"step. Resume with: {self.resume_command()}")
         signum = self.stop.signum or signal.SIGTERM

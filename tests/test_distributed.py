@@ -1,0 +1,110 @@
+"""train.py under a real torchrun (gloo on CPU): same result as one process, signals, resume across world sizes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+from test_train import ROOT, TINY, write_bins
+
+pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
+                                reason="needs torch.distributed")
+
+# Evaluate every step so eval_history.json holds every step's train loss at full precision.
+COMMON = [*TINY, "--gradient_accumulation_steps=4", "--eval_steps=1", "--eval_iters=1", "--save_steps=100"]
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory):
+    return write_bins(tmp_path_factory.mktemp("data"), train_tokens=6000)
+
+
+def launch(nproc, out_dir, bins, *extra, popen=False, env=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *COMMON, f"--data_dir={bins}", f"--out_dir={out_dir}", *extra]
+    if nproc == 1:
+        cmd = [sys.executable, str(ROOT / "train.py"), *cmd[cmd.index(str(ROOT / "train.py")) + 1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+def train_losses(out_dir):
+    return {r["step"]: r["train_loss"] for r in json.loads((out_dir / "eval_history.json").read_text())}
+
+
+def final_weights(out_dir):
+    return ckpt.load_checkpoint(ckpt.list_checkpoints(out_dir / "checkpoints")[-1])["model_state_dict"]
+
+
+def assert_close_runs(a, b, exact=False):
+    la, lb = train_losses(a), train_losses(b)
+    assert la.keys() == lb.keys()
+    for step in la:
+        assert (la[step] == lb[step]) if exact else abs(la[step] - lb[step]) < 1e-5, (step, la[step], lb[step])
+    wa, wb = final_weights(a), final_weights(b)
+    for k in wa:
+        if exact:
+            assert torch.equal(wa[k], wb[k]), k
+        else:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_two_processes_match_one(tmp_path, bins):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, one, bins, "--max_steps=6")
+    p = launch(2, two, bins, "--max_steps=6")
+    assert "2 process(es)" in (two / "train.log").read_text()
+    assert_close_runs(one, two)
+    # Only rank 0 writes: one log, one history, one set of checkpoints.
+    assert len(train_losses(two)) == 6
+    assert p.stdout.count(f"saved {two / 'checkpoints' / 'checkpoint_epoch1_step6.pt'}") == 1
+    assert len(ckpt.list_checkpoints(two / "checkpoints")) == 1
+
+
+def test_accumulation_must_divide_by_world_size(tmp_path, bins):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *COMMON, "--gradient_accumulation_steps=3", f"--data_dir={bins}", f"--out_dir={tmp_path}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "gradient_accumulation_steps (3) must be divisible by the number of processes (2)" in p.stdout + p.stderr
+
+
+def worker_pids(launcher_pid):
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+@pytest.mark.parametrize("resume_nproc", [1, 2])
+def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins, resume_nproc):
+    straight = tmp_path / "straight"
+    launch(2, straight, bins, "--max_steps=10")
+    run = tmp_path / "run"
+    proc = launch(2, run, bins, "--max_steps=10", popen=True, env={"GPT_TEST_STEP_DELAY": "0.4"})
+    deadline = time.time() + 120
+    while not ((run / "eval_history.json").exists() and len(train_losses(run)) >= 3):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGTERM)  # one worker only, as a scheduler on one node would
+    output, _ = proc.communicate(timeout=60)  # every process exits within a bounded time
+    assert proc.returncode != 0
+    assert output.count(f"saved {run / 'emergency_checkpoint.pt'}") == 1, output
+    emergency = ckpt.load_checkpoint(run / "emergency_checkpoint.pt")
+    assert 3 <= emergency["step"] < 10
+
+    launch(resume_nproc, run, bins, "--max_steps=10", "--resume_from_checkpoint=latest")
+    assert_close_runs(straight, run, exact=resume_nproc == 2)
