@@ -349,6 +349,8 @@ class Trainer:
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                               f"the number of processes ({ddp.world_size})")
 
+        init_source = self.load_init_source()
+        cfg = self.cfg
         self.train_bins = TokenBins(cfg.data_dir, "train", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
                                     cfg.vocab_size)
         self.val_bins = TokenBins(cfg.data_dir, "val", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
@@ -379,8 +381,11 @@ class Trainer:
         if resume is not None:
             self.restore(resume)
         else:
-            self.init_weights()
+            if init_source is not None:
+                self.model.load_state_dict(init_source.state_dict())
+                self.log(f"initialised weights from {cfg.init_from}")
             self.train_bins.start_epoch(0)
+        del init_source
         self.train_model = hardware.compile_or_eager(self.model, True) if self.plan.compile else self.model
         if ddp.enabled:
             hardware.nccl_check()
@@ -388,22 +393,27 @@ class Trainer:
                 self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
 
-    def init_weights(self):
+    def load_init_source(self):
+        """The model named by init_from (a checkpoint or a HuggingFace GPT-2 folder), or None for 'scratch'.
+
+        Its sizes become this run's model settings, so `--init_from=path/to/gpt2` needs no other flag."""
         src = self.cfg.init_from
         if src in ("", "scratch"):
-            return
-        path = Path(src)
-        if path.is_dir():
-            import export_hf
-            state = export_hf.load_hf(path).state_dict()
-        else:
-            state = ckpt.load_checkpoint(path)["model_state_dict"]
+            return None
+        import export_hf
         try:
-            self.model.load_state_dict(state)
-        except RuntimeError as e:
-            raise ConfigError(f"init_from '{src}' does not fit this model's shape ({str(e).splitlines()[1].strip()}); "
-                              f"set the model settings to match it") from None
-        self.log(f"initialised weights from {src}")
+            source = export_hf.load_hf(src) if Path(src).is_dir() else export_hf.load_checkpoint_model(src)
+        except export_hf.ExportError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        sizes = {k: v for k, v in source.config.to_dict().items() if k != "dropout"}  # dropout stays this run's
+        changed = {k: v for k, v in sizes.items() if getattr(self.cfg, k) != v}
+        self.cfg = dataclasses.replace(self.cfg, **sizes)
+        if self.cfg.max_length > self.cfg.n_positions:
+            self.cfg = dataclasses.replace(self.cfg, max_length=self.cfg.n_positions)
+        if changed:
+            self.log(f"init_from {src}: model settings taken from it: "
+                     + ", ".join(f"{k}={v}" for k, v in changed.items()))
+        return source
 
     def restore(self, path):
         state = ckpt.load_checkpoint(path, map_location="cpu")

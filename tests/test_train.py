@@ -241,3 +241,28 @@ def test_default_config_trains_on_cpu(tmp_path, bins):
     assert p.returncode == 0, p.stderr
     assert "19.32M parameters (6.32M without embeddings)" in p.stdout
     assert (tmp_path / "out" / "final_model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["hf_folder", "checkpoint"])
+def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
+    import export_hf
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(1)
+    source = GPT(GPTConfig(n_positions=32, n_embd=48, n_layer=3, n_head=4, n_inner=96))
+    if kind == "hf_folder":
+        src = tmp_path / "hf"
+        export_hf.export_hf(source, src)
+    else:
+        src = tmp_path / "src.pt"
+        ckpt.atomic_save({"format_version": 1, "model_state_dict": source.state_dict(), "epoch": 0, "step": 0,
+                          "config": source.config.to_dict()}, src)
+    out = tmp_path / "out"
+    p = run_train(out, bins, f"--init_from={src}", "--max_steps=2", "--learning_rate=0.0", "--min_lr=0.0",
+                  "--eval_steps=100", "--save_steps=2")
+    assert "model settings taken from it: n_embd=48, n_layer=3, n_head=4, n_inner=96" in p.stdout
+    assert f"initialised weights from {src}" in p.stdout
+    trained = ckpt.load_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[-1])
+    assert trained["config"]["n_layer"] == 3
+    for k, v in source.state_dict().items():
+        assert torch.equal(trained["model_state_dict"][k], v), k  # learning rate 0: the weights are the source's
