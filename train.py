@@ -380,7 +380,10 @@ class Trainer:
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         if resume is not None:
             self.restore(resume)
-        else:
+        if ddp.enabled and min_over_ranks(self.step, ddp, self.device) != -min_over_ranks(-self.step, ddp, self.device):
+            raise ConfigError("the processes found different checkpoints to resume from: on several machines, "
+                              "out_dir and checkpoint_dir must be on a filesystem that every node shares")
+        if resume is None:
             if init_source is not None:
                 self.model.load_state_dict(init_source.state_dict())
                 self.log(f"initialised weights from {cfg.init_from}")
