@@ -1,0 +1,164 @@
+"""Loss curves of a training run.
+
+    python plot.py out                # -> out/loss_curve.png
+    python plot.py out --output curves.png
+
+Reads out_dir/eval_history.json (one record per evaluation, written by train.py) and, when present,
+out_dir/training_history.json (one record per epoch). Left: train and val loss against steps; right: the
+learning rate. The top axes give the same positions in tokens seen. train.py redraws the PNG at each
+evaluation when matplotlib is installed; matplotlib is optional and only needed here.
+"""
+
+import argparse
+import importlib.util
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from checkpoint import CheckpointError, atomic_write_bytes
+
+PNG_NAME = "loss_curve.png"
+
+
+class PlotError(Exception):
+    """No history to draw, or matplotlib missing; one line saying what to do."""
+
+
+def matplotlib_available():
+    """True when matplotlib can be imported (without importing it)."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def read_records(path):
+    """The list of records in a history JSON file; [] when the file does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PlotError(f"cannot read {path} ({e}): it is not a history file written by train.py") from None
+    if not isinstance(records, list):
+        raise PlotError(f"{path} is not a list of records: it is not a history file written by train.py")
+    return records
+
+
+def _number(v):
+    return float("nan") if v is None else float(v)
+
+
+def _linear_map(xp, fp):
+    """x -> y, piecewise linear through (xp, fp) (xp increasing), extended past both ends by the mean slope."""
+    xp, fp = np.asarray(xp, dtype=float), np.asarray(fp, dtype=float)
+    slope = (fp[-1] - fp[0]) / (xp[-1] - xp[0])
+
+    def f(x):
+        x = np.asarray(x, dtype=float)
+        y = np.interp(x, xp, fp)
+        y = np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * slope, y)
+        return np.where(x < xp[0], fp[0] + (x - xp[0]) * slope, y)
+
+    return f
+
+
+def draw(evals, epochs=(), title=""):
+    """A matplotlib Figure of the eval records (and epoch records). Needs matplotlib; no pyplot, so
+    nothing global (backend, open figures) changes in the caller's process."""
+    try:
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import EngFormatter, FuncFormatter
+    except ImportError:
+        raise PlotError("matplotlib is not installed: `pip install matplotlib` to draw loss curves") from None
+    # One record per step: a resumed run may have evaluated the same step twice.
+    by_step = {int(r["step"]): r for r in evals}
+    steps = sorted(by_step)
+    records = [by_step[s] for s in steps]
+    train = [_number(r.get("train_loss")) for r in records]
+    val = [_number(r.get("val_loss")) for r in records]
+    lr = [_number(r.get("lr")) for r in records]
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_loss, ax_lr = fig.subplots(1, 2)
+    ax_loss.plot(steps, train, ".-", color="tab:blue", alpha=0.6, label="train (step before eval)")
+    ax_loss.plot(steps, val, "o-", color="tab:orange", markersize=4, label="val")
+    # Epoch means sit at each epoch's last step: steps per epoch = step / epoch of any eval record.
+    per_epoch = [r["step"] / r["epoch"] for r in records if r.get("epoch")]
+    if epochs and per_epoch:
+        spe = per_epoch[-1]
+        ends = [round(e["epoch"] * spe) for e in epochs]
+        ax_loss.plot(ends, [_number(e.get("train_loss")) for e in epochs], "s", color="tab:green",
+                     label="train (epoch mean)")
+        for end in ends:
+            for ax in (ax_loss, ax_lr):
+                ax.axvline(end, color="0.8", linestyle=":", zorder=0)
+    finite = [v for v in val if math.isfinite(v)]
+    if finite:
+        best = min(finite)
+        ax_loss.set_title(f"best val loss {best:.4f} (perplexity {math.exp(min(best, 50)):.2f}) "
+                          f"at step {steps[val.index(best)]:,}", fontsize=10)
+    ax_loss.set_ylabel("loss (nats per token)")
+    ax_loss.legend()
+    ax_lr.plot(steps, lr, ".-", color="tab:purple", label="learning rate")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))  # no offset text under the top axis
+
+    # Tokens on the top axis, mapped from (step, tokens) of the records: exact even if a resumed run
+    # changed the batch.
+    tokens = [int(r.get("tokens", 0)) for r in records]
+    xp, fp = ([0] + steps, [0] + tokens) if steps[0] > 0 else (steps, tokens)
+    for ax in (ax_loss, ax_lr):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(xp) > 1 and fp[-1] > fp[0]:
+            top = ax.secondary_xaxis("top", functions=(_linear_map(xp, fp), _linear_map(fp, xp)))
+            top.set_xlabel("tokens")
+            top.xaxis.set_major_formatter(EngFormatter(sep=""))
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def plot_history(out_dir, output=None):
+    """Draw out_dir's eval_history.json (and training_history.json) to out_dir/loss_curve.png (or output).
+
+    The PNG is replaced atomically, so a viewer never sees a half-written file. Returns its path;
+    PlotError when there is nothing to draw yet or matplotlib is missing.
+    """
+    out_dir = Path(out_dir)
+    evals = read_records(out_dir / "eval_history.json")
+    if not evals:
+        raise PlotError(f"no evaluations in {out_dir / 'eval_history.json'} yet: train.py writes one record "
+                        f"per evaluation (every eval_steps steps)")
+    fig = draw(evals, read_records(out_dir / "training_history.json"), title=out_dir.resolve().name)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    path = Path(output) if output else out_dir / PNG_NAME
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Draw train/val loss and learning rate of a run to OUT_DIR/loss_curve.png.")
+    p.add_argument("out_dir", help="train.py's out_dir (holds eval_history.json)")
+    p.add_argument("--output", help=f"where the PNG goes (default OUT_DIR/{PNG_NAME})")
+    p.error = _fail
+    args = p.parse_args(argv)
+    if not Path(args.out_dir).is_dir():
+        _fail(f"{args.out_dir} is not a folder: give train.py's out_dir")
+    try:
+        print(f"wrote {plot_history(args.out_dir, args.output)}")
+    except (PlotError, CheckpointError) as e:
+        _fail(str(e))
+
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
