@@ -1,0 +1,87 @@
+"""tracking.py: TensorBoard events read back, a resumed run's re-logged steps replace the old ones, a
+missing package is one warning and a no-op; W&B offline when wandb is installed."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tracking import TENSORBOARD_DIR, WANDB_ID_FILE, Tracker
+
+
+def tensorboard_scalars(folder):
+    """{tag: [(step, value)]} as TensorBoard itself reads the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_gets_every_metric_at_its_step(tmp_path):
+    pytest.importorskip("tensorboard")
+    t = Tracker(tmp_path, tensorboard=True, config={"n_layer": 2, "learning_rate": 5e-4})
+    for step in (1, 2, 3):
+        t.log(step, {"train/loss": torch.tensor(5.0 - step), "train/lr": np.float32(1e-3 * step),
+                     "gpu/memory_gib": None})
+    t.log(3, {"val/loss": 4.5, "val/perplexity": 90.0})
+    t.close()
+    t.close()
+    scalars = tensorboard_scalars(tmp_path / TENSORBOARD_DIR)
+    assert scalars["train/loss"] == [(1, 4.0), (2, 3.0), (3, 2.0)]
+    assert [s for s, _ in scalars["train/lr"]] == [1, 2, 3]
+    assert np.allclose([v for _, v in scalars["train/lr"]], [1e-3, 2e-3, 3e-3])
+    assert scalars["val/loss"] == [(3, 4.5)] and "gpu/memory_gib" not in scalars
+
+
+def test_resumed_run_replaces_the_steps_logged_after_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    first = Tracker(tmp_path, tensorboard=True)
+    for step in range(1, 6):  # killed after step 5; the last checkpoint was at step 3
+        first.log(step, {"train/loss": 10.0 + step})
+    first.close()
+    resumed = Tracker(tmp_path, tensorboard=True, start_step=3)
+    for step in (4, 5, 6):
+        resumed.log(step, {"train/loss": 20.0 + step})
+    resumed.close()
+    assert tensorboard_scalars(tmp_path / TENSORBOARD_DIR)["train/loss"] == [
+        (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0), (5, 25.0), (6, 26.0)]
+
+
+def test_missing_packages_warn_once_each_and_do_nothing(tmp_path, monkeypatch, capsys):
+    # As if neither were installed: importing them fails.
+    for name in ("tensorboard", "torch.utils.tensorboard", "wandb"):
+        monkeypatch.setitem(sys.modules, name, None)
+    t = Tracker(tmp_path / "out", tensorboard=True, wandb_project="gpt2", config={"a": 1})
+    t.log(1, {"train/loss": 3.0})
+    t.close()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].startswith("warning: tensorboard=True but the tensorboard package is not installed")
+    assert err[1].startswith("warning: wandb_project='gpt2' but the wandb package is not installed")
+    assert not (tmp_path / "out").exists()
+
+
+def test_disabled_tracker_touches_nothing(tmp_path, capsys):
+    t = Tracker(tmp_path / "out", tensorboard=True, wandb_project="gpt2", enabled=False)
+    t.log(1, {"train/loss": 3.0})
+    t.close()
+    assert not (tmp_path / "out").exists() and capsys.readouterr().err == ""
+
+
+def test_wandb_offline_run_is_continued_after_a_resume(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    first = Tracker(tmp_path, wandb_project="gpt2-test", config={"n_layer": 2})
+    first.log(1, {"train/loss": 3.0})
+    first.close()
+    run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
+    resumed = Tracker(tmp_path, wandb_project="gpt2-test", start_step=1)
+    resumed.log(2, {"train/loss": 2.5})
+    resumed.close()
+    runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert (tmp_path / WANDB_ID_FILE).read_text().strip() == run_id
+    assert len(runs) in (1, 2)  # one folder per session, both under the same run id (same second: one)
+    assert all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)

@@ -1,0 +1,93 @@
+"""Optional experiment tracking: TensorBoard and Weights & Biases behind one small class.
+
+Neither is required. Each is used only when asked for (train.py settings `tensorboard=True`,
+`wandb_project='NAME'`) and installed; otherwise one warning line, and logging goes on without it.
+
+    tracker = Tracker(out_dir, tensorboard=True, wandb_project="gpt2", config=config_dict, start_step=step)
+    tracker.log(step, {"train/loss": 3.2, "train/lr": 5e-4})
+    tracker.close()
+
+TensorBoard event files go to out_dir/tensorboard (`tensorboard --logdir out/tensorboard`); W&B keeps its
+local files in out_dir/wandb and the run id in out_dir/wandb_run_id.txt, so a resumed training run
+continues the same W&B run.
+"""
+
+import json
+import secrets
+import sys
+from pathlib import Path
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def _warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Tracker:
+    """Sends metrics to TensorBoard and/or W&B; a no-op for whatever is off, missing or failing to start.
+
+    out_dir: the run's folder. config: the training settings (a dict), stored with the run.
+    start_step: the step a resumed run continues from: TensorBoard hides what an earlier session logged
+    after it (those steps are trained and logged again). enabled=False (DDP ranks other than 0): no-op.
+    """
+
+    def __init__(self, out_dir, tensorboard=False, wandb_project="", config=None, start_step=0, enabled=True):
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                _warn("tensorboard=True but the tensorboard package is not installed (`pip install tensorboard`); "
+                      "training goes on without TensorBoard logs")
+            else:
+                self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+                if config:
+                    self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```",
+                                              global_step=start_step)
+        if wandb_project:
+            self.wandb = self._start_wandb(out_dir, wandb_project, config)
+
+    @staticmethod
+    def _start_wandb(out_dir, project, config):
+        try:
+            import wandb
+        except ImportError:
+            _warn(f"wandb_project={project!r} but the wandb package is not installed (`pip install wandb`); "
+                  "training goes on without W&B")
+            return None
+        id_file = out_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
+                             name=out_dir.resolve().name)
+        except Exception as e:  # no API key, no network, a bad project name: tracking must not stop training
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _warn(f"W&B did not start ({first_line}); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
+                  "to log locally; training goes on without W&B")
+            return None
+        id_file.write_text(run_id + "\n")
+        return run
+
+    def log(self, step, metrics):
+        """Record {name: number} at `step`; None values are skipped (tensors and numpy scalars are fine)."""
+        values = {name: float(v) for name, v in metrics.items() if v is not None}
+        if self.tensorboard is not None:
+            for name, v in values.items():
+                self.tensorboard.add_scalar(name, v, global_step=step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self):
+        """Flush and close whatever is open (safe to call twice)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
