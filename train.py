@@ -340,11 +340,11 @@ class Trainer:
     def setup(self):
         cfg, ddp = self.cfg, self.ddp
         device_type = hardware.choose_device(cfg.device)
-        self.facts = facts = hardware.probe_facts(device_type)
-        hardware.preflight(facts)
         self.device = f"cuda:{ddp.local_rank}" if device_type == "cuda" and ddp.enabled else (
             cfg.device if cfg.device.startswith("cuda:") else device_type)
         self.device_type = device_type
+        self.facts = facts = hardware.probe_facts(self.device)
+        hardware.preflight(facts)
         if cfg.gradient_accumulation_steps % ddp.world_size:
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                               f"the number of processes ({ddp.world_size})")
@@ -766,7 +766,9 @@ def main(argv):
         trainer.setup()
         return trainer.run()
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        if ddp.enabled:
+            os._exit(2)  # a collective may be hung (see hardware.nccl_check): tearing the group down could hang too
         return 2
     finally:
         if ddp.enabled and dist.is_initialized():
