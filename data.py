@@ -240,91 +240,128 @@ def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=
 
 # --- tokenization -------------------------------------------------------------------------------------
 
-CHUNK_CHARS = 1 << 20  # text per worker task; a chunk never grows past 4x this (plus one line)
-LINE_LIMIT = 1 << 20  # longest piece read at once from a text file, so one huge line cannot fill memory
+CHUNK_BYTES = 1 << 20  # text per worker task; a block grows past this only to reach a safe cut
+
+# Where UTF-8 text may be cut into chunks without changing its tokens: GPT-2's pre-tokenizer splits there
+# anyway and BPE never merges across pre-tokens. After a line break, the whitespace run W ending a chunk
+# is one pre-token; in the uncut text it is one too when the next line starts with a space and a
+# non-space (that space joins the next word), or when W is the line break alone and the next line starts
+# with a non-space (a longer run gives its last character to a pre-token of its own). ASCII only, to stay
+# clear of Unicode whitespace.
+_SAFE_CUT = re.compile(rb"(?<=[\r\n])(?= [!-~])|(?<=[!-~][\r\n])(?=[!-~])")
 
 # " = Title = " opens a WikiText article; " = = Section = = " (two or more '=') does not.
-_ARTICLE_TITLE = re.compile(r" = (?!=)[^\n]*(?<!=) = \r?\n?")
+_ARTICLE_TITLE = re.compile(r"^ = (?!=)[^\n]*(?<!=) = \r?$", re.MULTILINE)
 
 
-def _lines(stream, name, sha=None):
-    """Yield (n_bytes, text) for each line of a binary stream (pieces of at most LINE_LIMIT bytes)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    try:
-        for raw in iter(lambda: stream.readline(LINE_LIMIT), b""):
-            if sha is not None:
-                sha.update(raw)
-            yield len(raw), decoder.decode(raw)
-            offset += len(raw)
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name} is not UTF-8 text (bad byte near offset {offset + e.start}): convert it, "
-                        f"e.g. `iconv -f latin1 -t utf-8`") from None
+def _last_safe_cut(buf):
+    """Offset of the last _SAFE_CUT in buf (searching back from the end), or 0 if there is none."""
+    window = 1 << 16
+    while True:
+        start = max(len(buf) - window, 0)
+        last = None
+        for last in _SAFE_CUT.finditer(buf, start):
+            pass
+        if last is not None or start == 0:
+            return last.start() if last is not None else 0
+        window *= 4
 
 
-def _safe_cut(tail, nxt):
-    """True when GPT-2's pre-tokenizer splits between text ending in `tail` (its last 2 chars) and `nxt`.
+def _blocks(stream, chunk_bytes=None):
+    """Yield (offset, bytes) blocks of a binary stream, each about chunk_bytes and ending at a _SAFE_CUT.
 
-    BPE never merges across pre-tokens, so cutting there gives exactly the tokens of the uncut text.
-    At a line end the whitespace run W ending the text is one pre-token at the end of a chunk; in the
-    uncut text it is too when `nxt` starts with one space and a non-space (the space joins that word),
-    or when W is just the line break and `nxt` starts with a non-space (longer runs give their last
-    character to a pre-token of its own). Python's isspace() covers every regex \\s.
+    With no safe cut in 4x chunk_bytes a block ends anyway, within them (at a line break, else between
+    two UTF-8 characters), so memory stays bounded whatever the input; only there may tokens differ.
     """
-    if tail[-1:] not in ("\n", "\r") or nxt[:1] == "":
-        return False
-    if nxt[0] == " ":
-        return nxt[1:2] != "" and not nxt[1].isspace()
-    return not nxt[0].isspace() and not tail[-2:-1].isspace()
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    buf, offset = b"", 0
+    while more := stream.read(chunk_bytes):
+        buf += more
+        if len(buf) < chunk_bytes:
+            continue
+        cut = _last_safe_cut(buf)
+        if not cut and len(buf) >= 4 * chunk_bytes:
+            cut = buf.rfind(b"\n", 0, 4 * chunk_bytes) + 1 or 4 * chunk_bytes
+            while cut > 1 and (cut >= len(buf) or 0x80 <= buf[cut] < 0xC0):  # never inside a character
+                cut -= 1
+        if cut:
+            yield offset, buf[:cut]
+            offset, buf = offset + cut, buf[cut:]
+    if buf:
+        yield offset, buf
 
 
-def _chunks(pieces, chunk_chars=None):
-    """Group (split, text, eot_before, n_in) pieces into (split, items, n_in) tasks of ~chunk_chars.
+def _tasks(segments, titles=False):
+    """Group (split, n_in, item, doc_start) segments into (split, n_in, args of _encode_task) tasks.
 
-    items: a list of str (text to encode) and None (an EOT_TOKEN). A chunk ends at a document boundary,
-    at a split change, or at a _safe_cut once it is big enough, so the tokens do not depend on where the
-    chunks fall; only a run of 4x chunk_chars without a safe cut is cut anyway.
+    item: str, (name, offset, UTF-8 bytes), or None (nothing to encode; n_in still counts). A task holds
+    about CHUNK_BYTES; an EOT goes before each doc_start segment but a split's first.
     """
-    chunk_chars = chunk_chars or CHUNK_CHARS
-    split, items, buf, size, n_in, tail = None, [], [], 0, 0, ""
-
-    def take():
-        return split, items + (["".join(buf)] if buf else []), n_in
-
-    for s, text, eot_before, n in pieces:
-        if s != split or (size >= chunk_chars and (eot_before or _safe_cut(tail, text)
-                                                   or size >= 4 * chunk_chars)):
-            if split is not None:
-                yield take()
+    split, items, size, n_in, prior = None, [], 0, 0, False
+    for s, n, item, doc_start in segments:
+        if s != split or size >= CHUNK_BYTES:
+            if items:
+                yield split, n_in, (items, titles, prior)
+                items, size, n_in, prior = [], 0, 0, True
             if s != split:
-                tail = ""
-            split, items, buf, size, n_in = s, [], [], 0, 0
-        if eot_before:
-            if buf:
-                items.append("".join(buf))
-                buf = []
-            items.append(None)
-        if text:
-            buf.append(text)
-            size += len(text)
-            tail = (tail + text)[-2:]
+                split, prior = s, False
+        if item:
+            if doc_start and (prior or items):
+                items.append(None)
+            items.append(item)
+            size += len(item) if isinstance(item, str) else len(item[2])
         n_in += n
-    if split is not None:
-        yield take()
+    if items or n_in:
+        yield split, n_in, (items, titles, prior)
 
 
 _EOT_ARRAY = np.array([EOT_TOKEN], dtype=np.uint16)
 
 
-def _encode_items(items):
-    """Worker task: items -> (uint16 tokens, number of EOTs, text bytes, whitespace-separated words)."""
+def _split_articles(text, prior):
+    """text cut before each WikiText article title that follows other text, with None (an EOT) there."""
+    out, last = [], 0
+    first_text = len(text) - len(text.lstrip())
+    for m in _ARTICLE_TITLE.finditer(text):
+        if prior or first_text < m.start():
+            out += [text[last:m.start()], None]
+            last = m.start()
+    out.append(text[last:])
+    return out
+
+
+def _encode_task(items, titles=False, prior=False):
+    """Worker: items (see _tasks; None is an EOT) -> (uint16 tokens, number of EOTs, text bytes).
+
+    titles: also put an EOT before each WikiText article title that follows text (prior: some text came
+    before these items).
+    """
     enc = get_tokenizer()
-    parts = [_EOT_ARRAY if t is None else np.array(enc.encode_ordinary(t), dtype=np.uint16) for t in items]
-    texts = [t for t in items if t is not None]
-    tokens = np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
-    return (tokens, len(items) - len(texts), sum(len(t.encode("utf-8")) for t in texts),
-            sum(len(t.split()) for t in texts))
+    parts, n_eot, n_bytes = [], 0, 0
+    for item in items:
+        if item is None:
+            texts = [None]
+        else:
+            if isinstance(item, str):
+                text = item
+                n_bytes += len(text.encode("utf-8"))
+            else:
+                name, offset, raw = item
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{name} is not UTF-8 text (bad byte at offset {offset + e.start}): "
+                                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+                n_bytes += len(raw)
+            texts = _split_articles(text, prior) if titles else [text]
+            prior = True
+        for t in texts:
+            if t is None:
+                parts.append(_EOT_ARRAY)
+                n_eot += 1
+            elif t:
+                parts.append(np.array(enc.encode_ordinary(t), dtype=np.uint16))
+    return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)), n_eot, n_bytes
 
 
 def _init_worker():
@@ -337,26 +374,27 @@ def default_num_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _tokenize(pieces, out_dir, splits, total_bytes, num_workers):
-    """Encode the pieces into out_dir/{split}.bin, in order, in parallel; return per-split stats.
+def _tokenize(tasks, out_dir, splits, total_bytes, num_workers):
+    """Encode the tasks into out_dir/{split}.bin, in order, in parallel; return per-split stats.
 
-    Memory stays bounded: at most 2 * num_workers + 2 chunks are in flight, and tokens go straight to
+    Memory stays bounded: at most 2 * num_workers + 2 tasks are in flight, and tokens go straight to
     disk. Each bin is written under a .tmp name and renamed only once all of them are complete.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {s: out_dir / f"{s}.bin.tmp" for s in splits}
-    stats = {s: {"tokens": 0, "documents": 0, "text_bytes": 0, "words": 0, "max_token_id": -1} for s in splits}
+    stats = {s: {"tokens": 0, "documents": 0, "text_bytes": 0, "max_token_id": -1} for s in splits}
     files = {}
     pool = None
     try:
         files = {s: open(tmp[s], "wb") for s in splits}
+        get_tokenizer()  # built once here: forked workers inherit it
         if num_workers > 1:  # the pool is forked before tqdm starts its monitor thread
             pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
         pending = deque()
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             def write_oldest():
                 split, result, n_in = pending.popleft()
-                tokens, n_eot, n_bytes, n_words = result.get() if pool else result
+                tokens, n_eot, n_bytes = result.get() if pool else result
                 tokens.tofile(files[split])
                 st = stats[split]
                 if len(tokens):
@@ -364,11 +402,10 @@ def _tokenize(pieces, out_dir, splits, total_bytes, num_workers):
                 st["tokens"] += len(tokens)
                 st["documents"] += n_eot
                 st["text_bytes"] += n_bytes
-                st["words"] += n_words
                 bar.update(n_in)
 
-            for split, items, n_in in _chunks(pieces):
-                result = pool.apply_async(_encode_items, (items,)) if pool else _encode_items(items)
+            for split, n_in, args in tasks:
+                result = pool.apply_async(_encode_task, args) if pool else _encode_task(*args)
                 pending.append((split, result, n_in))
                 while len(pending) > (2 * num_workers + 2 if pool else 0):
                     write_oldest()
@@ -406,17 +443,19 @@ def _prepared(out_dir, splits):
 
 
 def _run(out_dir, splits, force, make):
-    """Skip if already prepared (unless force); else call make() -> (pieces, total_bytes, meta, workers)."""
+    """Skip if already prepared (unless force); else call make() -> (tasks, total_bytes, meta, workers)."""
     out_dir = Path(out_dir)
     meta = None if force else _prepared(out_dir, splits)
     if meta is not None:
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,}" for s in splits)
         print(f"{out_dir} is already prepared ({counts} tokens): nothing to do (--force redoes it)")
         return meta
-    pieces, total_bytes, meta, num_workers = make()
+    tasks, total_bytes, meta, num_workers = make()
     # A stale meta.json must not vouch for the half-written bins of a run that gets killed.
     (out_dir / "meta.json").unlink(missing_ok=True)
-    stats = _tokenize(pieces, out_dir, splits, total_bytes, num_workers)
+    start = time.perf_counter()
+    stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers)
+    seconds = time.perf_counter() - start
     enc = get_tokenizer()
     meta = {"dataset": meta.pop("dataset"), "tokenizer": enc.name, "vocab_size": enc.n_vocab,
             "eot_token": EOT_TOKEN, "dtype": "uint16",
@@ -433,6 +472,8 @@ def _run(out_dir, splits, force, make):
     for s in splits:
         print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
               f"{stats[s]['documents']:,} documents")
+    mb = sum(st["text_bytes"] for st in stats.values()) / 1e6
+    print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, {num_workers} workers)")
     return meta
 
 
@@ -445,18 +486,18 @@ def _workers(num_workers):
 
 # --- the datasets ---------------------------------------------------------------------------------
 
-def _wikitext_pieces(zip_path, members):
-    """WikiText lines as pieces: an EOT goes before every article title but a split's first."""
+def _wikitext_tasks(zip_path, members):
+    """Tasks for the WikiText splits; an EOT goes before every article title but a split's first."""
+    def segments(zf):
+        for split, info in members:
+            with zf.open(info) as raw:
+                for offset, block in _blocks(raw):
+                    yield split, len(block), (f"{zip_path}:{info.filename}", offset, block), False
+
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            for split, info in members:
-                seen_title = False
-                with zf.open(info) as raw:
-                    for n, line in _lines(io.BufferedReader(raw, 1 << 20), f"{zip_path}:{info.filename}"):
-                        is_title = _ARTICLE_TITLE.fullmatch(line) is not None
-                        yield split, line, is_title and seen_title, n
-                        seen_title |= is_title
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+            yield from _tasks(segments(zf), titles=True)
+    except (zipfile.BadZipFile, EOFError) as e:
         raise DataError(f"{zip_path} is corrupt ({e}): delete it and run again, or pass --source") from None
 
 
@@ -528,13 +569,9 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
             zip_path, src = _fetch_zip(name, out_dir, url, sha256, retries)
         members = _wikitext_members(zip_path)
         total = sum(info.file_size for _, info in members)
-        return _wikitext_pieces(zip_path, members), total, {"dataset": name, "source": src}, workers
+        return _wikitext_tasks(zip_path, members), total, {"dataset": name, "source": src}, workers
 
     return _run(out_dir, ("train", "val", "test"), force, make)
-
-
-def _split_lines(text):
-    return re.findall(r"[^\n]*\n|[^\n]+", text)
 
 
 def _jsonl_docs(f, path, text_field, sha):
@@ -574,30 +611,35 @@ def _input_files(inputs):
     return files
 
 
-def _text_pieces(files, total, val_fraction, text_field, sha):
-    """Documents (a text file, or a JSON Lines record) as pieces; the last val_fraction of bytes is val.
+def _text_segments(files, total, val_fraction, text_field, sha):
+    """Segments (see _tasks) of text files (each a document) and JSON Lines files (each record one).
 
-    Val starts at the first line or document boundary at or after byte total * (1 - val_fraction).
+    The last val_fraction of the bytes is val: it starts at the first line or record that starts at or
+    after byte total * (1 - val_fraction). sha is updated with every byte read.
     """
     cut = total - int(total * val_fraction)
-    split, started, new_doc, consumed, prev = "train", False, False, 0, ""
+    split, consumed = "train", 0
     for path in files:
         with open(path, "rb") as f:
             if path.suffix == ".jsonl":
-                docs = ((n if i == 0 else 0, line, i == 0) for n, text in _jsonl_docs(f, path, text_field, sha)
-                        for i, line in enumerate(_split_lines(text) or [""]))
-            else:
-                docs = ((n, line, i == 0) for i, (n, line) in enumerate(_lines(f, path, sha)))
-            for n, line, doc_start in docs:
-                new_doc |= doc_start
-                if line:  # (a piece can be empty: an empty record, or a line cut inside a character)
-                    if split == "train" and consumed >= cut and (new_doc or prev.endswith("\n")):
-                        split, started = "val", False
-                    yield split, line, new_doc and started, n
-                    started, new_doc, prev = True, False, line
-                else:
-                    yield split, "", False, n
-                consumed += n
+                for n, text in _jsonl_docs(f, path, text_field, sha):
+                    if split == "train" and consumed >= cut:
+                        split = "val"
+                    yield split, n, text or None, True
+                    consumed += n
+                continue
+            for offset, block in _blocks(f):
+                sha.update(block)
+                at = len(block)  # where val starts in this block
+                if split == "train" and consumed + len(block) > cut:
+                    line_end = block.find(b"\n", max(cut - consumed - 1, 0))
+                    at = 0 if consumed >= cut else (line_end + 1 if line_end >= 0 else len(block))
+                if at:
+                    yield split, at, (str(path), offset, block[:at]), offset == 0
+                if at < len(block):
+                    split = "val"
+                    yield split, len(block) - at, (str(path), offset + at, block[at:]), offset + at == 0
+                consumed += len(block)
 
 
 def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="text", num_workers=None,
@@ -615,12 +657,12 @@ def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="tex
         files = _input_files(inputs)
         total = sum(f.stat().st_size for f in files)
         sha = hashlib.sha256()
-        # sha is complete only once the pieces are consumed, i.e. when meta.json is written.
+        # sha is complete only once the tasks are consumed, i.e. when meta.json is written.
         source = {"inputs": [str(p) for p in inputs], "files": len(files), "bytes": total}
-        pieces = _text_pieces(files, total, val_fraction, text_field, sha)
+        tasks = _tasks(_text_segments(files, total, val_fraction, text_field, sha))
 
         def with_sha():
-            yield from pieces
+            yield from tasks
             source["sha256"] = sha.hexdigest()
         return with_sha(), total, {"dataset": "text", "source": source, "val_fraction": val_fraction}, workers
 
@@ -660,16 +702,14 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
                 [p for p in parts if p[0] == "test"]
     parts.sort(key=lambda p: ["train", "val", "test"].index(p[0]))
 
-    def pieces():
+    def segments():
         for split, part in parts:
-            started = False
             for record in part:
-                for i, line in enumerate(_split_lines(record[text_field] or "")):
-                    yield split, line, i == 0 and started, len(line.encode("utf-8"))
-                    started = True
+                text = record[text_field] or None
+                yield split, len(text.encode("utf-8")) if text else 0, text, True
 
     def make():
-        return pieces(), None, {"dataset": name, "source": {"hf": name, "config": config}}, _workers(num_workers)
+        return _tasks(segments()), None, {"dataset": name, "source": {"hf": name, "config": config}}, _workers(num_workers)
 
     return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make)
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import http.server
+import io
 import json
 import random
 import socket
@@ -183,7 +184,6 @@ def test_wikitext103_cli_over_http(tmp_path, server, wikitext_zip):
         assert meta["splits"][split]["tokens"] == len(tokens)
         assert meta["splits"][split]["documents"] == articles[split]
         assert meta["splits"][split]["text_bytes"] == len(raw[split])
-        assert meta["splits"][split]["words"] == len(raw[split].decode().split())
         eots = np.flatnonzero(tokens == EOT_TOKEN)
         assert len(eots) == articles[split] - 1  # separators between articles, not sections
         for i in eots:  # each EOT sits right before an article title
@@ -210,7 +210,7 @@ def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
     # Random lines offer few safe cuts; "a\nB" after every 4 of them is one, so no cut is ever forced.
     text = "".join(rng.choice(pieces) + rng.choice(ends) + ("a\nB\n" if i % 4 == 3 else "") for i in range(3000))
     (tmp_path / "a.txt").write_text(text, encoding="utf-8", newline="")
-    monkeypatch.setattr(data, "CHUNK_CHARS", 512)  # ~200 cuts; a forced one needs 4 x 512 chars without a safe one
+    monkeypatch.setattr(data, "CHUNK_BYTES", 512)  # ~200 cuts; a forced one needs 4 x 512 bytes without a safe one
     data.prepare_text([tmp_path / "a.txt"], tmp_path / "out", val_fraction=0.3, num_workers=2)
     enc = get_tokenizer()
     train, val = tokens_of(tmp_path / "out/train.bin"), tokens_of(tmp_path / "out/val.bin")
@@ -221,11 +221,15 @@ def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
     assert val.tolist() == enc.encode_ordinary(val_text)
 
 
-def test_chunks_stay_bounded_without_safe_cuts():
-    pieces = (("train", "  " + "y" * 50 + "\n", False, 53) for _ in range(1000))  # no safe cut anywhere
-    chunks = list(data._chunks(pieces, chunk_chars=1000))
-    assert sum(n for _, _, n in chunks) == 53000
-    assert max(len("".join(items)) for _, items, _ in chunks) <= 4 * 1000 + 53
+@pytest.mark.parametrize("text", [("  " + "y" * 50 + "\n") * 1000, "日本語" * 5000], ids=["indented", "no-newline"])
+def test_blocks_stay_bounded_without_safe_cuts(text):
+    """No safe cut anywhere (indented lines; no line break at all): blocks are cut anyway, whole characters."""
+    raw = text.encode("utf-8")
+    blocks = list(data._blocks(io.BytesIO(raw), chunk_bytes=1000))
+    assert b"".join(b for _, b in blocks) == raw and len(blocks) > 5
+    assert [o for o, _ in blocks] == np.cumsum([0] + [len(b) for _, b in blocks[:-1]]).tolist()
+    assert all(len(b) <= 4 * 1000 for _, b in blocks)
+    assert "".join(b.decode("utf-8") for _, b in blocks) == text
 
 
 def test_resume_partial_download(tmp_path, server, wikitext_zip):
@@ -310,7 +314,7 @@ def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
     with zipfile.ZipFile(not_utf8, "w") as z:
         for member in data.WIKITEXT_SPLITS:
             z.writestr(f"wikitext-2-raw/{member}", b" = A = \n fine \n" * 2000 + (b"\xff\n" if "test" in member else b""))
-    with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte near offset 30000\)"):
+    with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte at offset 30000\)"):
         data.prepare_wikitext("wikitext2", tmp_path / "out", source=not_utf8, num_workers=2)
     assert list((tmp_path / "out").iterdir()) == []  # train/val were done, yet no bin, .tmp or meta.json remains
 
