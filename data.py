@@ -473,7 +473,8 @@ def _run(out_dir, splits, force, make):
         print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
               f"{stats[s]['documents']:,} documents")
     mb = sum(st["text_bytes"] for st in stats.values()) / 1e6
-    print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, {num_workers} workers)")
+    print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, "
+          f"{num_workers} worker process{'es' if num_workers > 1 else ''})")
     return meta
 
 
@@ -539,7 +540,7 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
         except DataError as e:
             errors.append(str(e))
             if len(candidates) > 1:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"that mirror failed: {e}", file=sys.stderr)
     raise DataError(errors[0] if len(errors) == 1 else
                     f"every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
 
@@ -630,10 +631,11 @@ def _text_segments(files, total, val_fraction, text_field, sha):
                 continue
             for offset, block in _blocks(f):
                 sha.update(block)
-                at = len(block)  # where val starts in this block
-                if split == "train" and consumed + len(block) > cut:
-                    line_end = block.find(b"\n", max(cut - consumed - 1, 0))
-                    at = 0 if consumed >= cut else (line_end + 1 if line_end >= 0 else len(block))
+                at = len(block)  # where val starts in this block: at the first line start from `cut` on
+                if split == "train" and consumed >= cut:
+                    at = 0  # blocks start at a line or file start
+                elif split == "train" and consumed + len(block) > cut:
+                    at = block.find(b"\n", cut - consumed - 1) + 1 or len(block)
                 if at:
                     yield split, at, (str(path), offset, block[:at]), offset == 0
                 if at < len(block):
@@ -709,7 +711,8 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
                 yield split, len(text.encode("utf-8")) if text else 0, text, True
 
     def make():
-        return _tasks(segments()), None, {"dataset": name, "source": {"hf": name, "config": config}}, _workers(num_workers)
+        meta = {"dataset": name, "source": {"hf": name, "config": config}}
+        return _tasks(segments()), None, meta, _workers(num_workers)
 
     return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make)
 

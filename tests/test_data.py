@@ -221,7 +221,8 @@ def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
     assert val.tolist() == enc.encode_ordinary(val_text)
 
 
-@pytest.mark.parametrize("text", [("  " + "y" * 50 + "\n") * 1000, "日本語" * 5000], ids=["indented", "no-newline"])
+@pytest.mark.parametrize("text", [("  " + "y" * 50 + "\n") * 1000, "日本語" * 5000],
+                         ids=["indented", "no-newline"])
 def test_blocks_stay_bounded_without_safe_cuts(text):
     """No safe cut anywhere (indented lines; no line break at all): blocks are cut anyway, whole characters."""
     raw = text.encode("utf-8")
@@ -313,7 +314,8 @@ def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
     not_utf8 = tmp_path / "bad.zip"
     with zipfile.ZipFile(not_utf8, "w") as z:
         for member in data.WIKITEXT_SPLITS:
-            z.writestr(f"wikitext-2-raw/{member}", b" = A = \n fine \n" * 2000 + (b"\xff\n" if "test" in member else b""))
+            bad = b"\xff\n" if "test" in member else b""
+            z.writestr(f"wikitext-2-raw/{member}", b" = A = \n fine \n" * 2000 + bad)
     with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte at offset 30000\)"):
         data.prepare_wikitext("wikitext2", tmp_path / "out", source=not_utf8, num_workers=2)
     assert list((tmp_path / "out").iterdir()) == []  # train/val were done, yet no bin, .tmp or meta.json remains
@@ -357,7 +359,8 @@ def test_text_folders_and_jsonl(tmp_path):
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, needles):
     (tmp_path / "bad.jsonl").write_text(content)
-    assert_one_line_error(run_cli("text", "--input", tmp_path / "bad.jsonl", "--out_dir", tmp_path / "o"), *needles)
+    proc = run_cli("text", "--input", tmp_path / "bad.jsonl", "--out_dir", tmp_path / "o")
+    assert_one_line_error(proc, *needles)
 
 
 def test_text_input_errors(tmp_path):
@@ -445,7 +448,8 @@ def test_ranks_together_give_the_single_process_batches(bins):
     for _ in range(4):
         x, y = single.next_batch(6)
         parts = [tb.next_batch(2) for tb in ranks]
-        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), y)
     assert all(tb.state_dict() == single.state_dict() for tb in ranks)
 
 
