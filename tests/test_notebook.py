@@ -1,0 +1,150 @@
+"""notebooks/kaggle_train.ipynb: valid nbformat, its launcher choice, and Run All headless (nbclient) on CPU
+against a tiny config and a tiny corpus prepared with `python data.py text`."""
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "kaggle_train.ipynb"
+# kaggle_t4.py's settings, shrunk to a model and run that take seconds on a CPU.
+TINY = ["--n_positions=32", "--n_embd=32", "--n_layer=2", "--n_head=2", "--n_inner=64", "--max_length=32",
+        "--batch_size=4", "--gradient_accumulation_steps=2", "--device=cpu", "--dtype=float32", "--compile=False",
+        "--warmup_steps=2", "--max_steps=4", "--eval_steps=2", "--save_steps=2", "--log_steps=1",
+        "--sample_prompt="]
+# `nvidia-smi -L` on Kaggle's "GPU T4 x2"
+T4_X2 = ("GPU 0: Tesla T4 (UUID: GPU-2a3c1a8e-0b5e-7d4a-9f3e-1c2b3d4e5f60)\n"
+         "GPU 1: Tesla T4 (UUID: GPU-7f6e5d4c-3b2a-1908-7a6b-5c4d3e2f1a0b)\n")
+
+
+def read_notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def tagged(nb, tag):
+    (cell,) = [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+    return cell
+
+
+def helpers():
+    """The namespace of the notebook's helpers cell, run here."""
+    namespace = {}
+    exec(tagged(read_notebook(), "helpers").source, namespace)
+    return namespace
+
+
+def test_notebook_is_valid_and_never_imports_torch():
+    nb = read_notebook()
+    nbformat.validate(nb)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "import torch" not in code and "torch.cuda" not in code
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # shipped without outputs
+
+
+@pytest.mark.parametrize("n_gpus,command", [
+    (0, [sys.executable]),
+    (1, [sys.executable]),
+    (2, ["torchrun", "--standalone", "--nproc_per_node=2"]),
+    (4, ["torchrun", "--standalone", "--nproc_per_node=4"]),
+])
+def test_launcher_is_python_for_one_gpu_and_torchrun_for_more(n_gpus, command):
+    assert helpers()["launcher"](n_gpus) == command
+
+
+def test_gpus_are_counted_from_nvidia_smi_output():
+    parse = helpers()["parse_gpu_list"]
+    assert parse(T4_X2) == 2
+    assert parse(T4_X2.splitlines()[0]) == 1
+    assert parse("") == 0
+    assert parse("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.") == 0
+
+
+def test_run_streams_output_and_a_failure_stops_run_all(capsys):
+    run = helpers()["run"]
+    with pytest.raises(RuntimeError, match="exited with 3"):
+        run([sys.executable, "-c", "print('first'); import sys; sys.stdout.write('bar 1\\rbar 2\\n'); sys.exit(3)"])
+    assert capsys.readouterr().out.endswith("first\nbar 1\rbar 2\n")  # \r kept: a progress bar redraws in place
+
+
+def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys):
+    # Jupyter's interrupt button is a KeyboardInterrupt in the kernel; here an alarm raises it mid-command.
+    run = helpers()["run"]
+    child = ("import signal, sys, time\n"
+             "def stop(*_):\n    print('child: saving a checkpoint', flush=True); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop); print('child: training', flush=True); time.sleep(60)")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run([sys.executable, "-c", child])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
+
+
+def test_an_earlier_run_is_taken_over_only_into_an_empty_out_dir(tmp_path):
+    take_over = helpers()["take_over"]
+    previous = tmp_path / "input" / "earlier-run"
+    (previous / "checkpoints").mkdir(parents=True)
+    (previous / "checkpoints" / "checkpoint_epoch1_step1000.pt").write_bytes(b"weights")
+    (previous / "eval_history.json").write_text("[]")
+    out = tmp_path / "working"
+    assert take_over(str(previous), out)
+    assert (out / "checkpoints" / "checkpoint_epoch1_step1000.pt").read_bytes() == b"weights"
+    (out / "checkpoints" / "checkpoint_epoch1_step2000.pt").write_bytes(b"newer")
+    assert not take_over(str(previous), out)  # this session's own checkpoints win
+    assert not take_over("", tmp_path / "other")
+
+
+def test_find_dir_finds_attached_datasets_breadth_first(tmp_path):
+    find_dir = helpers()["find_dir"]
+    (tmp_path / "a" / "deep" / "wikitext103").mkdir(parents=True)
+    for name in ("meta.json", "train.bin"):
+        (tmp_path / "a" / "deep" / "wikitext103" / name).write_text("x")
+    (tmp_path / "b" / "wheels").mkdir(parents=True)
+    (tmp_path / "b" / "wheels" / "tiktoken-0.9.0-cp311-cp311-manylinux_2_17_x86_64.whl").write_text("x")
+    assert find_dir(tmp_path, "meta.json", "train.bin") == tmp_path / "a" / "deep" / "wikitext103"
+    assert find_dir(tmp_path, "*.whl") == tmp_path / "b" / "wheels"
+    assert find_dir(tmp_path, "*.whl", depth=1) is None
+    assert find_dir(tmp_path / "missing", "*.whl") is None
+
+
+def test_run_all_headless_on_cpu(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    words = "the river runs past old mills and quiet farms while children play near the bridge".split()
+    corpus.write_text("\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)))
+    wheels = tmp_path / "wheels"  # empty: the offline install path, with everything already installed
+    wheels.mkdir()
+    out = tmp_path / "out"
+    params = dict(PROJECT_DIR=str(REPO), WHEELS_DIR=str(wheels), PREPARE=["text", "--input", str(corpus),
+                  "--num_workers", "1"], DATA_DIR=str(tmp_path / "data"), OUT_DIR=str(out), TRAIN_ARGS=TINY,
+                  EVAL_SPLIT="val", SAMPLE_ARGS=["--max_new_tokens", "5", "--device", "cpu"])
+    nb = read_notebook()
+    at = nb.cells.index(tagged(nb, "parameters")) + 1
+    # As papermill does: a cell after the parameters cell overrides them.
+    nb.cells.insert(at, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items())))
+    nb.cells.append(nbformat.v4.new_code_cell('import sys; print("torch imported:", "torch" in sys.modules)'))
+    NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+
+    def text(cell):
+        return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert text(code[-1]).strip() == "torch imported: False"
+    everything = "".join(text(c) for c in code)
+    assert f"$ {sys.executable} {REPO / 'train.py'}" in everything  # no GPU here: plain python
+    assert "step 4/4" in everything and "wrote " + str(out / "loss_curve.png") in everything
+    assert any("image/png" in o.get("data", {}) for c in code for o in c.outputs)
+    assert "word perplexity" in everything
+    assert (out / "final_model.zip").is_file() and (out / "final_model" / "config.json").is_file()
+    assert len(json.loads((out / "eval_history.json").read_text())) == 2
