@@ -758,10 +758,6 @@ class TokenBins:
         self.epoch, self.position = int(epoch), 0
         self._order = np.random.default_rng((self.seed, self.epoch)).permutation(self.n_windows)
 
-    def steps_per_epoch(self, batch_size):
-        """How many next_batch calls one epoch holds (windows that do not fill a batch are skipped)."""
-        return self.n_windows // (batch_size * self.world_size)
-
     def next_batch(self, batch_size, device=None):
         """The next (x, y), each (batch_size, block_size) int64, y = x shifted by one token."""
         step = batch_size * self.world_size

@@ -1,18 +1,19 @@
 """data.py's tokenization speed and memory against a single-threaded tiktoken encode_ordinary.
 
-    python bench/prepare_throughput.py [--sizes 50 200] [--num_workers N] [--json]
+    python bench/prepare_throughput.py [--sizes 50 200] [--rounds 3] [--num_workers N] [--json]
 
-Writes a WikiText-like text of each size (MB, deterministic), runs `python data.py text` on it as a
-user would (a fresh process, timed end to end, its whole process tree's memory sampled), and times
-encode_ordinary over the same text in this process, one thread, in 1 MB pieces cut at line ends.
-With --json the last line printed is one JSON object.
+Writes a WikiText-like text of each size (MB, deterministic) and, alternating for --rounds rounds, runs
+`python data.py text` on it as a user would (a fresh process; its whole process tree's memory sampled;
+its own reported tokenization MB/s, which leaves out its start-up) and times encode_ordinary over the
+same text in this process, one thread, in 1 MB pieces cut at line ends. Reports medians, the median
+of the paired ratios, and the load average (on a shared machine other sessions take cores too).
 """
 
 import argparse
-import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,12 +22,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import ROOT, emit_json, interleaved, paired_ratio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import data  # noqa: E402
-import hardware  # noqa: E402
+import data
+import hardware
 
 
 def make_text(path, mb, seed=0):
@@ -137,6 +136,7 @@ def run_data_py(path, out_dir, num_workers):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[50, 200], help="input sizes in MB")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the peer per size")
     p.add_argument("--num_workers", type=int, default=data.default_num_workers())
     p.add_argument("--work_dir", default=None, help="where the generated text goes (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -144,36 +144,49 @@ def main():
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="prepare_bench_"))
     work.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    rows = []
     try:
         sizes = sorted(args.sizes)
         biggest = make_text(work / f"text_{sizes[-1]:g}MB.txt", sizes[-1])
-        rows = []
         for mb in sizes:
             path = biggest if mb == sizes[-1] else prefix_copy(biggest, work / f"text_{mb:g}MB.txt", mb)
-            ours, wall, peak = run_data_py(path, work / "out", args.num_workers)
-            peer = single_thread_mb_s(path)
+            rate, walls, peaks = {"ours": [], "peer": []}, [], []
+
+            def ours():
+                r, wall, peak = run_data_py(path, work / "out", args.num_workers)
+                rate["ours"].append(r)
+                walls.append(wall)
+                peaks.append(peak)
+
+            interleaved({"ours": ours, "peer": lambda: rate["peer"].append(single_thread_mb_s(path))},
+                        args.rounds)
             real_mb = path.stat().st_size / 1e6
-            rows.append({"mb": round(real_mb, 1), "ours": round(ours, 2), "peer": round(peer, 2),
-                         "ratio": round(ours / peer, 2), "cli_wall_s": round(wall, 2),
-                         "cli_mb_s": round(real_mb / wall, 2), "peak_rss_mb": round(peak / 1e6)})
+            # paired_ratio(fast, slow) takes times; rates are inverse times
+            ratio = paired_ratio([1 / r for r in rate["ours"]], [1 / r for r in rate["peer"]])
+            rows.append({"mb": round(real_mb, 1), "ours": round(statistics.median(rate["ours"]), 2),
+                         "peer": round(statistics.median(rate["peer"]), 2), "ratio": round(ratio, 2),
+                         "cli_wall_s": round(statistics.median(walls), 2),
+                         "peak_rss_mb": round(max(peaks) / 1e6)})
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
 
     device = f"cpu: {hardware.probe_facts('cpu').name}, {data.default_num_workers()} cores usable"
-    print(f"data.py tokenization vs single-thread encode_ordinary ({args.num_workers} workers; {device})")
+    print(f"data.py tokenization vs single-thread encode_ordinary ({args.num_workers} workers; {device}; "
+          f"load average {load[0]} before, {load[1]} after)")
     print(f"{'input MB':>9} {'ours MB/s':>10} {'peer MB/s':>10} {'ratio':>6} {'CLI wall s':>11} "
-          f"{'CLI MB/s':>9} {'peak RSS MB':>12}")
+          f"{'peak RSS MB':>12}")
     for r in rows:
         print(f"{r['mb']:>9} {r['ours']:>10} {r['peer']:>10} {r['ratio']:>6} {r['cli_wall_s']:>11} "
-              f"{r['cli_mb_s']:>9} {r['peak_rss_mb']:>12}")
+              f"{r['peak_rss_mb']:>12}")
     if args.json:
         last = rows[-1]
-        print(json.dumps({"bench": "prepare_throughput", "unit": "MB/s", "ours": last["ours"],
-                          "peer": last["peer"], "ratio": last["ratio"], "device": device,
-                          "num_workers": args.num_workers,
-                          "peak_rss_mb": {f"{r['mb']:g}": r["peak_rss_mb"] for r in rows},
-                          "cli_wall_s": {f"{r['mb']:g}": r["cli_wall_s"] for r in rows}, "rows": rows}))
+        emit_json({"bench": "prepare_throughput", "unit": "MB/s", "ours": last["ours"], "peer": last["peer"],
+                   "ratio": last["ratio"], "device": device, "num_workers": args.num_workers,
+                   "peak_rss_mb": {f"{r['mb']:g}": r["peak_rss_mb"] for r in rows},
+                   "load_average": load, "rows": rows})
 
 
 if __name__ == "__main__":

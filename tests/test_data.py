@@ -292,6 +292,22 @@ def test_http_error_is_not_retried(tmp_path, server):
     assert len(server.requests) == 1
 
 
+def test_mirror_list_falls_over_and_checks_known_hashes(tmp_path, server, wikitext_zip, monkeypatch):
+    zip_path, raw, _ = wikitext_zip
+    body = zip_path.read_bytes()
+    server.files["/good.zip"] = body
+    spec = {"zip": "wikitext-2-raw-v1.zip", "urls": [server.url("/gone.zip"), server.url("/good.zip")],
+            "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    monkeypatch.setitem(data.DATASETS, "wikitext2", spec)
+    meta = data.prepare_wikitext("wikitext2", tmp_path / "out", num_workers=1)
+    assert meta["source"] == {"url": server.url("/good.zip"), "sha256": spec["sha256"], "verified": True}
+    assert text_of(tokens_of(tmp_path / "out/test.bin")) == raw["test"]
+    monkeypatch.setitem(data.DATASETS, "wikitext2", dict(spec, sha256="0" * 64))
+    with pytest.raises(DataError, match="every mirror failed .* --url URL or --source PATH"):
+        data.prepare_wikitext("wikitext2", tmp_path / "other", num_workers=1)
+    assert not (tmp_path / "other" / "wikitext-2-raw-v1.zip").exists()
+
+
 def test_source_zip_and_file_url(tmp_path, wikitext_zip):
     zip_path, raw, _ = wikitext_zip
     meta = data.prepare_wikitext("wikitext2", tmp_path / "a", source=zip_path, num_workers=1)
@@ -417,7 +433,7 @@ def test_bins_errors_name_the_file(tmp_path):
 
 def test_batches_are_shifted_windows_of_the_file(bins):
     tb = TokenBins(bins, "train", 8, vocab_size=50257)
-    assert (tb.n_tokens, tb.n_windows, tb.steps_per_epoch(4)) == (219, 24, 6)
+    assert (tb.n_tokens, tb.n_windows) == (219, 24)
     x, y = tb.next_batch(4)
     assert x.shape == y.shape == (4, 8) and x.dtype == y.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
@@ -430,7 +446,7 @@ def test_epochs_shuffle_differently_and_deterministically(bins):
     def epoch_windows(seed, epoch):
         tb = TokenBins(bins, "train", 8, seed=seed)
         tb.start_epoch(epoch)
-        return windows_of(tb.next_batch(4) for _ in range(tb.steps_per_epoch(4)))
+        return windows_of(tb.next_batch(4) for _ in range(6))  # 24 windows, 4 per batch
 
     e0, e1 = epoch_windows(1337, 0), epoch_windows(1337, 1)
     assert sorted(e0) == sorted(e1) and len(set(e0)) == 24  # each window exactly once per epoch
