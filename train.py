@@ -32,6 +32,8 @@ import hardware
 from data import DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 
+PROCESS_START = time.time()
+
 
 @dataclass
 class TrainConfig:
@@ -374,7 +376,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.scaler = hardware.grad_scaler(self.plan)
         self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
-        self.val_loss, self.epoch_loss_sum, self.epoch_loss_count = None, 0.0, 0
+        self.val_loss, self.last_train_loss, self.epoch_loss_sum, self.epoch_loss_count = None, None, 0.0, 0
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
@@ -432,7 +434,7 @@ class Trainer:
         if state.get("scaler_state_dict"):
             self.scaler.load_state_dict(state["scaler_state_dict"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.best_val_loss, self.val_loss = state["best_val_loss"], state["val_loss"]
+        self.best_val_loss, self.val_loss, self.last_train_loss = state["best_val_loss"], state["val_loss"], state["train_loss"]
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.train_bins.load_state_dict(state["data_state"])
@@ -640,7 +642,6 @@ class Trainer:
         from tqdm import tqdm
         cfg, ddp = self.cfg, self.ddp
         self.t0 = time.time()
-        self.last_train_loss = None
         self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
         self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
         done_epochs = self.step // self.steps_per_epoch
@@ -710,7 +711,8 @@ class Trainer:
         return 0
 
     def elapsed_session(self):
-        return time.time() - self.t0
+        """Seconds since this process started: what a notebook's session limit counts."""
+        return time.time() - PROCESS_START
 
     def resume_command(self):
         args = " ".join(sys.argv[1:])
