@@ -221,6 +221,17 @@ def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
     assert val.tolist() == enc.encode_ordinary(val_text)
 
 
+def test_wikitext_bins_do_not_depend_on_block_size(tmp_path, wikitext_zip, monkeypatch):
+    """Hundreds of blocks (titles at block starts included) give the bins of one block per split."""
+    zip_path = wikitext_zip[0]
+    data.prepare_wikitext("wikitext103", tmp_path / "one", source=zip_path, num_workers=1)
+    monkeypatch.setattr(data, "CHUNK_BYTES", 256)
+    data.prepare_wikitext("wikitext103", tmp_path / "many", source=zip_path, num_workers=2)
+    for split in ("train", "val", "test"):
+        many, one = (tokens_of(tmp_path / d / f"{split}.bin") for d in ("many", "one"))
+        assert many.tolist() == one.tolist()
+
+
 @pytest.mark.parametrize("text", [("  " + "y" * 50 + "\n") * 1000, "日本語" * 5000],
                          ids=["indented", "no-newline"])
 def test_blocks_stay_bounded_without_safe_cuts(text):
