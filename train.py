@@ -31,6 +31,7 @@ import checkpoint as ckpt
 import hardware
 from data import DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
+from tracking import Tracker
 
 PROCESS_START = time.time()
 
@@ -84,6 +85,9 @@ class TrainConfig:
     seed: int = 1337  # seed for init, data order and dropout
     max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds)
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    # optional tracking
+    tensorboard: bool = False  # log to out_dir/tensorboard (needs the tensorboard package)
+    wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package)
 
 
 class ConfigError(Exception):
@@ -293,11 +297,17 @@ class Logger:
         self.file.flush()
 
 
-def memory_note(device_type):
+def gpu_memory(device_type):
+    """{'gpu/allocated_gib', 'gpu/peak_gib'} on CUDA, {} elsewhere."""
     if device_type != "cuda":
-        return ""
-    return (f"mem {torch.cuda.memory_allocated() / 2**30:.2f}G "
-            f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f}G")
+        return {}
+    return {"gpu/allocated_gib": torch.cuda.memory_allocated() / 2**30,
+            "gpu/peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def memory_note(device_type):
+    mem = gpu_memory(device_type)
+    return f"mem {mem['gpu/allocated_gib']:.2f}G peak {mem['gpu/peak_gib']:.2f}G" if mem else ""
 
 
 def fmt_duration(seconds):
@@ -550,6 +560,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self.grad_norm = norm.item()
         return loss if finite else float("nan")
 
     def back_off_oom(self):
@@ -608,10 +619,22 @@ class Trainer:
                 "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
                 "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")})
             ckpt.atomic_write_json(self.out_dir / "eval_history.json", self.eval_history)
+        self.tracker.log(self.step, {"val/loss": val, "val/perplexity": ppl})
         if improved:
             self.best_val_loss = val
             self.save("best")
         self.sample()
+        self.refresh_plot()
+
+    def refresh_plot(self):
+        """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
+        import plot
+        if not self.ddp.master or not plot.matplotlib_available():
+            return
+        try:
+            plot.plot_history(self.out_dir)
+        except Exception as e:
+            self.log(f"warning: could not draw the loss curve: {e}")
 
     def end_epoch(self):
         epoch = self.step // self.steps_per_epoch
@@ -648,6 +671,8 @@ class Trainer:
         self.history = read_history(self.out_dir / "training_history.json", lambda r: r.get("epoch", 0) <= done_epochs)
         self.eval_history = read_history(self.out_dir / "eval_history.json", lambda r: r.get("step", 0) <= self.step)
         self.stop.install()
+        self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
+                               start_step=self.step, enabled=ddp.master)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
                    dynamic_ncols=True, unit="step")
         self.log.bar = bar
@@ -678,6 +703,8 @@ class Trainer:
                                     f"{math.ceil(self.total_steps / self.steps_per_epoch)}")
                 bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s {memory_note(self.device_type)}".strip())
                 bar.update(1)
+                self.tracker.log(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
+                                             "train/tokens_per_s": tok_s, **gpu_memory(self.device_type)})
                 if bar.disable and ddp.master and self.step % cfg.log_steps == 0:
                     self.log(f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
                              f"{memory_note(self.device_type)}".rstrip())
@@ -707,6 +734,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.tracker.close()
         self.finish()
         return 0
 

@@ -106,7 +106,7 @@ def test_bad_settings_get_one_line(args, message, tmp_path):
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
     p = run_train(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3", "--max_checkpoints=2",
-                  "--export_final_model=True")
+                  "--export_final_model=True", "--tensorboard=True")
     # 2700 train tokens... 3000 // 33 = 90 windows, 8 per step -> 11 steps per epoch, 22 in all.
     assert "11 steps per epoch, 22 steps in all" in p.stdout
     kept = ckpt.list_checkpoints(out / "checkpoints")
@@ -125,6 +125,10 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     assert {"step", "tokens", "lr", "elapsed_s"} <= set(evals[0])
     assert "step 22/22" in (out / "train.log").read_text()
     assert (out / "final_model" / "config.json").exists()
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    events = b"".join(f.read_bytes() for f in (out / "tensorboard").glob("events.out.tfevents.*"))
+    for tag in (b"train/loss", b"train/lr", b"train/grad_norm", b"val/loss", b"val/perplexity"):
+        assert tag in events
 
 
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins):
