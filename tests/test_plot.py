@@ -69,6 +69,14 @@ def test_step_to_token_map_is_exact_at_records_and_extends_past_them():
     assert np.allclose(to_tokens(np.array([-5, 40])), [-5 * slope, 163840 + 10 * slope])
 
 
+def test_an_epoch_record_with_its_step_is_drawn_there():
+    # A run stopped by max_steps mid-epoch: its last epoch record ends at step 30, not at a multiple of 20.
+    epochs = [dict(epoch_records()[0], step=20), dict(epoch_records()[1], epoch=1, step=30)]
+    fig = draw(eval_records((10, 20, 30)), epochs)
+    (means,) = [line for line in fig.axes[0].lines if line.get_label() == "train (epoch mean)"]
+    assert list(means.get_xdata()) == [20, 30]
+
+
 def test_resumed_history_with_a_repeated_step_and_missing_train_loss_still_draws():
     evals = eval_records((10, 20)) + eval_records((20, 30))
     evals[0]["train_loss"] = None  # every step before the first eval was non-finite
