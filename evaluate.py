@@ -10,11 +10,12 @@ so all but the first window's tokens see at least block_size - stride tokens bef
 read as one stream after an <|endoftext|>, so even its first token has a (start-of-text) context.
 <|endoftext|> separators between documents are context, never scored: they are not part of the text.
 
-Reported: mean loss (nats per token), token-level perplexity exp(loss), and word-level perplexity
-exp(total NLL / words), where words are the whitespace-separated words of the split's text (decoded from
-the bin, <|endoftext|> read as a line break; that text is the raw split, since GPT-2's BPE is lossless).
-Word-level perplexity is the figure papers quote for WikiText (GPT-2 117M, zero-shot on WikiText-103:
-37.50, measured with the paper's detokenizers, so not strictly comparable).
+Reported: mean loss (nats per token) and token-level perplexity exp(loss); for WikiText (data.py's
+meta.json names it) also word-level perplexity exp(total NLL / words), where words are the
+whitespace-separated words of the split's text (decoded from the bin, <|endoftext|> read as a line break;
+that text is the raw split, since GPT-2's BPE is lossless). Word-level perplexity is the figure papers quote
+for WikiText (GPT-2 117M, zero-shot on WikiText-103: 37.50, measured with the paper's detokenizers, so
+not strictly comparable); for code, markup or languages written without spaces it would mean little.
 Runs in float32 unless --dtype says otherwise, so results compare across machines.
 """
 
@@ -168,14 +169,21 @@ def count_words(tokens, chunk=1 << 20):
     return words
 
 
-def evaluate(model, tokens, block_size, stride, batch_size=8, device="cpu", dtype="float32", progress=False):
-    """The figures for one split: {tokens, loss, perplexity, words, word_perplexity}."""
+def is_wikitext(dataset):
+    """True for a dataset name that data.py gives WikiText (wikitext103, wikitext2, or an HF 'wikitext')."""
+    return "wikitext" in str(dataset or "").lower()
+
+
+def evaluate(model, tokens, block_size, stride, batch_size=8, device="cpu", dtype="float32", words=True,
+             progress=False):
+    """The figures for one split: {tokens, loss, perplexity, words, word_perplexity} (the last two None
+    unless `words`)."""
     nll, n_scored = sliding_window_nll(model, tokens, block_size, stride, batch_size, device, dtype, progress)
     if n_scored == 0:
         raise EvalError("the split holds no tokens to score (only <|endoftext|>)")
-    words = count_words(tokens)
+    n_words = count_words(tokens) if words else 0
     return {"tokens": n_scored, "loss": nll / n_scored, "perplexity": math.exp(nll / n_scored),
-            "words": words, "word_perplexity": math.exp(nll / words) if words else None}
+            "words": n_words or None, "word_perplexity": math.exp(nll / n_words) if n_words else None}
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -235,17 +243,18 @@ def main(argv=None):
         check_window(block_size, stride, n_positions)
         data_dir = args.data_dir or config.get("data_dir") or DEFAULT_DATA_DIR
         tokens = read_split(data_dir, args.split, model.config.vocab_size)
+        dataset = dataset_name(data_dir)
         print(hardware.describe(facts, plan), file=sys.stderr)
         t0 = time.perf_counter()
         result = evaluate(model, tokens, block_size, stride, args.batch_size, plan.device, plan.dtype,
-                          progress=not args.json)
+                          words=is_wikitext(dataset), progress=not args.json)
     except (EvalError, CheckpointError, ExportError, DataError, hardware.HardwareError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     result = {"model": source, "data": str(Path(data_dir) / f"{args.split}.bin"), "split": args.split,
-              "dataset": dataset_name(data_dir), "block_size": block_size, "stride": stride,
+              "dataset": dataset, "block_size": block_size, "stride": stride,
               "device": plan.device, "dtype": plan.dtype, **result,
               "elapsed_s": round(time.perf_counter() - t0, 2)}
     print(json.dumps(result) if args.json else table(result))

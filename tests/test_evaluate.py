@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOT_TOKEN, get_tokenizer
-from evaluate import count_words, evaluate, sliding_window_nll, windows
+from evaluate import count_words, evaluate, is_wikitext, sliding_window_nll, windows
 from export_hf import export_hf
 from model import GPT, GPTConfig
 
@@ -102,6 +102,13 @@ def test_count_words_is_the_whitespace_split_of_the_text_with_eot_as_a_break():
     assert count_words(glued) == 2
 
 
+def test_word_level_perplexity_is_for_wikitext_only():
+    assert is_wikitext("wikitext103") and is_wikitext("wikitext2") and is_wikitext("Salesforce/wikitext")
+    assert not is_wikitext("text") and not is_wikitext(None)
+    r = evaluate(sharp_model(), doc_tokens(), 16, 8, words=False)
+    assert r["words"] is None and r["word_perplexity"] is None
+
+
 def test_evaluate_reports_word_and_token_perplexity():
     model, tokens = sharp_model(), doc_tokens()
     r = evaluate(model, tokens, 16, 8, batch_size=4)
@@ -123,7 +130,7 @@ def run_dir(tmp_path_factory):
     tokens = doc_tokens()
     tokens.tofile(data / "test.bin")
     tokens[::-1].copy().tofile(data / "val.bin")
-    (data / "meta.json").write_text(json.dumps({"dataset": "tiny-docs"}))
+    (data / "meta.json").write_text(json.dumps({"dataset": "wikitext2"}))  # word-level perplexity too
     model = sharp_model()
     (root / "out").mkdir()
     torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": 42,
@@ -145,9 +152,10 @@ def test_cli_defaults_to_best_model_its_data_and_its_training_context(run_dir):
     r = json.loads(result.stdout)
     nll, count = sliding_window_nll(sharp_model(), doc_tokens(), 12, 6)
     assert (r["block_size"], r["stride"], r["split"], r["dtype"], r["dataset"]) == (12, 6, "test", "float32",
-                                                                                    "tiny-docs")
+                                                                                    "wikitext2")
     assert r["tokens"] == count and r["loss"] == pytest.approx(nll / count, rel=1e-6)
-    assert "step 42" in r["model"]
+    assert "step 42" in r["model"] and r["words"] == len("\n".join(DOCS).split())
+    assert r["word_perplexity"] == pytest.approx(math.exp(nll / r["words"]), rel=1e-6)
 
 
 def test_cli_model_dir_gives_the_same_figures_and_prints_a_table(run_dir):
