@@ -616,7 +616,8 @@ def _text_segments(files, total, val_fraction, text_field, sha):
     """Segments (see _tasks) of text files (each a document) and JSON Lines files (each record one).
 
     The last val_fraction of the bytes is val: it starts at the first line or record that starts at or
-    after byte total * (1 - val_fraction). sha is updated with every byte read.
+    after byte total * (1 - val_fraction) (in a text without line breaks there, at that byte). sha is
+    updated with every byte read.
     """
     cut = total - int(total * val_fraction)
     split, consumed = "train", 0
@@ -631,11 +632,15 @@ def _text_segments(files, total, val_fraction, text_field, sha):
                 continue
             for offset, block in _blocks(f):
                 sha.update(block)
-                at = len(block)  # where val starts in this block: at the first line start from `cut` on
+                at = len(block)  # where val starts in this block
                 if split == "train" and consumed >= cut:
-                    at = 0  # blocks start at a line or file start
+                    at = 0  # blocks start at a line start (or between two characters of a long line)
                 elif split == "train" and consumed + len(block) > cut:
-                    at = block.find(b"\n", cut - consumed - 1) + 1 or len(block)
+                    at = block.find(b"\n", cut - consumed - 1) + 1
+                    if not 0 < at < len(block):  # no line starts after the cut here: cut mid-line instead
+                        at = cut - consumed
+                        while at < len(block) and 0x80 <= block[at] < 0xC0:  # between two characters
+                            at += 1
                 if at:
                     yield split, at, (str(path), offset, block[:at]), offset == 0
                 if at < len(block):

@@ -404,6 +404,14 @@ def test_text_input_errors(tmp_path):
     assert not list((tmp_path / "o").iterdir())
 
 
+def test_val_split_of_text_without_line_breaks(tmp_path):
+    text = "日本語のテキスト, one long line " * 5000  # no line break at all: val starts mid-line
+    (tmp_path / "one_line.txt").write_text(text)
+    data.prepare_text([tmp_path / "one_line.txt"], tmp_path / "out", val_fraction=0.2, num_workers=1)
+    train, val = (text_of(tokens_of(tmp_path / "out" / f"{s}.bin")).decode() for s in ("train", "val"))
+    assert train + val == text and 0.19 < len(val.encode()) / len(text.encode()) < 0.21
+
+
 def test_hf_without_datasets_says_how_to_get_it(tmp_path):
     if __import__("importlib").util.find_spec("datasets") is not None:
         pytest.skip("the optional `datasets` package is installed")
