@@ -357,6 +357,7 @@ class Trainer:
         self.device_type = device_type
         self.facts = facts = hardware.probe_facts(self.device)
         hardware.preflight(facts)
+        hardware.decide(facts, cfg.dtype, cfg.compile)  # a dtype this device cannot run fails before any data work
         if cfg.gradient_accumulation_steps % ddp.world_size:
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                               f"the number of processes ({ddp.world_size})")

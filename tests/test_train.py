@@ -94,9 +94,11 @@ def test_help_lists_every_setting():
     (["--n_embd=30", "--n_head=4"], "must be divisible by n_head"),
     (["--max_runtime=soon"], "max_runtime 'soon' is not a duration"),
     (["--data_dir=/nonexistent/bins"], "python data.py wikitext103"),
+    (["--device=cuda"], "device='cuda' but no CUDA GPU is visible"),
+    (["--dtype=float16"], "float16"),
 ])
-def test_bad_settings_get_one_line(args, message, tmp_path):
-    p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", *args],
+def test_bad_settings_get_one_line(args, message, tmp_path, bins):
+    p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_dir={bins}", *args],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     assert message in p.stderr
