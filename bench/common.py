@@ -1,0 +1,214 @@
+"""What the benches share: the repo on sys.path, the HF peer model, the matmul peak, FLOP counts,
+memory readings, fair interleaved timing and the `--json` last line.
+
+Shared machines are noisy (other processes come and go), so every bench times both sides in one
+process, alternating, and reports medians and ratios of paired measurements.
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from model import GPTConfig  # noqa: E402
+
+# Configs the benches run: the default model, and a tiny one for the test suite.
+CONFIGS = {
+    "default": GPTConfig(),
+    "tiny": GPTConfig(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2, n_inner=128),
+}
+
+
+def hf_peer(model):
+    """transformers.GPT2LMHeadModel (SDPA attention) with `model`'s config and weights, on its device."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from export_hf import hf_config, to_hf_state_dict
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config(model.config), attn_implementation="sdpa"))
+    assert hf.config._attn_implementation == "sdpa"
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
+    assert not unexpected and all(k.endswith(".attn.bias") for k in missing), (missing, unexpected)
+    return hf.to(next(model.parameters()).device)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_flops(device, dtype, n=None, reps=3):
+    """Best FLOP/s of an n x n matmul in `dtype` on `device` (CPU: n=2048, CUDA: n=8192)."""
+    n = n or (8192 if str(device).startswith("cuda") else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up: kernel selection, page faults
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def train_flops_per_token(config, block_size):
+    """Model FLOPs of one training token (forward + backward = 3 x forward), PaLM-style.
+
+    Matmul weights only (the unpadded vocabulary: padding is our trick, not model work), plus causal
+    attention's QK^T and AV counted as full T x T as PaLM and nanoGPT do."""
+    C, L = config.n_embd, config.n_layer
+    n_matmul = L * (4 * C * C + 2 * C * config.n_inner) + config.vocab_size * C
+    return 6 * n_matmul + 12 * L * C * block_size
+
+
+def rss_bytes():
+    """This process's resident memory now (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class StepMemory:
+    """Peak memory one call adds on top of what was resident before it.
+
+    CUDA: torch.cuda.max_memory_allocated during the call minus memory allocated before it.
+    CPU: resident set size sampled every millisecond by a thread, peak minus the RSS just before.
+    Both sides of a comparison live in the same process, so the figure is what the step itself
+    needs (activations, gradients, logits), not the process total."""
+
+    def __init__(self, device):
+        self.cuda = str(device).startswith("cuda")
+        self.device = device
+        self._peak = 0
+        self._running = False
+
+    def _sample(self):
+        while self._running:
+            self._peak = max(self._peak, rss_bytes())
+            time.sleep(0.001)
+
+    def measure(self, fn):
+        """Run fn(); return (its result, peak bytes above the memory in use before it)."""
+        if self.cuda:
+            sync(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            out = fn()
+            sync(self.device)
+            return out, torch.cuda.max_memory_allocated(self.device) - before
+        before = self._peak = rss_bytes()
+        self._running = True
+        sampler = threading.Thread(target=self._sample, daemon=True)
+        sampler.start()
+        try:
+            out = fn()
+        finally:
+            self._running = False
+            sampler.join()
+        return out, max(self._peak, rss_bytes()) - before
+
+
+class CpuContention:
+    """Share of this machine's CPU time used by other processes between start() and stop().
+
+    From /proc/stat (all CPUs' busy time) minus /proc/self/stat (ours). A step timed while other
+    processes ran is slow for reasons of their making: the benches keep the rounds where contention
+    was low. None where /proc is missing (not Linux): then every round counts."""
+
+    def __init__(self):
+        self.n_cpu = os.cpu_count() or 1
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.available = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+
+    def _read(self):
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = sum(v) - v[3] - v[4]  # all but idle and iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime
+
+    def start(self):
+        if self.available:
+            self._start = self._read()
+
+    def stop(self):
+        if not self.available:
+            return None
+        (b0, o0, t0), (b1, o1, t1) = self._start, self._read()
+        return max(0.0, (b1 - b0) - (o1 - o0)) / self.tick / (self.n_cpu * max(t1 - t0, 1e-9))
+
+
+def interleaved(sides, rounds, on_round=None):
+    """Time each side's step `rounds` times, alternating: round r runs the sides rotated by r, so no
+    side always goes first (or right after a slow neighbour). sides: {name: fn() -> None}.
+    Returns (times, contention): {name: [seconds per round]}, {name: [share of the CPU other
+    processes used during that step, or None]}; on_round(r, times_of_round) is called after each round."""
+    names = list(sides)
+    times, contention = {n: [] for n in names}, {n: [] for n in names}
+    cpu = CpuContention()
+    for r in range(rounds):
+        k = r % len(names)
+        this = {}
+        for name in names[k:] + names[:k]:
+            cpu.start()
+            t = time.perf_counter()
+            sides[name]()
+            this[name] = time.perf_counter() - t
+            times[name].append(this[name])
+            contention[name].append(cpu.stop())
+        if on_round:
+            on_round(r, this)
+    return times, contention
+
+
+def quiet_rounds(contention, threshold=0.1, minimum=3):
+    """(rounds to use, whether they are quiet): the rounds in which every side ran while other
+    processes used < threshold of the CPU, or every round (and False) when fewer than `minimum`
+    qualify or contention is unknown."""
+    per_round = list(zip(*contention.values()))
+    quiet = [i for i, c in enumerate(per_round) if all(x is not None and x < threshold for x in c)]
+    return (quiet, True) if len(quiet) >= minimum else (list(range(len(per_round))), False)
+
+
+def add_threads_arg(parser):
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default). On a shared, busy machine 1 thread gives "
+                             "steadier ratios: a multi-threaded kernel waits for its slowest, pre-empted thread")
+
+
+def set_threads(n):
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def paired_ratio(fast, slow):
+    """Median over rounds of slow[i] / fast[i]: how many times faster `fast` is, robust to load drift."""
+    return statistics.median(s / f for f, s in zip(fast, slow))
+
+
+def emit_json(result):
+    """The benches' contract: with --json the last line printed is one JSON object."""
+    print(json.dumps(result, sort_keys=True), flush=True)
