@@ -83,7 +83,7 @@ def draw(evals, epochs=(), title=""):
 
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     ax_loss, ax_lr = fig.subplots(1, 2)
-    ax_loss.plot(steps, train, ".-", color="tab:blue", alpha=0.6, label="train (step before eval)")
+    ax_loss.plot(steps, train, ".-", color="tab:blue", alpha=0.6, label="train (last step)")
     ax_loss.plot(steps, val, "o-", color="tab:orange", markersize=4, label="val")
     # Epoch means sit at each epoch's last step: the record's own "step", or (history files without it)
     # epoch x steps per epoch, from step / epoch of an eval record.

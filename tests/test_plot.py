@@ -49,7 +49,7 @@ def test_figure_holds_losses_lr_epoch_means_and_a_token_axis():
     fig = draw(eval_records(), epoch_records())
     ax_loss, ax_lr = fig.axes[:2]
     lines = {line.get_label(): line for line in ax_loss.lines + ax_lr.lines}
-    train, val, epoch_means = lines["train (step before eval)"], lines["val"], lines["train (epoch mean)"]
+    train, val, epoch_means = lines["train (last step)"], lines["val"], lines["train (epoch mean)"]
     assert list(train.get_xdata()) == [10, 20, 30, 40]
     assert np.allclose(train.get_ydata(), [8.0, 7.0, 6.0, 5.0])
     assert np.allclose(val.get_ydata(), [9.5 - s / 12 for s in (10, 20, 30, 40)])
