@@ -160,6 +160,14 @@ def test_padded_vocab_never_leaks():
     assert out.max().item() < 97
 
 
+def test_return_logits_false_gives_only_the_loss():
+    model = randomized(GPTConfig(**TINY)).train()
+    idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits, loss = model(idx, targets=idx)
+    nothing, same = model(idx, targets=idx, return_logits=False)
+    assert logits.shape == (2, 8, 97) and nothing is None and torch.equal(loss, same)
+
+
 def test_dropout_only_in_training():
     model = randomized(GPTConfig(**dict(TINY, dropout=0.5)))
     idx = torch.randint(0, 97, (2, 8))
