@@ -529,7 +529,7 @@ class Trainer:
                     with sync, self.autocast:
                         if self.test_oom_above is not None and self.batch_size > self.test_oom_above:
                             raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
-                        _, loss = self.train_model(x, y)
+                        _, loss = self.train_model(x, y, return_logits=False)
                 except torch.OutOfMemoryError:
                     oom = True
             # A rank out of memory must not leave the others waiting in the all-reduce: all agree
@@ -586,7 +586,7 @@ class Trainer:
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
         for x, y in self.val_bins.eval_batches(self.batch_size, self.cfg.eval_iters or None, self.device):
             with self.autocast:
-                _, loss = self.model(x, y)
+                _, loss = self.model(x, y, return_logits=False)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
         if self.ddp.enabled:
             dist.all_reduce(total)
