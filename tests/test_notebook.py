@@ -144,7 +144,7 @@ def test_run_all_headless_on_cpu(tmp_path):
     everything = "".join(text(c) for c in code)
     assert f"$ {sys.executable} {REPO / 'train.py'}" in everything  # no GPU here: plain python
     assert "step 4/4" in everything and "wrote " + str(out / "loss_curve.png") in everything
-    (train_cell,) = [c for c in code if '"train.py"' in c.source]
+    (train_cell,) = [c for c in code if "launcher(n_gpus) +" in c.source]
     assert any("image/png" in o.get("data", {}) for o in train_cell.outputs)  # live loss curves
     assert any("image/png" in o.get("data", {}) for c in code if '"plot.py"' in c.source for o in c.outputs)
     assert "tokens scored" in everything and "word perplexity" not in everything  # not WikiText
