@@ -142,7 +142,7 @@ def sliding_window_nll(model, tokens, block_size, stride, batch_size=8, device="
             n_scored = int((y != -1).sum())
             if n_scored:
                 with hardware.autocast(device, dtype):
-                    _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+                    _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), return_logits=False)
                 total += loss.double().cpu() * n_scored  # the model's loss is the mean over scored targets
                 count += n_scored
             bar.update(len(batch))
