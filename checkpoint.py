@@ -407,6 +407,20 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
 
 # --- RNG state and model weights ---------------------------------------------------------------
 
+def find_model_checkpoint(spec, out_dir):
+    """The checkpoint to sample from or evaluate: spec (a path, 'latest' or 'auto', looked up in out_dir and
+    out_dir/checkpoints), or else out_dir/best_model.pt. CheckpointError saying where it looked if none."""
+    path = Path(out_dir) / BEST_NAME
+    if spec:
+        path = find_checkpoint(spec, Path(out_dir) / "checkpoints", out_dir)
+    if path is None or not path.is_file():
+        where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
+        raise CheckpointError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
+                              f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
+                              f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")
+    return path
+
+
 def capture_rng_state():
     """RNG states of python `random`, numpy's global generator, torch CPU and every CUDA device.
 

@@ -724,6 +724,30 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
 
 # --- reading the bins ---------------------------------------------------------------------------
 
+def read_bin(path, vocab_size=None):
+    """A token bin as a read-only uint16 memmap, checked: it exists, holds whole tokens, and (given
+    vocab_size) no id the model cannot embed. DataError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.bin"))
+        if have:
+            raise DataError(f"{path} not found ({path.parent} has {', '.join(have)}): pick another split, "
+                            f"or prepare the data again with data.py")
+        raise DataError(f"{path} not found: run `python data.py wikitext103` first (or set data_dir)")
+    n_bytes = path.stat().st_size
+    if n_bytes % 2 or n_bytes == 0:
+        raise DataError(f"{path} has {n_bytes} bytes, not a whole number of uint16 tokens: it is "
+                        f"truncated or not a token bin; prepare it again with data.py")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if vocab_size is not None:
+        top = int(tokens.max())
+        if top >= vocab_size:
+            at = int(np.argmax(tokens >= vocab_size))
+            raise DataError(f"{path} holds token id {top} (first at token {at}) but the model's "
+                            f"vocab_size is {vocab_size}: prepare the data with the model's tokenizer")
+    return tokens
+
+
 class TokenBins:
     """Batches of (x, y) from data_dir/{split}.bin: non-overlapping windows of block_size + 1 tokens.
 
@@ -736,24 +760,12 @@ class TokenBins:
     def __init__(self, data_dir, split, block_size, seed=1337, rank=0, world_size=1, vocab_size=None):
         self.path = Path(data_dir) / f"{split}.bin"
         self.block_size, self.seed, self.rank, self.world_size = block_size, seed, rank, world_size
-        if not self.path.is_file():
-            raise DataError(f"{self.path} not found: run `python data.py wikitext103` first (or set data_dir)")
-        n_bytes = self.path.stat().st_size
-        if n_bytes % 2:
-            raise DataError(f"{self.path} has {n_bytes} bytes, not a whole number of uint16 tokens: it is "
-                            f"truncated or not a token bin; prepare it again with data.py")
-        self.n_tokens = n_bytes // 2
+        tokens = read_bin(self.path, vocab_size)
+        self.n_tokens = len(tokens)
         self.n_windows = self.n_tokens // (block_size + 1)
         if self.n_windows == 0:
             raise DataError(f"{self.path} has {self.n_tokens} tokens, less than one window of "
                             f"block_size + 1 = {block_size + 1}: use more data or a smaller block_size")
-        tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
-        if vocab_size is not None:
-            top = int(tokens.max())
-            if top >= vocab_size:
-                at = int(np.argmax(tokens >= vocab_size))
-                raise DataError(f"{self.path} holds token id {top} (first at token {at}) but the model's "
-                                f"vocab_size is {vocab_size}: prepare the data with the model's tokenizer")
         # (n_windows, block_size + 1) view of the file; rows are read from disk only when indexed.
         self._windows = tokens[:self.n_windows * (block_size + 1)].reshape(self.n_windows, block_size + 1)
         self.start_epoch(0)

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import hardware
-from checkpoint import BEST_NAME, CheckpointError, find_checkpoint, load_checkpoint
-from data import EOT_TOKEN, DataError, get_tokenizer
+from checkpoint import CheckpointError, find_model_checkpoint, load_checkpoint
+from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, load_checkpoint_model, load_hf
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir
@@ -50,35 +50,10 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     out_dir/best_model.pt. The config ({} for an HF folder) gives the default data_dir and context."""
     if model_dir:
         return load_hf(model_dir), {}, str(model_dir)
-    path = Path(out_dir) / BEST_NAME
-    if checkpoint:
-        path = find_checkpoint(checkpoint, Path(out_dir) / "checkpoints", out_dir)
-    if path is None or not path.is_file():
-        raise EvalError(f"no model at {path or out_dir}: train one with `python train.py`, or point at one with "
-                        f"--checkpoint PATH, --out_dir DIR or --model_dir DIR (a HuggingFace folder)")
+    path = find_model_checkpoint(checkpoint, out_dir)
     state = load_checkpoint(path)
     model = load_checkpoint_model(state)
     return model, state.get("config", {}), f"{path} (step {state.get('step', '?')})"
-
-
-def read_split(data_dir, split, vocab_size):
-    """The split's tokens as a read-only uint16 memmap, checked like train.py's bins."""
-    path = Path(data_dir) / f"{split}.bin"
-    if not path.is_file():
-        have = sorted(p.stem for p in Path(data_dir).glob("*.bin"))
-        if have:
-            raise EvalError(f"{path} not found ({data_dir} has {', '.join(have)}): pick one with --split")
-        raise EvalError(f"{path} not found: run `python data.py wikitext103` first, or give --data_dir")
-    n_bytes = path.stat().st_size
-    if n_bytes % 2 or n_bytes == 0:
-        raise EvalError(f"{path} has {n_bytes} bytes, not a whole number of uint16 tokens: prepare it again "
-                        f"with data.py")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise EvalError(f"{path} holds token id {top} but the model's vocab_size is {vocab_size}: prepare the "
-                        f"data with the model's tokenizer")
-    return tokens
 
 
 def dataset_name(data_dir):
@@ -232,9 +207,7 @@ def table(r):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        facts = hardware.probe_facts(hardware.choose_device(args.device))
-        hardware.preflight(facts)
-        plan = hardware.decide(facts, dtype=args.dtype, compile=False)
+        facts, plan = hardware.inference_plan(args.device, args.dtype)
         model, config, source = load_model(args.checkpoint, args.model_dir, args.out_dir)
         model.to(plan.device)
         n_positions = model.config.n_positions
@@ -242,7 +215,7 @@ def main(argv=None):
         stride = args.stride or max(1, block_size // 2)
         check_window(block_size, stride, n_positions)
         data_dir = args.data_dir or config.get("data_dir") or DEFAULT_DATA_DIR
-        tokens = read_split(data_dir, args.split, model.config.vocab_size)
+        tokens = read_bin(Path(data_dir) / f"{args.split}.bin", model.config.vocab_size)
         dataset = dataset_name(data_dir)
         print(hardware.describe(facts, plan), file=sys.stderr)
         t0 = time.perf_counter()

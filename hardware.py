@@ -403,6 +403,14 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
                 reasons={"dtype": dtype_reason, "compile": compile_reason})
 
 
+def inference_plan(device="auto", dtype="auto"):
+    """(facts, plan) for sampling or evaluation on `device`: preflight-checked, no torch.compile."""
+    device_type = choose_device(device)
+    facts = probe_facts(device if device.startswith("cuda:") else device_type)
+    preflight(facts)
+    return facts, decide(facts, dtype=dtype, compile=False)
+
+
 def describe(facts, plan):
     """The one device line printed at start: device, capability, memory, dtype and compile with reasons."""
     gib = f"{facts.memory_bytes / 2**30:.1f} GiB" if facts.memory_bytes else "memory unknown"

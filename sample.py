@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import hardware
-from checkpoint import BEST_NAME, CheckpointError, find_checkpoint
+from checkpoint import CheckpointError, find_model_checkpoint
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
 
@@ -33,15 +33,7 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
     if model_dir:
         return load_hf(model_dir)
-    path = Path(out_dir) / BEST_NAME
-    if checkpoint:
-        path = find_checkpoint(checkpoint, Path(out_dir) / "checkpoints", out_dir)
-    if path is None or not path.is_file():
-        where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
-        raise SampleError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
-                          f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
-                          f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")
-    return load_checkpoint_model(path)
+    return load_checkpoint_model(find_model_checkpoint(checkpoint, out_dir))
 
 
 def read_prompt(start):
@@ -128,9 +120,7 @@ def parse_args(argv):
 def main(argv=None):
     try:
         args = parse_args(argv)
-        facts = hardware.probe_facts(hardware.choose_device(args.device))
-        hardware.preflight(facts)
-        plan = hardware.decide(facts, dtype=args.dtype, compile=False)
+        facts, plan = hardware.inference_plan(args.device, args.dtype)
         model = load_model(args.checkpoint, args.model_dir, args.out_dir).to(plan.device).eval()
         prompt = read_prompt(args.start)
         idx = encode_prompt(prompt, model.config.n_positions).to(plan.device)

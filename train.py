@@ -638,7 +638,7 @@ class Trainer:
             self.log(f"warning: could not draw the loss curve: {e}")
 
     def end_epoch(self):
-        epoch = self.step // self.steps_per_epoch
+        epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
         train_loss = self.epoch_loss_sum / max(1, self.epoch_loss_count)
         val = self.val_loss if self.val_loss is not None else float("nan")
         self.log(f"epoch {epoch} done: train loss {train_loss:.4f}, val loss {val:.4f}")
@@ -718,6 +718,7 @@ class Trainer:
                     self.run_eval(lr)
                 if epoch_end:
                     self.end_epoch()
+                    self.refresh_plot()
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
                     self.save("rotated")
