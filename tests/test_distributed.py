@@ -108,3 +108,14 @@ def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins, res
 
     launch(resume_nproc, run, bins, "--max_steps=10", "--resume_from_checkpoint=latest")
     assert_close_runs(straight, run, exact=resume_nproc == 2)
+
+
+def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(1, one, bins, "--max_steps=4")
+    p = launch(2, two, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "2"})
+    # Both ranks halve together (4 -> 2 per rank; accumulation 4 -> 8 in all) and stay in step.
+    assert p.stdout.count("out of memory: micro-batch now 2 x 8 accumulation steps") == 1
+    state = ckpt.load_checkpoint(ckpt.list_checkpoints(two / "checkpoints")[-1])
+    assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 8)
+    assert_close_runs(one, two)
