@@ -1,0 +1,81 @@
+"""bench/: every bench's --json last-line contract on tiny settings, the HF parity of the generation
+bench, bf16 learning as well as fp32 (issue #9), and the shared helpers."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import common  # noqa: E402
+
+from model import GPTConfig  # noqa: E402
+
+
+def run_json(script, *args, timeout=300):
+    """Run bench/<script> with --json as a user would; return its last line, parsed."""
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_train_throughput_json_in_bf16_has_the_fp32_peer_too():
+    r = run_json("train_throughput.py", "--config", "tiny", "--dtype", "bf16", "--compile", "false",
+                 "--rounds", "1", "--warmup", "1", "--threads", "1")
+    assert r["dtype"] == "bfloat16" and r["device"] == "cpu" and r["compile"] is False
+    assert r["ours"] > 0 and r["peer"] > 0 and r["peer_fp32"] > 0
+    assert r["ratio"] > 0 and r["ratio_vs_hf_fp32"] > 0 and 0 < r["mfu"] < 1.5
+    assert set(r["peak_mem_mb"]) == {"ours", "peer", "peer_fp32"} and r["process_peak_rss_mb"] > 0
+    assert set(r["matmul_peak_gflops"]) == {"bfloat16", "float32"}
+
+
+def test_generate_throughput_makes_the_tokens_hf_makes():
+    # fp32 greedy from the same weights: our KV-cache decoding must pick exactly HF's tokens.
+    r = run_json("generate_throughput.py", "--config", "tiny", "--dtype", "float32", "--prompt_tokens", "5",
+                 "--new_tokens", "20", "--rounds", "1", "--threads", "1")
+    assert r["same_tokens"] == 1.0 and r["new_tokens"] == 20
+    assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0 and set(r["peak_mem_mb"]) == {"ours", "peer"}
+
+
+def test_bf16_learns_as_well_as_fp32():
+    r = run_json("bf16_vs_fp32.py", "--config", "tiny", "--threads", "1")
+    assert r["ok"] and abs(r["diff"]) <= 0.03
+    # Both learned (ln 50257 = 10.8 at the start), so the agreement is about a trained model.
+    assert r["val_loss_fp32"] < 8.0 and r["val_loss_bf16"] < 8.0
+
+
+@pytest.mark.slow
+def test_run_all_quick_prints_one_table():
+    proc = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--threads", "1", "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    results = json.loads(lines[-1])
+    assert {"train fp32", "generate", "prepare"} <= set(results)
+    fp32 = results["train fp32"]
+    assert fp32["dtype"] == "float32" and "ratio_vs_hf_fp32" not in fp32
+    assert set(fp32["peak_mem_mb"]) == {"ours", "peer"}
+    for r in results.values():
+        assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0
+    rows = [line for line in lines if line.startswith(("| train", "| generate", "| prepare"))]
+    assert len(rows) == len(results)
+
+
+def test_train_flops_per_token_counts_the_default_model():
+    c = GPTConfig()
+    per_layer = 3 * 256 * 256 + 256 * 256 + 2 * 256 * 1024  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    assert common.train_flops_per_token(c, 512) == 6 * (8 * per_layer + 50257 * 256) + 12 * 8 * 256 * 512
+
+
+def test_interleaving_rotates_the_order_and_quiet_rounds_fall_back():
+    order = []
+    times, contention = common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b", "b", "a", "a", "b"] and all(len(v) == 3 for v in times.values())
+    assert common.quiet_rounds({"a": [0.0, 0.5, 0.0, 0.0], "b": [0.0, 0.0, 0.05, 0.0]}) == ([0, 2, 3], True)
+    assert common.quiet_rounds({"a": [0.0, 0.5, 0.9], "b": [0.0, 0.0, 0.0]}) == ([0, 1, 2], False)
+    assert common.paired_ratio([1.0, 2.0, 1.0], [2.0, 2.0, 3.0]) == 2.0
