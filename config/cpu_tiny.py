@@ -1,4 +1,4 @@
-# A tiny model that trains end to end on a laptop CPU in about a minute, to try the whole tool:
+# A tiny model that trains end to end on a laptop CPU in a minute or two, to try the whole tool:
 #   python data.py wikitext2 && python train.py config/cpu_tiny.py && python sample.py --out_dir out-cpu-tiny
 data_dir = "data/wikitext2"
 out_dir = "out-cpu-tiny"
@@ -9,9 +9,9 @@ n_embd = 64
 n_layer = 2
 n_head = 2
 n_inner = 256
-max_length = 128
+max_length = 64
 batch_size = 8
-gradient_accumulation_steps = 2
+gradient_accumulation_steps = 1
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_steps = 20
