@@ -34,6 +34,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint, load_checkpoint
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, load_checkpoint_model, load_hf
+from cli import fail
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
@@ -180,7 +181,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="float32", help="float32 (default, comparable with papers), bfloat16, "
                                                       "float16 or auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.error = _fail
+    p.error = fail
     args = p.parse_args(argv)
     if args.checkpoint and args.model_dir:
         raise EvalError("give --checkpoint or --model_dir, not both")
@@ -222,7 +223,7 @@ def main(argv=None):
         result = evaluate(model, tokens, block_size, stride, args.batch_size, plan.device, plan.dtype,
                           words=is_wikitext(dataset), progress=not args.json)
     except (EvalError, CheckpointError, ExportError, DataError, hardware.HardwareError) as e:
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -231,11 +232,6 @@ def main(argv=None):
               "device": plan.device, "dtype": plan.dtype, **result,
               "elapsed_s": round(time.perf_counter() - t0, 2)}
     print(json.dumps(result) if args.json else table(result))
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_wri
                         atomic_write_json, load_checkpoint, unwrapped_state_dict)
 from data import EOT_TOKEN, gpt2_bpe_files
 from model import GPT, GPTConfig
+from cli import fail
 
 # HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -255,7 +255,7 @@ def main(argv=None):
                         help="read a HF GPT-2 folder (first path) and write a checkpoint (second path)")
     parser.add_argument("src", help="CHECKPOINT to export, or HF_DIR with --import")
     parser.add_argument("dst", help="OUT_DIR for the HF folder, or CHECKPOINT with --import")
-    parser.error = _fail
+    parser.error = fail
     args = parser.parse_args(argv)
     try:
         if args.import_hf:
@@ -265,12 +265,7 @@ def main(argv=None):
             export_hf(args.src, args.dst)
             print(f"wrote {args.dst}: load it with GPT2LMHeadModel.from_pretrained({str(args.dst)!r})")
     except (ExportError, CheckpointError, ValueError, OSError) as e:
-        _fail(str(e))
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -14,12 +14,12 @@ import importlib.util
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint import CheckpointError, atomic_write_bytes
+from cli import fail
 
 PNG_NAME = "loss_curve.png"
 
@@ -145,19 +145,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Draw train/val loss and learning rate of a run to OUT_DIR/loss_curve.png.")
     p.add_argument("out_dir", help="train.py's out_dir (holds eval_history.json)")
     p.add_argument("--output", help=f"where the PNG goes (default OUT_DIR/{PNG_NAME})")
-    p.error = _fail
+    p.error = fail
     args = p.parse_args(argv)
     if not Path(args.out_dir).is_dir():
-        _fail(f"{args.out_dir} is not a folder: give train.py's out_dir")
+        fail(f"{args.out_dir} is not a folder: give train.py's out_dir")
     try:
         print(f"wrote {plot_history(args.out_dir, args.output)}")
     except (PlotError, CheckpointError) as e:
-        _fail(str(e))
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

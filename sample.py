@@ -20,6 +20,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
+from cli import fail
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
 
@@ -103,7 +104,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (autocast)")
     p.add_argument("--no_stream", action="store_true", help="print each sample when complete, not token by token")
-    p.error = _fail
+    p.error = fail
     args = p.parse_args(argv)
     for name, ok, rule in (("num_samples", args.num_samples >= 1, ">= 1"),
                            ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
@@ -125,7 +126,7 @@ def main(argv=None):
         prompt = read_prompt(args.start)
         idx = encode_prompt(prompt, model.config.n_positions).to(plan.device)
     except (SampleError, CheckpointError, ExportError, hardware.HardwareError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     print(hardware.describe(facts, plan), file=sys.stderr)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets "?"
@@ -144,11 +145,6 @@ def main(argv=None):
         sys.exit(130)
     elapsed = time.perf_counter() - t0
     print(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
-
-
-def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":
