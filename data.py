@@ -10,11 +10,9 @@ TokenBins reads them back as (x, y) batches for train.py.
 """
 
 import argparse
-import codecs
 import hashlib
 import http.client
 import importlib.util
-import io
 import json
 import multiprocessing
 import os
@@ -542,7 +540,7 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
             if len(candidates) > 1:
                 print(f"that mirror failed: {e}", file=sys.stderr)
     raise DataError(errors[0] if len(errors) == 1 else
-                    f"every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
+                    "every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
 
 
 def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num_workers=None,
