@@ -9,9 +9,9 @@ clip_grad_norm_, fused AdamW step, zero_grad, LR schedule, with its data reader)
 random ids, with gradient_accumulation_steps=1 and the dtype and compile hardware.decide picks for a
 full training run (the guide's 3 epochs of WikiText-103), or as forced by --dtype/--compile.
 Peer: GPT2LMHeadModel(attn_implementation="sdpa") with the same config and initial weights,
-torch.optim.AdamW with its defaults, the same step under the same autocast, never compiled (the
-guide's setup), reading the same batches. Under bf16/fp16 the peer also runs in float32 in the same
-rounds (ratio_vs_hf_fp32).
+torch.optim.AdamW (its default implementation; train.py's lr, betas and weight decay), the same
+step under the same autocast, never compiled (the guide's setup), reading the same batches. Under
+bf16/fp16 the peer also runs in float32 in the same rounds (ratio_vs_hf_fp32).
 
 The sides alternate step by step after warm-up (compilation happens in warm-up and is reported as
 compile_s); tokens/s are medians and ratios the median of paired rounds, over the rounds in which
