@@ -36,10 +36,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     threads = common.set_threads(args.threads)
 
-    device = hardware.choose_device(args.device)
-    facts = hardware.probe_facts(device)
-    hardware.preflight(facts)
-    plan = hardware.decide(facts, args.dtype, compile=False)
+    facts, plan = hardware.inference_plan(args.device, args.dtype)  # sample.py's rule
     print(hardware.describe(facts, plan), file=sys.stderr)
     config = common.CONFIGS[args.config]
     if args.prompt_tokens + args.new_tokens > config.n_positions:
