@@ -796,7 +796,10 @@ def main(argv):
         ddp = init_distributed(hardware.choose_device(cfg.device))
         trainer = Trainer(cfg, ddp)
         trainer.setup()
-        return trainer.run()
+        code = trainer.run()
+        if ddp.enabled:
+            dist.barrier()  # leave together: a rank tearing down gloo while another still runs can abort both
+        return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         if ddp.enabled:
