@@ -799,6 +799,10 @@ def main(argv):
         code = trainer.run()
         if ddp.enabled:
             dist.barrier()  # leave together: a rank tearing down gloo while another still runs can abort both
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
