@@ -63,6 +63,26 @@ class KVCache:
         self.capacity = config.n_positions
 
 
+# generate packs the weights for one-token steps (PackedLinear) only for at least this many new tokens:
+# packing costs ~22 ms for the default model, and each step then saves ~2.4 ms (1 CPU thread).
+PACK_MIN_NEW_TOKENS = 16
+
+
+class PackedLinear:
+    """A Linear's weight cast to dtype and reordered once by oneDNN for inputs of a few rows (one token
+    per row, decoding), with the private ops inductor uses for frozen weights. The same products and
+    accumulation as F.linear in that dtype (bf16 logits come out bit-identical here), but faster on CPU:
+    on 1 thread of an AMD EPYC, bf16, the 50304 x 256 head takes 0.47 ms instead of 1.2 ms."""
+
+    def __init__(self, linear, dtype, rows):
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def __call__(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -204,6 +224,50 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return (logits[..., :V] if return_logits else None), loss
 
+    def pack_for_decoding(self, dtype, batch_size):
+        """PackedLinears for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
+
+        None where oneDNN can't pack: a model not on the CPU, a dtype other than float32 and bfloat16,
+        a torch built without oneDNN. Holds a copy of every weight.
+        """
+        if self.lm_head.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            return None
+        try:
+            if not torch.backends.mkldnn.is_available() or (
+                    dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                return None
+            layers = [tuple(PackedLinear(linear, dtype, batch_size)
+                            for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+                      for b in self.transformer.h]
+            lm_head = PackedLinear(self.lm_head, dtype, batch_size)
+            lm_head(torch.zeros(batch_size, self.config.n_embd))  # fail here rather than mid-generation
+            return layers, lm_head
+        except (AttributeError, RuntimeError):  # a torch without these (private) oneDNN ops
+            return None
+
+    def decode_step(self, idx, cache, packed):
+        """forward() for one new token per row, idx (B, 1), in eval mode, with pack_for_decoding's weights.
+
+        Returns the logits (B, V). The same operations in the same dtypes as forward() (which autocast
+        would pick), with packed weights and less Python: ~2.1 ms per token instead of 4.4 (default
+        model, bf16, 1 CPU thread); most of the gain is the packed weights.
+        """
+        layers, lm_head = packed
+        B, C, nh = idx.size(0), self.config.n_embd, self.config.n_head
+        pos = cache.length
+        if pos >= self.config.n_positions:
+            raise ValueError(f"the KV cache is full (n_positions={self.config.n_positions})")
+        x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe.weight[pos]  # (B, C)
+        for i, (block, (c_attn, attn_proj, c_fc, mlp_proj)) in enumerate(zip(self.transformer.h, layers)):
+            q, k, v = c_attn(block.ln_1(x)).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs) each
+            cache.k[i, :, :, pos:pos + 1] = k
+            cache.v[i, :, :, pos:pos + 1] = v
+            y = F.scaled_dot_product_attention(q, cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1])
+            x = x + attn_proj(y.view(B, C))
+            x = x + mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh"))
+        cache.length += 1
+        return lm_head(self.transformer.ln_f(x))[:, :self.config.vocab_size]
+
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         eos_token_id=None, generator=None):
@@ -223,13 +287,20 @@ class GPT(nn.Module):
             cache = KVCache(self.config, idx.size(0), idx.device, dtype)
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             tokens = idx
+            # One-token steps run decode_step over weights packed once here, where that is possible.
+            packed = None
+            if max_new_tokens >= PACK_MIN_NEW_TOKENS:
+                packed = self.pack_for_decoding(dtype, idx.size(0))
             step_input = idx[:, -n_ctx:]
             for _ in range(max_new_tokens):
                 if cache.length + step_input.size(1) > n_ctx:
                     cache.length = 0
                     step_input = tokens[:, -n_ctx:]
-                logits, _ = self(step_input, cache=cache)
-                nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+                if packed is not None and step_input.size(1) == 1:
+                    logits = self.decode_step(step_input, cache, packed)
+                else:
+                    logits = self(step_input, cache=cache)[0][:, -1, :]
+                nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id

@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from export_hf import export_hf
-from model import GPT, GPTConfig, sample_next
+from model import GPT, GPTConfig, KVCache, sample_next
 
 TINY = dict(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48)
 
@@ -91,6 +91,38 @@ def test_kv_cache_generate_equals_no_cache_loop_past_the_context():
     with torch.no_grad():
         expected = no_cache_greedy(model, idx, n)
     assert torch.equal(model.generate(idx, n, temperature=0), expected)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed decoding needs oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_equals_forward(dtype):
+    """generate's one-token step (weights packed by oneDNN) gives forward()'s logits, in fp32 and under autocast."""
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        packed = model.pack_for_decoding(dtype, 3)
+        assert packed is not None
+        slow, fast = (KVCache(model.config, 3, "cpu", dtype) for _ in range(2))
+        model(idx[:, :4], cache=slow)
+        model(idx[:, :4], cache=fast)
+        for t in range(4, 12):
+            expected = model(idx[:, t:t + 1], cache=slow)[0][:, -1]
+            got = model.decode_step(idx[:, t:t + 1], fast, packed)
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(fast.k[:, :, :, :12], slow.k[:, :, :, :12])
+
+
+def test_packed_generate_equals_unpacked_and_leaves_the_model_alone(monkeypatch):
+    model = randomized(GPTConfig(**TINY)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    idx = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
+    n = 3 * model.config.n_positions  # the window slides twice
+    packed = model.generate(idx, n, temperature=0)
+    monkeypatch.setattr(model, "pack_for_decoding", lambda dtype, batch_size: None)
+    assert torch.equal(packed, model.generate(idx, n, temperature=0))
+    assert model.training and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_generate_from_a_prompt_longer_than_the_context():
