@@ -187,3 +187,29 @@ def test_cli_errors_are_one_line(run_dir, args, message):
     assert result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def _thp_available():
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages on this kernel")
+def test_big_cpu_tensors_get_huge_pages():
+    # A batch's logits are hundreds of MB: with 4 KB pages the kernel takes one fault per page each
+    # time such a tensor is made; evaluate.py asks torch for huge pages before importing it.
+    code = """
+import resource, evaluate, torch
+torch.ones(64 * 2**20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    torch.ones(64 * 2**20)  # 256 MB
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=Path(__file__).resolve().parent.parent)
+    pages_4k = 3 * 256 * 2**20 // 4096
+    assert int(out.stdout) < pages_4k // 10
