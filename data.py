@@ -469,7 +469,7 @@ def _run(out_dir, splits, force, make):
         raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None
     for s in splits:
         print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
-              f"{stats[s]['documents']:,} documents")
+              f"{stats[s]['documents']:,} document{'s' if stats[s]['documents'] != 1 else ''}")
     mb = sum(st["text_bytes"] for st in stats.values()) / 1e6
     print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, "
           f"{num_workers} worker process{'es' if num_workers > 1 else ''})")

@@ -641,7 +641,9 @@ class Trainer:
         epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
         train_loss = self.epoch_loss_sum / max(1, self.epoch_loss_count)
         val = self.val_loss if self.val_loss is not None else float("nan")
-        self.log(f"epoch {epoch} done: train loss {train_loss:.4f}, val loss {val:.4f}")
+        done = self.step - (epoch - 1) * self.steps_per_epoch
+        what = "done" if done == self.steps_per_epoch else f"ended after {done} of its {self.steps_per_epoch} steps"
+        self.log(f"epoch {epoch} {what}: train loss {train_loss:.4f}, val loss {val:.4f}")
         if self.ddp.master:
             self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
                                  "val_perplexity": math.exp(min(val, 50)),
@@ -657,7 +659,7 @@ class Trainer:
             self.log(hint)
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
         self.log(f"batch: {self.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {cfg.max_length} tokens = "
-                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} process(es)")
+                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} process{'es' if self.ddp.world_size > 1 else ''}")
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
                  f"{self.total_steps} steps in all")
 

@@ -125,7 +125,9 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     assert [r["step"] for r in evals] == [3, 6, 9, 11, 12, 15, 18, 21, 22]  # and each epoch end
     assert best["val_loss"] == min(r["val_loss"] for r in evals)
     assert {"step", "tokens", "lr", "elapsed_s"} <= set(evals[0])
-    assert "step 22/22" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "step 22/22" in log and "epoch 1 done" in log and "epoch 2 done" in log
+    assert "tokens per step, 1 process\n" in log
     assert (out / "final_model" / "config.json").exists()
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = b"".join(f.read_bytes() for f in (out / "tensorboard").glob("events.out.tfevents.*"))
@@ -177,7 +179,8 @@ def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, b
     for path in (killed / "checkpoints").iterdir():
         if path.name.startswith("checkpoint_"):
             ckpt.load_checkpoint(path)  # every file under a final name is whole
-    run_train(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")  # resume_from_checkpoint='auto'
+    p = run_train(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")  # resume_from_checkpoint='auto'
+    assert "epoch 2 ended after 9 of its 11 steps" in p.stdout  # max_steps=20 stops inside epoch 2
     assert_same_weights(weights(straight / "checkpoints" / "checkpoint_epoch2_step20.pt"),
                         weights(killed / "checkpoints" / "checkpoint_epoch2_step20.pt"))
 
