@@ -32,6 +32,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from cli import fail
+
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 
 
@@ -831,9 +833,11 @@ class TokenBins:
 def _parser():
     p = argparse.ArgumentParser(description="Download and tokenize a dataset into uint16 token bins "
                                             "(GPT-2 BPE) for train.py.")
+    p.error = fail  # a usage mistake is one line, as in every script here
     sub = p.add_subparsers(dest="command", required=True, metavar="{wikitext103,wikitext2,text,hf}")
 
     def common(sp, out_default):
+        sp.error = fail
         sp.add_argument("--out_dir", default=None, help=f"where the bins go (default {out_default})")
         sp.add_argument("--num_workers", type=int, default=None,
                         help="tokenizer processes (default: every CPU core)")
@@ -866,6 +870,10 @@ def _parser():
 
 def main(argv=None):
     """Command line entry point; returns the exit status (2 for a user error, printed in one line)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        fail("say what to prepare: python data.py wikitext103 (or wikitext2, text --input PATH, hf --name NAME); "
+             "--help for more")
     args = _parser().parse_args(argv)
     try:
         if args.command in DATASETS:

@@ -404,6 +404,18 @@ def test_text_input_errors(tmp_path):
     assert not list((tmp_path / "o").iterdir())
 
 
+
+@pytest.mark.parametrize("args, message", [
+    ((), "say what to prepare: python data.py wikitext103"),
+    (("wikitext101",), "invalid choice: 'wikitext101'"),
+    (("text",), "arguments are required: --input"),
+    (("wikitext2", "--retries", "many"), "--retries: invalid int value: 'many'"),
+])
+def test_usage_mistakes_are_one_line(args, message):
+    proc = run_cli(*args)
+    assert_one_line_error(proc, message)
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no usage block either
+
 def test_val_split_of_text_without_line_breaks(tmp_path):
     text = "日本語のテキスト, one long line " * 5000  # no line break at all: val starts mid-line
     (tmp_path / "one_line.txt").write_text(text)
