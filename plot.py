@@ -86,10 +86,11 @@ def draw(evals, epochs=(), title=""):
     ax_loss.plot(steps, train, ".-", color="tab:blue", alpha=0.6, label="train (last step)")
     ax_loss.plot(steps, val, "o-", color="tab:orange", markersize=4, label="val")
     # Epoch means sit at each epoch's last step: the record's own "step", or (history files without it)
-    # epoch x steps per epoch, from step / epoch of an eval record.
+    # epoch x steps per epoch, from step / epoch of an eval record. An epoch cut short by max_steps is the
+    # run's last and ends at its last evaluation.
     per_epoch = [r["step"] / r["epoch"] for r in records if r.get("epoch")]
     if epochs and (per_epoch or all("step" in e for e in epochs)):
-        ends = [e["step"] if "step" in e else round(e["epoch"] * per_epoch[-1]) for e in epochs]
+        ends = [e["step"] if "step" in e else min(round(e["epoch"] * per_epoch[-1]), steps[-1]) for e in epochs]
         ax_loss.plot(ends, [_number(e.get("train_loss")) for e in epochs], "s", color="tab:green",
                      label="train (epoch mean)")
         for end in ends:

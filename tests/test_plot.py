@@ -77,6 +77,13 @@ def test_an_epoch_record_with_its_step_is_drawn_there():
     assert list(means.get_xdata()) == [20, 30]
 
 
+
+def test_an_epoch_cut_short_by_max_steps_ends_at_the_last_evaluation():
+    # train.py's epoch records (the guide's format) have no step: epoch 2 of 20 steps ended at step 30.
+    fig = draw(eval_records((10, 20, 30)), epoch_records())
+    (means,) = [line for line in fig.axes[0].lines if line.get_label() == "train (epoch mean)"]
+    assert list(means.get_xdata()) == [20, 30]
+
 def test_resumed_history_with_a_repeated_step_and_missing_train_loss_still_draws():
     evals = eval_records((10, 20)) + eval_records((20, 30))
     evals[0]["train_loss"] = None  # every step before the first eval was non-finite
