@@ -1,5 +1,6 @@
-"""What the command-line scripts share: how a user's mistake ends the program."""
+"""What the command-line scripts share: how a user's mistake ends the program, and how a closed pipe does."""
 
+import signal
 import sys
 
 
@@ -7,3 +8,11 @@ def fail(message, code=2):
     """Print `error: <message>` as one line on stderr and exit with `code` (2: bad input or usage)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def quiet_on_closed_pipe():
+    """Let `python script.py ... | head` end the script silently, as it ends `cat`, instead of with a
+    BrokenPipeError traceback. Only for scripts with nothing to save when their reader goes away (not a
+    training run, which must reach its emergency checkpoint)."""
+    if hasattr(signal, "SIGPIPE"):  # not on Windows
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)

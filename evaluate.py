@@ -41,7 +41,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint, load_checkpoint
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, load_checkpoint_model, load_hf
-from cli import fail
+from cli import fail, quiet_on_closed_pipe
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
@@ -242,4 +242,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_on_closed_pipe()
     main()

@@ -20,7 +20,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
-from cli import fail
+from cli import fail, quiet_on_closed_pipe
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
 
@@ -148,4 +148,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    quiet_on_closed_pipe()
     main()

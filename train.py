@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import hardware
+from cli import quiet_on_closed_pipe
 from data import DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 from tracking import Tracker
@@ -789,6 +790,7 @@ class Trainer:
 
 def main(argv):
     if any(a in ("-h", "--help") for a in argv):
+        quiet_on_closed_pipe()  # `python train.py --help | head`
         print_help()
         return 0
     ddp = Dist()

@@ -12,3 +12,17 @@ def test_fail_prints_one_error_line_and_exits_2():
                        cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stdout == "" and p.stderr == "error: no model at out/best_model.pt\n"
+
+
+def test_quiet_on_closed_pipe_ends_without_a_traceback():
+    # `python sample.py ... | head -1`: the reader goes away while the script still writes (10 MB here,
+    # far more than a pipe holds, so the writes after the close are certain).
+    flood = "import sys\nfor _ in range(100_000):\n    print('x' * 100)\n"
+    for quiet in (False, True):
+        code = ("import cli; cli.quiet_on_closed_pipe()\n" if quiet else "") + flood
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        p.stdout.readline()
+        p.stdout.close()
+        err = p.stderr.read().decode()
+        p.wait()
+        assert ("BrokenPipeError" in err) is not quiet, err
