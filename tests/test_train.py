@@ -135,13 +135,14 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
         assert tag in events
 
 
-def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins, dtype):
     straight = tmp_path / "straight"
     run_train(straight, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-              "--gradient_accumulation_steps=4")
+              "--gradient_accumulation_steps=4", f"--dtype={dtype}")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(train_cmd(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-                                      "--gradient_accumulation_steps=4"),
+                                      "--gradient_accumulation_steps=4", f"--dtype={dtype}"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "GPT_TEST_STEP_DELAY": "0.3"})
     log = interrupted / "train.log"
@@ -157,10 +158,11 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins)
     assert 5 <= emergency["step"] < 16
 
     run_train(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-              "--gradient_accumulation_steps=4", "--resume_from_checkpoint=latest")
+              "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--resume_from_checkpoint=latest")
     assert_same_weights(weights(ckpt.list_checkpoints(straight / "checkpoints")[-1]),
                         weights(ckpt.list_checkpoints(interrupted / "checkpoints")[-1]))
     assert step_losses(interrupted) == step_losses(straight)
+    assert f"dtype: {dtype}" in (interrupted / "train.log").read_text()  # the run really was in that dtype
 
 
 def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, bins):
