@@ -3,7 +3,9 @@
 import hashlib
 import http.server
 import io
+import importlib.util
 import json
+import os
 import random
 import socket
 import subprocess
@@ -425,9 +427,74 @@ def test_val_split_of_text_without_line_breaks(tmp_path):
 
 
 def test_hf_without_datasets_says_how_to_get_it(tmp_path):
-    if __import__("importlib").util.find_spec("datasets") is not None:
-        pytest.skip("the optional `datasets` package is installed")
-    assert_one_line_error(run_cli("hf", "--name", "wikitext", "--out_dir", tmp_path / "o"), "pip install datasets")
+    code = ("import sys; sys.modules['datasets'] = None  # as if it were not installed\n"
+            f"import data; sys.exit(data.main(['hf', '--name', 'wikitext', '--out_dir', {str(tmp_path / 'o')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(proc, "pip install datasets")
+
+
+def write_hf_records(folder, splits):
+    """A local dataset as `datasets.load_dataset(folder)` reads it: one JSON Lines file per split."""
+    folder.mkdir(parents=True)
+    records = {}
+    for split, n in splits.items():
+        records[split] = [f"Record {i} of {split}: the cat sat on the mat.\nIt was {i} degrees." for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps({"content": t, "id": i}) + "\n"
+                                                       for i, t in enumerate(records[split])))
+    return records
+
+
+def run_hf(tmp_path, *args):
+    # Offline, with a cache of its own: nothing may touch the network or the user's HF cache.
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), "hf", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+needs_datasets = pytest.mark.skipif(importlib.util.find_spec("datasets") is None,
+                                    reason="the optional `datasets` package is not installed")
+
+
+@needs_datasets
+def test_hf_local_dataset_becomes_the_same_bins_and_meta(tmp_path):
+    records = write_hf_records(tmp_path / "mydata", {"train": 120, "validation": 12, "test": 7})
+    proc = run_hf(tmp_path, "--name", tmp_path / "mydata", "--text_field", "content", "--out_dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    enc = get_tokenizer()
+    for split, name in (("train", "train"), ("validation", "val"), ("test", "test")):
+        tokens = tokens_of(tmp_path / "out" / f"{name}.bin")
+        # Each record is a document; documents are separated by <|endoftext|>, as data.py text does it.
+        expected = []
+        for i, text in enumerate(records[split]):
+            expected += ([EOT_TOKEN] if i else []) + enc.encode_ordinary(text)
+        assert tokens.tolist() == expected, split
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert {s: m["documents"] for s, m in meta["splits"].items()} == {"train": 120, "val": 12, "test": 7}
+    assert meta["source"] == {"hf": str(tmp_path / "mydata"), "config": None}
+
+
+@needs_datasets
+def test_hf_dataset_without_validation_holds_out_the_end_of_train(tmp_path):
+    records = write_hf_records(tmp_path / "mydata", {"train": 100})
+    proc = run_hf(tmp_path, "--name", tmp_path / "mydata", "--text_field", "content", "--val_fraction", "0.1",
+                  "--out_dir", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    val = text_of(tokens_of(tmp_path / "out" / "val.bin")).decode()
+    assert val == "".join(records["train"][90:])
+    assert not (tmp_path / "out" / "test.bin").exists()
+
+
+@needs_datasets
+@pytest.mark.parametrize("case, needles", [
+    ("no_such_column", ["has no column 'body'", "content", "--text_field"]),
+    ("no_such_dataset", ["could not load dataset", "check --name"]),
+])
+def test_hf_errors_are_one_line(tmp_path, case, needles):
+    write_hf_records(tmp_path / "mydata", {"train": 5})
+    args = ["--name", tmp_path / "mydata", "--text_field", "body"] if case == "no_such_column" else \
+        ["--name", tmp_path / "missing"]
+    assert_one_line_error(run_hf(tmp_path, *args, "--out_dir", tmp_path / "out"), *needles)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # --- TokenBins -----------------------------------------------------------------------------------------
