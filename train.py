@@ -332,8 +332,9 @@ def read_history(path, keep):
 class Trainer:
     """Holds the run's state; `run()` is the loop, the methods are its named pieces."""
 
-    def __init__(self, cfg, ddp):
+    def __init__(self, cfg, ddp, given=()):
         self.cfg, self.ddp = cfg, ddp
+        self.given = set(given)  # settings named on the command line: init_from must not silently override them
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = Path(cfg.checkpoint_dir or self.out_dir / "checkpoints")
         if ddp.master:
@@ -424,6 +425,11 @@ class Trainer:
             raise ConfigError(f"init_from: {e}") from None
         sizes = {k: v for k, v in source.config.to_dict().items() if k != "dropout"}  # dropout stays this run's
         changed = {k: v for k, v in sizes.items() if getattr(self.cfg, k) != v}
+        clash = [k for k in changed if k in self.given]
+        if clash:
+            raise ConfigError(f"init_from {src} is a model with " + ", ".join(f"{k}={sizes[k]}" for k in clash)
+                              + "; the model settings come from init_from: drop "
+                              + " ".join(f"--{k}={getattr(self.cfg, k)!r}" for k in clash))
         self.cfg = dataclasses.replace(self.cfg, **sizes)
         if self.cfg.max_length > self.cfg.n_positions:
             self.cfg = dataclasses.replace(self.cfg, max_length=self.cfg.n_positions)
@@ -798,7 +804,7 @@ def main(argv):
         cfg = load_config(argv)
         validate(cfg)
         ddp = init_distributed(hardware.choose_device(cfg.device))
-        trainer = Trainer(cfg, ddp)
+        trainer = Trainer(cfg, ddp, given={a[2:].partition("=")[0] for a in argv if a.startswith("--")})
         trainer.setup()
         code = trainer.run()
         if ddp.enabled:

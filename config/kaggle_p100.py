@@ -7,7 +7,6 @@
 import os
 
 out_dir = "/kaggle/working" if os.path.isdir("/kaggle/working") else "out"
-checkpoint_dir = os.path.join(out_dir, "checkpoints")
 data_dir = "data/wikitext103"
 resume_from_checkpoint = "auto"
 max_runtime = "8h30m"  # Kaggle sessions end at 9 hours

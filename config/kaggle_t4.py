@@ -4,7 +4,6 @@ import os
 
 _kaggle = os.path.isdir("/kaggle/working")
 out_dir = "/kaggle/working" if _kaggle else "out"
-checkpoint_dir = os.path.join(out_dir, "checkpoints")
 data_dir = "data/wikitext103"
 
 vocab_size = 50257

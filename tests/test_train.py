@@ -246,11 +246,12 @@ def test_resume_keeps_history_and_refuses_another_model(tmp_path, bins):
 def test_default_config_trains_on_cpu(tmp_path, bins):
     big = write_bins(tmp_path / "data", train_tokens=2 * 513 * 8 + 10, val_tokens=600)
     p = subprocess.run([sys.executable, "train.py", "config/kaggle_t4.py", f"--data_dir={big}",
-                        f"--out_dir={tmp_path / 'out'}", "--checkpoint_dir=", "--gradient_accumulation_steps=1",
+                        f"--out_dir={tmp_path / 'out'}", "--gradient_accumulation_steps=1",
                         "--max_steps=2", "--eval_iters=1", "--device=cpu", "--compile=False", "--sample_prompt=",
                         "--max_runtime="], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode == 0, p.stderr
     assert "19.32M parameters (6.32M without embeddings)" in p.stdout
+    assert ckpt.list_checkpoints(tmp_path / "out" / "checkpoints")  # --out_dir moves the checkpoints with it
     assert (tmp_path / "out" / "final_model" / "model.safetensors").exists()
 
 
@@ -269,8 +270,17 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
         ckpt.atomic_save({"format_version": 1, "model_state_dict": source.state_dict(), "epoch": 0, "step": 0,
                           "config": source.config.to_dict()}, src)
     out = tmp_path / "out"
-    p = run_train(out, bins, f"--init_from={src}", "--max_steps=2", "--learning_rate=0.0", "--min_lr=0.0",
-                  "--eval_steps=100", "--save_steps=2")
+    # Model sizes named on the command line that differ from the source's are refused, not overridden...
+    p = run_train(out, bins, f"--init_from={src}", "--max_steps=2", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"error: init_from {src} is a model with n_embd=48, n_layer=3, n_head=4, n_inner=96; the model " \
+           "settings come from init_from: drop --n_embd=32 --n_layer=2 --n_head=2 --n_inner=64" in p.stderr
+    # ...and without them the sizes come from the source (here n_positions=32 is given and agrees).
+    sizes = ("--n_embd=", "--n_layer=", "--n_head=", "--n_inner=")
+    cmd = [a for a in train_cmd(out, bins, f"--init_from={src}", "--max_steps=2", "--learning_rate=0.0",
+                                "--min_lr=0.0", "--eval_steps=100", "--save_steps=2") if not a.startswith(sizes)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
     assert "model settings taken from it: n_embd=48, n_layer=3, n_head=4, n_inner=96" in p.stdout
     assert f"initialised weights from {src}" in p.stdout
     trained = ckpt.load_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[-1])
