@@ -9,6 +9,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 `torch.load(..., weights_only=True)` and never needs to unpickle arbitrary objects.
 """
 
+import difflib
 import errno
 import json
 import os
@@ -33,7 +34,7 @@ _CHECKPOINT_RE = re.compile(r"checkpoint_epoch(\d+)_step(\d+)\.pt")
 _TEMP_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")
 # The keys every checkpoint of ours has and that resume and discovery rely on.
 _REQUIRED_KEYS = ("format_version", "model_state_dict", "config", "epoch", "step")
-_USE_ANOTHER = "use another checkpoint, e.g. resume_from_checkpoint='latest'"
+_USE_ANOTHER = "use another checkpoint"
 
 
 class CheckpointError(Exception):
@@ -297,7 +298,7 @@ def _read(path, map_location, mmap):
     """
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}; check the path (or use 'latest' / 'auto')")
+        raise CheckpointError(f"no checkpoint at {path}; check the path")
     if not path.is_file():
         raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint")
     try:
@@ -378,6 +379,9 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
         return None
     if not (isinstance(spec, str) and spec in ("latest", "auto")):
         path = Path(spec).expanduser()
+        near = difflib.get_close_matches(str(spec), ["latest", "auto"], n=1)
+        if near and not path.exists():
+            raise CheckpointError(f"no checkpoint at {spec}; did you mean '{near[0]}'?")
         _read(path, "cpu", mmap=True)
         _verify_checksums(path)
         return path
@@ -402,7 +406,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
             print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
     raise CheckpointError(
         f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
-        f"loaded (see warnings above); remove them or set resume_from_checkpoint='' to start fresh")
+        f"loaded (see warnings above): remove them (to train afresh: resume_from_checkpoint='')")
 
 
 # --- RNG state and model weights ---------------------------------------------------------------
@@ -411,8 +415,8 @@ def find_model_checkpoint(spec, out_dir):
     """The checkpoint to sample from or evaluate: spec (a path, 'latest' or 'auto', looked up in out_dir and
     out_dir/checkpoints), or else out_dir/best_model.pt. CheckpointError saying where it looked if none."""
     path = Path(out_dir) / BEST_NAME
-    if spec:
-        path = find_checkpoint(spec, Path(out_dir) / "checkpoints", out_dir)
+    if spec:  # 'latest' with nothing there falls through to the message below
+        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / "checkpoints", out_dir)
     if path is None or not path.is_file():
         where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
         raise CheckpointError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "

@@ -221,8 +221,9 @@ def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=
             except _Retry as e:
                 reason = e
             if attempt == retries:
-                raise DataError(f"could not download {url} after {retries + 1} tries ({reason}): check "
-                                f"--url and your network, or pass an already-downloaded zip with --source PATH")
+                tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
+                raise DataError(f"could not download {url} after {tries} ({reason}): check --url and your network, "
+                                f"or pass an already-downloaded zip with --source PATH")
             wait = min(backoff * 2 ** attempt, 60.0)
             print(f"download interrupted ({reason}); retrying in {wait:g}s", file=sys.stderr)
             time.sleep(wait)
@@ -733,7 +734,10 @@ def read_bin(path, vocab_size=None):
         if have:
             raise DataError(f"{path} not found ({path.parent} has {', '.join(have)}): pick another split, "
                             f"or prepare the data again with data.py")
-        raise DataError(f"{path} not found: run `python data.py wikitext103` first (or set data_dir)")
+        name = path.parent.name
+        make = f"`python data.py {name}`" if name in DATASETS else \
+            f"`python data.py wikitext103`, or `python data.py text --input FILES --out_dir {path.parent}`"
+        raise DataError(f"{path} not found: prepare it first ({make}), or point data_dir at a folder data.py prepared")
     n_bytes = path.stat().st_size
     if n_bytes % 2 or n_bytes == 0:
         raise DataError(f"{path} has {n_bytes} bytes, not a whole number of uint16 tokens: it is "

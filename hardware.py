@@ -22,7 +22,7 @@ import platform
 import re
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -409,7 +409,9 @@ def inference_plan(device="auto", dtype="auto"):
     device_type = choose_device(device)
     facts = probe_facts(device if device.startswith("cuda:") else device_type)
     preflight(facts)
-    return facts, decide(facts, dtype=dtype, compile=False)
+    plan = decide(facts, dtype=dtype, compile=False)
+    reasons = {**plan.reasons, "compile": "off (not used for sampling and evaluation)"}
+    return facts, replace(plan, reasons=reasons)
 
 
 def describe(facts, plan):

@@ -130,6 +130,9 @@ def plot_history(out_dir, output=None):
     PlotError when there is nothing to draw yet or matplotlib is missing.
     """
     out_dir = Path(out_dir)
+    if not (out_dir / "eval_history.json").exists():
+        raise PlotError(f"{out_dir} has no eval_history.json: give train.py's out_dir (it writes that file at the "
+                        f"first evaluation)")
     evals = read_records(out_dir / "eval_history.json")
     if not evals:
         raise PlotError(f"no evaluations in {out_dir / 'eval_history.json'} yet: train.py writes one record "

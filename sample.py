@@ -38,14 +38,16 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
 
 
 def read_prompt(start):
-    """The prompt text: --start itself, or the file named after FILE:."""
+    """The prompt text: --start itself, or the file named after FILE: without the one line break that ends
+    a file saved by an editor (a prompt ending in a line break would make the model start a new line)."""
     if not start.startswith("FILE:"):
         return start
     path = Path(start[len("FILE:"):]).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SampleError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    return text.removesuffix("\n")
 
 
 def encode_prompt(text, n_positions):
@@ -144,7 +146,7 @@ def main(argv=None):
         print(flush=True)
         sys.exit(130)
     elapsed = time.perf_counter() - t0
-    print(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
+    print(f"{n_tokens} token{'s' if n_tokens != 1 else ''} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -361,8 +361,9 @@ class Trainer:
         hardware.preflight(facts)
         hardware.decide(facts, cfg.dtype, cfg.compile)  # a dtype this device cannot run fails before any data work
         if cfg.gradient_accumulation_steps % ddp.world_size:
+            fit = -(-cfg.gradient_accumulation_steps // ddp.world_size) * ddp.world_size
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
-                              f"the number of processes ({ddp.world_size})")
+                              f"the number of processes ({ddp.world_size}): use --gradient_accumulation_steps={fit}")
 
         init_source = self.load_init_source()
         cfg = self.cfg
@@ -408,7 +409,7 @@ class Trainer:
         if ddp.enabled:
             hardware.nccl_check()
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)  # the model has no buffers
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
 
     def load_init_source(self):

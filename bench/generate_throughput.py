@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--config", default="default", choices=sorted(common.CONFIGS), help="model shape")
     p.add_argument("--batch_size", type=int, default=1)
     p.add_argument("--prompt_tokens", type=int, default=16)
-    p.add_argument("--new_tokens", type=int, default=200)
+    p.add_argument("--new_tokens", type=int, default=None, help="default 200, or what fits the context")
     p.add_argument("--rounds", type=int, default=7, help="timed generations per side, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -39,6 +39,8 @@ def main(argv=None):
     facts, plan = hardware.inference_plan(args.device, args.dtype)  # sample.py's rule
     print(hardware.describe(facts, plan), file=sys.stderr)
     config = common.CONFIGS[args.config]
+    if args.new_tokens is None:
+        args.new_tokens = min(200, config.n_positions - args.prompt_tokens)
     if args.prompt_tokens + args.new_tokens > config.n_positions:
         p.error(f"--prompt_tokens + --new_tokens must fit the context ({config.n_positions}) so that "
                 "both sides decode with a plain KV cache")

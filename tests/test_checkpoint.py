@@ -357,7 +357,7 @@ def test_find_checkpoint_with_nothing_to_resume(tmp_path):
     assert ck.find_checkpoint("auto", ckdir, out) is None
     with pytest.raises(CheckpointError, match="no checkpoint in .*use 'auto' to start fresh"):
         ck.find_checkpoint("latest", ckdir, out)
-    with pytest.raises(CheckpointError, match="no checkpoint at .*latest"):
+    with pytest.raises(CheckpointError, match="no checkpoint at lastest; did you mean 'latest'"):
         ck.find_checkpoint("lastest", ckdir, out)  # a typo is a missing path, with the hint
     # Checkpoints that exist but are all unreadable are an error, not a silent fresh start.
     ckdir.mkdir(parents=True)

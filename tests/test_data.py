@@ -516,8 +516,11 @@ def windows_of(batches):
 
 
 def test_bins_errors_name_the_file(tmp_path):
-    with pytest.raises(DataError, match=r"train.bin not found: run `python data.py wikitext103` first"):
+    with pytest.raises(DataError, match=r"train.bin not found: prepare it first \(`python data.py wikitext103`, or "
+                                         r"`python data.py text --input FILES --out_dir .*`\), or point data_dir at"):
         TokenBins(tmp_path, "train", 8)
+    with pytest.raises(DataError, match=r"wikitext2/train.bin not found: prepare it first \(`python data.py wikitext2`\)"):
+        TokenBins(tmp_path / "data" / "wikitext2", "train", 8)  # the dataset its folder is named after
     (tmp_path / "odd.bin").write_bytes(b"\x00" * 21)
     with pytest.raises(DataError, match="odd.bin has 21 bytes"):
         TokenBins(tmp_path, "odd", 8)

@@ -79,7 +79,8 @@ def test_accumulation_must_divide_by_world_size(tmp_path, bins):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
-    assert "gradient_accumulation_steps (3) must be divisible by the number of processes (2)" in p.stdout + p.stderr
+    assert "gradient_accumulation_steps (3) must be divisible by the number of processes (2): use " \
+           "--gradient_accumulation_steps=4" in p.stdout + p.stderr
 
 
 def worker_pids(launcher_pid):

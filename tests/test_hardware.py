@@ -462,3 +462,9 @@ def test_nccl_check_fails_fast_when_the_all_reduce_does_not_finish(tmp_path):
 def test_nccl_check_without_a_group_does_nothing():
     assert not dist.is_initialized()
     assert nccl_check(timeout_s=0.1) is None
+
+
+def test_inference_plan_never_compiles_and_says_why():
+    facts, plan = hardware.inference_plan("cpu", "float32")
+    assert facts.type == "cpu" and plan.compile is False and plan.dtype == "float32"
+    assert describe(facts, plan).endswith("| compile: off (not used for sampling and evaluation)")

@@ -104,6 +104,9 @@ def test_plot_history_writes_a_png(tmp_path):
 def test_plot_history_without_evaluations_says_so(tmp_path):
     with pytest.raises(PlotError, match="no evaluations in .*eval_history.json yet"):
         plot_history(write_run(tmp_path / "out", evals=[]))
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(PlotError, match="elsewhere has no eval_history.json: give train.py's out_dir"):
+        plot_history(tmp_path / "elsewhere")
 
 
 def test_cli_writes_the_png(tmp_path):

@@ -69,6 +69,14 @@ def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
     assert from_hf.stdout == from_ckpt.stdout == greedy_text(tiny_model(), "Hello", 15) + "\n"
 
 
+
+def test_prompt_file_without_its_final_line_break(run_dir, tmp_path):
+    (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8")  # as an editor saves it
+    result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
+                        "--temperature", "0", "--max_new_tokens", "15", *CPU)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == greedy_text(tiny_model(), "Hello", 15) + "\n"
+
 def test_latest_rotated_checkpoint(tmp_path):
     save_checkpoint(tiny_model(seed=3), tmp_path / "out" / "checkpoints" / "checkpoint_epoch1_step10.pt")
     result = run_sample("--checkpoint", "latest", "--out_dir", tmp_path / "out", "--start", "Hi",
@@ -127,7 +135,7 @@ def test_stops_at_endoftext(tmp_path):
                         *CPU)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "Hello\n"
-    assert result.stderr.splitlines()[-1].startswith("1 tokens in")
+    assert result.stderr.splitlines()[-1].startswith("1 token in")
 
 
 def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
@@ -146,6 +154,7 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     ([], "no model at out/best_model.pt: train one with `python train.py`"),
     (["--checkpoint", "nowhere.pt"], "no checkpoint at nowhere.pt"),
     (["--checkpoint", "auto"], "no model at out or out/checkpoints: train one"),
+    (["--checkpoint", "latest"], "no model at out or out/checkpoints: train one"),
     (["--model_dir", "nowhere"], "nowhere/config.json not found"),
     (["--start", "FILE:missing.txt", "--out_dir", "{run}/out"], "cannot read the prompt file missing.txt"),
     (["--top_p", "0", "--out_dir", "{run}/out"], "--top_p must be in (0, 1]"),
