@@ -294,8 +294,13 @@ class Logger:
             self.bar.write(msg)
         else:
             print(msg, flush=True)
-        self.file.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
-        self.file.flush()
+        self.record(msg)
+
+    def record(self, msg):
+        """Write msg to train.log only (e.g. the error line main() prints to stderr)."""
+        if self.enabled:
+            self.file.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
+            self.file.flush()
 
 
 def gpu_memory(device_type):
@@ -800,7 +805,7 @@ def main(argv):
         quiet_on_closed_pipe()  # `python train.py --help | head`
         print_help()
         return 0
-    ddp = Dist()
+    ddp, trainer = Dist(), None
     try:
         cfg = load_config(argv)
         validate(cfg)
@@ -817,6 +822,8 @@ def main(argv):
         return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too
         if ddp.enabled:
             os._exit(2)  # a collective may be hung (see hardware.nccl_check): tearing the group down could hang too
         return 2

@@ -103,6 +103,8 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     assert p.returncode == 2
     assert message in p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    if "--data_dir=/nonexistent/bins" in args:  # found once the run has its out_dir: train.log says it too
+        assert message in (tmp_path / "train.log").read_text()
 
 
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
