@@ -83,6 +83,47 @@ class PackedLinear:
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
 
 
+# Rows per chunk of the chunked loss: 128 rows of the padded GPT-2 vocabulary are 26 MB of fp32 logits.
+LOSS_CHUNK_ROWS = 128
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of h @ weight.T against targets (-1 = ignore), computed over row chunks, so the
+    (N, V) logits, their fp32 copy, log-softmax and gradient never exist at full size. The gradients are
+    computed in forward (softmax - onehot, one chunk at a time) and scaled in backward.
+
+    For eager training only: under torch.compile, inductor's fused loss path is faster (bench/NOTES.md).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size, dtype, chunk_rows):
+        # h (N, C), weight (Vp, C), targets (N,); matmuls in dtype (what autocast would pick), the rest fp32.
+        w = weight.to(dtype)
+        n = (targets != -1).sum()
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for s in range(0, h.size(0), chunk_rows):
+            hc, tc = h[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
+            logits = (hc @ w.t()).float()  # (rows, Vp)
+            logits[:, vocab_size:] = float("-inf")  # padded columns never win
+            logp = logits.log_softmax(dim=-1)
+            scale = ((tc != -1) / n)[:, None]  # (rows, 1): d(mean loss) / d(row loss)
+            tc = tc.clamp(min=0)[:, None]
+            loss -= (logp.gather(1, tc) * scale).sum()
+            g = logp.exp_().scatter_add_(1, tc, logp.new_full(tc.shape, -1.0)).to(dtype)  # softmax - onehot
+            # The row scale is applied to the (rows, C) factors rather than to the (rows, Vp) g.
+            dh[s:s + chunk_rows] = (g @ w) * scale
+            dw += g.t() @ (hc * scale).to(dtype)
+        ctx.save_for_backward(dh, dw.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        dh, dw = ctx.saved_tensors
+        return dh * grad_output, dw * grad_output, None, None, None, None
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -165,6 +206,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight[config.vocab_size:].zero_()
         self._register_state_dict_hook(_unpad_vocab)
         self._register_load_state_dict_pre_hook(self._pad_vocab)
+        # Eager training steps with return_logits=False use LinearCrossEntropy; False: always the plain path.
+        self.chunked_loss = True
 
     @staticmethod
     def _init_weights(module):
@@ -199,6 +242,8 @@ class GPT(nn.Module):
         return_logits=False returns (None, loss): a training step that needs only the loss then never
         materialises the (B, T, V) logits as an output, which under torch.compile saves writing them
         and a zero gradient of that size in backward (about 12% of a compiled CPU step).
+        In eager training (grad enabled, not compiling) the loss then comes from LinearCrossEntropy,
+        which never holds the full logits.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -212,10 +257,17 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
+        V = self.config.vocab_size
+        if (targets is not None and not return_logits and self.chunked_loss and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V,
+                                            dtype, LOSS_CHUNK_ROWS)
+            return None, loss
         if targets is None and not all_logits:
             x = x[:, [-1], :]
         logits = self.lm_head(x)
-        V = self.config.vocab_size
         if self.padded_vocab > V:
             # Padded columns never win a softmax and so receive no gradient.
             logits[..., V:] = float("-inf")

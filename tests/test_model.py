@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from export_hf import export_hf
+import model as model_module
 from model import GPT, GPTConfig, KVCache, sample_next
 
 TINY = dict(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48)
@@ -201,8 +202,51 @@ def test_return_logits_false_gives_only_the_loss():
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     logits, loss = model(idx, targets=idx)
     nothing, same = model(idx, targets=idx, return_logits=False)
-    assert logits.shape == (2, 8, 97) and nothing is None and torch.equal(loss, same)
+    assert logits.shape == (2, 8, 97) and nothing is None
+    torch.testing.assert_close(loss, same)  # training: the chunked loss, equal up to summation order
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_plain_cross_entropy(dtype, monkeypatch):
+    """The eager training loss (LinearCrossEntropy) gives the plain path's loss and gradients: padded
+    vocab, ignored targets, several chunks and a short last one, tied head and embedding."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
+    model = randomized(GPTConfig(**TINY)).train()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 97, (3, 16), generator=gen)
+    targets = torch.randint(0, 97, (3, 16), generator=gen)
+    targets[0, :7] = -1
+    targets[2, 4] = -1
+
+    def loss_and_grads(chunked):
+        model.chunked_loss = chunked
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(idx, targets, return_logits=False)
+        (0.5 * loss).backward()  # a grad_output other than 1, as with gradient accumulation
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    loss, grads = loss_and_grads(True)
+    plain_loss, plain_grads = loss_and_grads(False)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(loss, plain_loss, **tol)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], **tol, msg=name)
+    assert not grads["transformer.wte.weight"][97:].any()  # padded rows get no gradient
+
+
+def test_chunked_loss_only_when_training_eagerly():
+    model = randomized(GPTConfig(**TINY)).train()
+    idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    _, loss = model(idx, targets=idx, return_logits=False)
+    assert type(loss.grad_fn).__name__ == "LinearCrossEntropyBackward"
+    with torch.no_grad():
+        _, loss = model(idx, targets=idx, return_logits=False)
+    assert loss.grad_fn is None
+    _, loss = model(idx, targets=idx)
+    assert type(loss.grad_fn).__name__ == "NllLossBackward0"
 
 def test_dropout_only_in_training():
     model = randomized(GPTConfig(**dict(TINY, dropout=0.5)))
