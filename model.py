@@ -92,7 +92,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     (N, V) logits, their fp32 copy, log-softmax and gradient never exist at full size. The gradients are
     computed in forward (softmax - onehot, one chunk at a time) and scaled in backward.
 
-    For eager training only: under torch.compile, inductor's fused loss path is faster (bench/NOTES.md).
+    For eager training in fp32 or bf16 only: under torch.compile, inductor's fused loss path is faster
+    (bench/NOTES.md), and under fp16 the gradients formed here, before GradScaler's factor, could underflow.
     """
 
     @staticmethod
@@ -258,10 +259,12 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         V = self.config.vocab_size
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
+        # backward), so small ones would underflow; the plain path scales first.
         if (targets is not None and not return_logits and self.chunked_loss and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
-            device = x.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+                and not torch.compiler.is_compiling() and dtype != torch.float16):
             loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V,
                                             dtype, LOSS_CHUNK_ROWS)
             return None, loss

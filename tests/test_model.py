@@ -206,7 +206,6 @@ def test_return_logits_false_gives_only_the_loss():
     torch.testing.assert_close(loss, same)  # training: the chunked loss, equal up to summation order
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_equals_plain_cross_entropy(dtype, monkeypatch):
     """The eager training loss (LinearCrossEntropy) gives the plain path's loss and gradients: padded
@@ -247,6 +246,10 @@ def test_chunked_loss_only_when_training_eagerly():
     assert loss.grad_fn is None
     _, loss = model(idx, targets=idx)
     assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16 (GradScaler) keeps the plain path
+        _, loss = model(idx, targets=idx, return_logits=False)
+    assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+
 
 def test_dropout_only_in_training():
     model = randomized(GPTConfig(**dict(TINY, dropout=0.5)))
