@@ -5,6 +5,7 @@ Shared machines are noisy (other processes come and go), so every bench times bo
 process, alternating, and reports medians and ratios of paired measurements.
 """
 
+import ctypes
 import json
 import os
 import resource
@@ -89,6 +90,16 @@ def peak_rss_bytes():
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def release_free_heap():
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim; nothing elsewhere), so that RSS
+    counts what a call allocates even where it would reuse blocks earlier calls freed."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
 class StepMemory:
     """Peak memory one call adds on top of what was resident before it.
 
@@ -117,6 +128,7 @@ class StepMemory:
             out = fn()
             sync(self.device)
             return out, torch.cuda.max_memory_allocated(self.device) - before
+        release_free_heap()  # else memory freed by earlier steps, still resident, would be reused unseen
         before = self._peak = rss_bytes()
         self._running = True
         sampler = threading.Thread(target=self._sample, daemon=True)
