@@ -638,7 +638,6 @@ class Trainer:
             self.best_val_loss = val
             self.save("best")
         self.sample()
-        self.refresh_plot()
 
     def refresh_plot(self):
         """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
@@ -731,9 +730,9 @@ class Trainer:
                 epoch_end = self.step % self.steps_per_epoch == 0 or last
                 if self.step % cfg.eval_steps == 0 or epoch_end:
                     self.run_eval(lr)
-                if epoch_end:
-                    self.end_epoch()
-                    self.refresh_plot()
+                    if epoch_end:
+                        self.end_epoch()
+                    self.refresh_plot()  # once, with this evaluation and any epoch record it closed
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
                     self.save("rotated")
