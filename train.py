@@ -137,7 +137,8 @@ def parse_value(text):
 
 
 def load_config(argv):
-    """TrainConfig from an optional config file (plain Python assignments) and --name=value overrides."""
+    """(TrainConfig, names given on the command line) from an optional config file (plain Python
+    assignments) and --name=value overrides."""
     file_values, cli_values = {}, {}
     for arg in argv:
         if arg.startswith("--"):
@@ -154,7 +155,7 @@ def load_config(argv):
             file_values.update({name: value for name, value in namespace.items()
                                 if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)})
     checked = {name: check_setting(name, value) for name, value in {**file_values, **cli_values}.items()}
-    return TrainConfig(**checked)
+    return TrainConfig(**checked), set(cli_values)
 
 
 def print_help():
@@ -806,10 +807,10 @@ def main(argv):
         return 0
     ddp, trainer = Dist(), None
     try:
-        cfg = load_config(argv)
+        cfg, given = load_config(argv)
         validate(cfg)
         ddp = init_distributed(hardware.choose_device(cfg.device))
-        trainer = Trainer(cfg, ddp, given={a[2:].partition("=")[0] for a in argv if a.startswith("--")})
+        trainer = Trainer(cfg, ddp, given)
         trainer.setup()
         code = trainer.run()
         if ddp.enabled:
