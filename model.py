@@ -63,6 +63,12 @@ class KVCache:
         self.capacity = config.n_positions
 
 
+def matmul_dtype(t):
+    """The dtype matmuls on t's device run in here: autocast's when it is on, else t's own."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
 # generate packs the weights for one-token steps (PackedLinear) only for at least this many new tokens:
 # packing costs ~22 ms for the default model, and each step then saves ~2.4 ms (1 CPU thread).
 PACK_MIN_NEW_TOKENS = 16
@@ -259,12 +265,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         V = self.config.vocab_size
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
         # backward), so small ones would underflow; the plain path scales first.
         if (targets is not None and not return_logits and self.chunked_loss and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and dtype != torch.float16):
+                and not torch.compiler.is_compiling() and (dtype := matmul_dtype(x)) != torch.float16):
             loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V,
                                             dtype, LOSS_CHUNK_ROWS)
             return None, loss
@@ -336,9 +340,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             n_ctx = self.config.n_positions
-            dtype = self.transformer.wte.weight.dtype
-            if torch.is_autocast_enabled(idx.device.type):
-                dtype = torch.get_autocast_dtype(idx.device.type)
+            dtype = matmul_dtype(self.transformer.wte.weight)
             cache = KVCache(self.config, idx.size(0), idx.device, dtype)
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             tokens = idx
