@@ -140,6 +140,14 @@ class StepMemory:
             sampler.join()
         return out, max(self._peak, rss_bytes()) - before
 
+    def fields(self, peaks, what):
+        """The JSON fields of a bench's memory figures: `peaks` ({side: bytes} from measure) for one `what`
+        ('step', 'call'), how they were measured, and the process's own peak resident set."""
+        kind = "cuda max_memory_allocated" if self.cuda else "cpu RSS"
+        return {"peak_mem_mb": {k: round(v / 2**20, 1) for k, v in peaks.items()},
+                "peak_mem_kind": f"{kind} above the {what}'s start",
+                "process_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+
 
 class CpuContention:
     """Share of this machine's CPU time used by other processes between start() and stop().

@@ -85,10 +85,7 @@ def main(argv=None):
         "ratio": round(common.paired_ratio(kept["ours"], kept["peer"]), 3),
         "same_tokens": round(same, 3), "rounds": args.rounds,
         "quiet_rounds": len(quiet) if is_quiet else 0, "threads": threads,
-        "peak_mem_mb": {k: round(v / 2**20, 1) for k, v in peak_mem.items()},
-        "peak_mem_kind": "cuda max_memory_allocated above the call's start" if facts.type == "cuda"
-        else "cpu RSS above the call's start",
-        "process_peak_rss_mb": round(common.peak_rss_bytes() / 2**20, 1),
+        **memory.fields(peak_mem, "call"),
     }
     print(f"\n{facts.name} ({plan.device}), {args.config} model, greedy, batch {args.batch_size}, "
           f"{args.prompt_tokens}-token prompt + {n} new, {plan.dtype}")

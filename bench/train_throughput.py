@@ -149,10 +149,7 @@ def main(argv=None):
         "mfu": round(mfu["ours"], 4), "mfu_peer": round(mfu["peer"], 4),
         "matmul_peak_gflops": {str(dt)[6:]: round(statistics.median(v) / 1e9, 1) for dt, v in peaks.items()},
         "compile_s": round(first["ours"], 1) if compiled else 0.0,
-        "peak_mem_mb": {n: round(v / 2**20, 1) for n, v in peak_mem.items()},
-        "peak_mem_kind": "cuda max_memory_allocated above the step's start" if facts.type == "cuda"
-        else "cpu RSS above the step's start",
-        "process_peak_rss_mb": round(common.peak_rss_bytes() / 2**20, 1),
+        **memory.fields(peak_mem, "step"),
     }
     if "peer_fp32" in times:
         result["peer_fp32"] = round(tps["peer_fp32"], 1)
