@@ -1,4 +1,5 @@
-"""What the command-line scripts share: how a user's mistake ends the program, and how a closed pipe does."""
+"""What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, and
+how their messages count things."""
 
 import signal
 import sys
@@ -8,6 +9,11 @@ def fail(message, code=2):
     """Print `error: <message>` as one line on stderr and exit with `code` (2: bad input or usage)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def plural(n, word, many=None):
+    """`word` for n == 1, else `many` (default: word + "s"): f"{n} {plural(n, 'token')}"."""
+    return word if n == 1 else many or word + "s"
 
 
 def quiet_on_closed_pipe():

@@ -32,7 +32,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import fail
+from cli import fail, plural
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 
@@ -221,7 +221,7 @@ def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=
             except _Retry as e:
                 reason = e
             if attempt == retries:
-                tries = f"{retries + 1} {'try' if retries == 0 else 'tries'}"
+                tries = f"{retries + 1} {plural(retries + 1, 'try', 'tries')}"
                 raise DataError(f"could not download {url} after {tries} ({reason}): check --url and your network, "
                                 f"or pass an already-downloaded zip with --source PATH")
             wait = min(backoff * 2 ** attempt, 60.0)
@@ -472,10 +472,10 @@ def _run(out_dir, splits, force, make):
         raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None
     for s in splits:
         print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
-              f"{stats[s]['documents']:,} document{'s' if stats[s]['documents'] != 1 else ''}")
+              f"{stats[s]['documents']:,} {plural(stats[s]['documents'], 'document')}")
     mb = sum(st["text_bytes"] for st in stats.values()) / 1e6
     print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, "
-          f"{num_workers} worker process{'es' if num_workers > 1 else ''})")
+          f"{num_workers} worker {plural(num_workers, 'process', 'processes')})")
     return meta
 
 

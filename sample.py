@@ -20,7 +20,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
-from cli import fail, quiet_on_closed_pipe
+from cli import fail, plural, quiet_on_closed_pipe
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
 
@@ -146,7 +146,8 @@ def main(argv=None):
         print(flush=True)
         sys.exit(130)
     elapsed = time.perf_counter() - t0
-    print(f"{n_tokens} token{'s' if n_tokens != 1 else ''} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)", file=sys.stderr)
+    print(f"{n_tokens} {plural(n_tokens, 'token')} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

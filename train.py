@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import hardware
-from cli import quiet_on_closed_pipe
+from cli import plural, quiet_on_closed_pipe
 from data import DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 from tracking import Tracker
@@ -415,7 +415,7 @@ class Trainer:
         if ddp.enabled:
             hardware.nccl_check()
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)  # the model has no buffers
+                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)  # no buffers to sync
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
 
     def load_init_source(self):
@@ -672,7 +672,8 @@ class Trainer:
             self.log(hint)
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
         self.log(f"batch: {self.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {cfg.max_length} tokens = "
-                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} process{'es' if self.ddp.world_size > 1 else ''}")
+                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
+                 f"{plural(self.ddp.world_size, 'process', 'processes')}")
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
                  f"{self.total_steps} steps in all")
 
