@@ -69,16 +69,32 @@ def matmul_dtype(t):
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
 
 
-# generate packs the weights for one-token steps (PackedLinear) only for at least this many new tokens:
-# packing costs ~22 ms for the default model, and each step then saves ~2.4 ms (1 CPU thread).
+# generate prepares the weights for one-token steps (pack_for_decoding) only for at least this many new
+# tokens: preparing costs ~20 ms for the default model, and each step then saves ~2.5 ms (1 CPU thread).
 PACK_MIN_NEW_TOKENS = 16
+
+
+class TransposedLinear:
+    """An fp32 Linear for one-token steps: addmm on a transposed copy of the weight. For the blocks' small
+    weights MKL's fp32 gemv in this layout beats oneDNN's packed one (256 x 768: 10 vs 27 us on 1 thread
+    of an AMD EPYC): the fp32 decode step is ~10% faster. Not for bf16: an fp32 copy of bf16-rounded
+    weights gives the same products, but at twice the bytes the step's weights no longer fit the L3
+    cache with the head's, and the bf16 step got slower (1.96 vs 1.65 ms per token, 2 threads)."""
+
+    def __init__(self, linear):
+        self.weight_t = linear.weight.detach().float().t().contiguous()  # (in, out)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def __call__(self, x):
+        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
 
 
 class PackedLinear:
     """A Linear's weight cast to dtype and reordered once by oneDNN for inputs of a few rows (one token
     per row, decoding), with the private ops inductor uses for frozen weights. The same products and
-    accumulation as F.linear in that dtype (bf16 logits come out bit-identical here), but faster on CPU:
-    on 1 thread of an AMD EPYC, bf16, the 50304 x 256 head takes 0.47 ms instead of 1.2 ms."""
+    accumulation as F.linear in that dtype (bf16 logits come out bit-identical here), but faster on CPU
+    for the big head: on 1 thread of an AMD EPYC, bf16, the 50304 x 256 head takes 0.42 ms instead of
+    1.2 ms, and fp32 spreads over threads where MKL's gemv does not (2 threads: 0.45 vs 1.3 ms)."""
 
     def __init__(self, linear, dtype, rows):
         self.dtype = dtype
@@ -153,8 +169,9 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
-            k = cache.k[layer, :, :, :start + T]
-            v = cache.v[layer, :, :, :start + T]
+            # The cache may hold fp32 (decode_step's attention runs in fp32): read it in q's dtype.
+            k = cache.k[layer, :, :, :start + T].to(q.dtype)
+            v = cache.v[layer, :, :, :start + T].to(q.dtype)
             # One new token attends to every cached position; a prompt starts at position 0.
             causal = T > 1
             if causal and start:
@@ -284,10 +301,11 @@ class GPT(nn.Module):
         return (logits[..., :V] if return_logits else None), loss
 
     def pack_for_decoding(self, dtype, batch_size):
-        """PackedLinears for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
+        """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
 
-        None where oneDNN can't pack: a model not on the CPU, a dtype other than float32 and bfloat16,
-        a torch built without oneDNN. Holds a copy of every weight.
+        PackedLinears, except the blocks' in fp32 (TransposedLinears). None where oneDNN can't pack: a
+        model not on the CPU, a dtype other than float32 and bfloat16, a torch built without oneDNN.
+        Holds a copy of every weight.
         """
         if self.lm_head.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -295,37 +313,42 @@ class GPT(nn.Module):
             if not torch.backends.mkldnn.is_available() or (
                     dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
                 return None
-            layers = [tuple(PackedLinear(linear, dtype, batch_size)
-                            for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
-                      for b in self.transformer.h]
             lm_head = PackedLinear(self.lm_head, dtype, batch_size)
             lm_head(torch.zeros(batch_size, self.config.n_embd))  # fail here rather than mid-generation
-            return layers, lm_head
         except (AttributeError, RuntimeError):  # a torch without these (private) oneDNN ops
             return None
+        layers = [tuple(TransposedLinear(linear) if dtype == torch.float32 else PackedLinear(linear, dtype, batch_size)
+                        for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+                  for b in self.transformer.h]
+        return layers, lm_head
 
     def decode_step(self, idx, cache, packed):
-        """forward() for one new token per row, idx (B, 1), in eval mode, with pack_for_decoding's weights.
+        """forward() for one new token per row, idx (B, 1), in eval mode, with pack_for_decoding's weights
+        and a float32 cache. Returns the logits (B, V).
 
-        Returns the logits (B, V). The same operations in the same dtypes as forward() (which autocast
-        would pick), with packed weights and less Python: ~2.1 ms per token instead of 4.4 (default
-        model, bf16, 1 CPU thread); most of the gain is the packed weights.
+        The same operations in the same dtypes as forward() (which autocast would pick), with one
+        difference under bf16 autocast beyond the order of additions: attention runs in fp32 over the
+        bf16-rounded query, keys and values, where the bf16 flash kernel also rounds the attention
+        probabilities to bf16 (more exact here, and 4x faster for one query). ~1.9 ms per token instead
+        of 4.4 (default model, bf16, 1 CPU thread); most of the gain is the packed weights.
         """
         layers, lm_head = packed
         B, C, nh = idx.size(0), self.config.n_embd, self.config.n_head
         pos = cache.length
         if pos >= self.config.n_positions:
             raise ValueError(f"the KV cache is full (n_positions={self.config.n_positions})")
-        x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe.weight[pos]  # (B, C)
-        for i, (block, (c_attn, attn_proj, c_fc, mlp_proj)) in enumerate(zip(self.transformer.h, layers)):
-            q, k, v = c_attn(block.ln_1(x)).view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs) each
-            cache.k[i, :, :, pos:pos + 1] = k
-            cache.v[i, :, :, pos:pos + 1] = v
-            y = F.scaled_dot_product_attention(q, cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1])
-            x = x + attn_proj(y.view(B, C))
-            x = x + mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh"))
-        cache.length += 1
-        return lm_head(self.transformer.ln_f(x))[:, :self.config.vocab_size]
+        with torch.autocast(idx.device.type, enabled=False):  # every dtype here is explicit
+            x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe.weight[pos]  # (B, C)
+            for i, (block, (c_attn, attn_proj, c_fc, mlp_proj)) in enumerate(zip(self.transformer.h, layers)):
+                qkv = c_attn(block.ln_1(x)).float()  # bf16 values, attended to in fp32
+                q, k, v = qkv.view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs) each
+                cache.k[i, :, :, pos:pos + 1] = k
+                cache.v[i, :, :, pos:pos + 1] = v
+                y = F.scaled_dot_product_attention(q, cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1])
+                x = x + attn_proj(y.view(B, C))
+                x = x + mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh"))
+            cache.length += 1
+            return lm_head(self.transformer.ln_f(x))[:, :self.config.vocab_size]
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -341,13 +364,13 @@ class GPT(nn.Module):
         try:
             n_ctx = self.config.n_positions
             dtype = matmul_dtype(self.transformer.wte.weight)
-            cache = KVCache(self.config, idx.size(0), idx.device, dtype)
-            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            tokens = idx
             # One-token steps run decode_step over weights packed once here, where that is possible.
             packed = None
             if max_new_tokens >= PACK_MIN_NEW_TOKENS:
                 packed = self.pack_for_decoding(dtype, idx.size(0))
+            cache = KVCache(self.config, idx.size(0), idx.device, torch.float32 if packed else dtype)
+            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            tokens = idx
             step_input = idx[:, -n_ctx:]
             for _ in range(max_new_tokens):
                 if cache.length + step_input.size(1) > n_ctx:
