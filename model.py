@@ -329,7 +329,7 @@ class GPT(nn.Module):
         The same operations in the same dtypes as forward() (which autocast would pick), with one
         difference under bf16 autocast beyond the order of additions: attention runs in fp32 over the
         bf16-rounded query, keys and values, where the bf16 flash kernel also rounds the attention
-        probabilities to bf16 (more exact here, and 4x faster for one query). ~1.9 ms per token instead
+        probabilities to bf16 (more exact here, and about 2x faster for one query). ~1.9 ms per token instead
         of 4.4 (default model, bf16, 1 CPU thread); most of the gain is the packed weights.
         """
         layers, lm_head = packed
