@@ -35,6 +35,7 @@ from tqdm import tqdm
 from cli import fail, plural
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
+N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
 
 
 class DataError(Exception):
@@ -95,7 +96,7 @@ def get_tokenizer():
         vocab_bpe_file=str(vocab_bpe), encoder_json_file=str(encoder_json),
         vocab_bpe_hash=GPT2_BPE_SHA256["vocab.bpe"], encoder_json_hash=GPT2_BPE_SHA256["encoder.json"])
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT_TOKEN}, explicit_n_vocab=N_VOCAB)
 
 
 # --- where the datasets come from -------------------------------------------------------------------

@@ -352,12 +352,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eos_token_id=None, generator=None):
+                        eos_token_id=None, generator=None, vocab_limit=None):
         """Yield the next token of each row, (B,), one step at a time, using a KV cache.
 
         temperature 0 is greedy. Rows that produced eos_token_id keep producing it; the stream ends
         when every row has. Beyond the context the window slides: the cache is rebuilt from the last
         n_positions tokens, which gives exactly what a forward pass over that window gives.
+        vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
         """
         was_training = self.training
         self.eval()
@@ -380,7 +381,7 @@ class GPT(nn.Module):
                     logits = self.decode_step(step_input, cache, packed)
                 else:
                     logits = self(step_input, cache=cache)[0][:, -1, :]
-                nxt = sample_next(logits.float(), temperature, top_k, top_p, generator)
+                nxt = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id
@@ -394,10 +395,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, generator=None):
+                 eos_token_id=None, generator=None, vocab_limit=None):
         """Return idx (B, T) extended by up to max_new_tokens sampled tokens (see generate_stream)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        eos_token_id, generator))
+                                        eos_token_id, generator, vocab_limit))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 

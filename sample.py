@@ -18,7 +18,7 @@ import torch
 
 import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
-from data import EOT_TOKEN, get_tokenizer
+from data import EOT_TOKEN, N_VOCAB, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
 from cli import fail, plural, quiet_on_closed_pipe
 
@@ -32,9 +32,11 @@ class SampleError(Exception):
 def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
     resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
-    if model_dir:
-        return load_hf(model_dir)
-    return load_checkpoint_model(find_model_checkpoint(checkpoint, out_dir))
+    model = load_hf(model_dir) if model_dir else load_checkpoint_model(find_model_checkpoint(checkpoint, out_dir))
+    if model.config.vocab_size < N_VOCAB:
+        raise SampleError(f"the model's vocabulary has {model.config.vocab_size} ids, fewer than the GPT-2 "
+                          f"tokenizer's {N_VOCAB}: sample.py needs a model of the GPT-2 vocabulary")
+    return model
 
 
 def read_prompt(start):
@@ -76,7 +78,8 @@ def sample(model, idx, out, stream=True, **gen_kwargs):
         out.write(enc.decode(prompt))
         out.flush()
     n = 0
-    for tok in model.generate_stream(idx, eos_token_id=EOT_TOKEN, **gen_kwargs):
+    # A vocabulary larger than the tokenizer's has ids nothing decodes: never drawn.
+    for tok in model.generate_stream(idx, eos_token_id=EOT_TOKEN, vocab_limit=N_VOCAB, **gen_kwargs):
         n += 1
         t = tok.item()
         if t == EOT_TOKEN:

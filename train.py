@@ -30,7 +30,7 @@ import torch.distributed as dist
 import checkpoint as ckpt
 import hardware
 from cli import plural, quiet_on_closed_pipe
-from data import DataError, TokenBins, get_tokenizer
+from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 from tracking import Tracker
 
@@ -187,6 +187,9 @@ def validate(cfg):
         model_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.vocab_size < N_VOCAB:
+        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB}, whose ids "
+                          f"data.py writes; leave vocab_size at {N_VOCAB}")
     if cfg.max_length > cfg.n_positions:
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
     for name in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "max_checkpoints", "log_steps"):
@@ -614,8 +617,9 @@ class Trainer:
         idx = torch.tensor([enc.encode_ordinary(self.cfg.sample_prompt)], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
         with self.autocast:
+            # A vocabulary larger than the tokenizer's has ids nothing decodes: never drawn.
             out = self.model.generate(idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
-                                      eos_token_id=50256, generator=gen)
+                                      eos_token_id=EOT_TOKEN, generator=gen, vocab_limit=N_VOCAB)
         text = enc.decode(out[0].tolist()).replace("\n", " ")
         self.log(f"sample: {text}")
 

@@ -141,6 +141,18 @@ def test_packed_generate_equals_unpacked_and_leaves_the_model_alone(monkeypatch)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("temperature", [0, 2.0])
+def test_generate_never_draws_beyond_vocab_limit(temperature):
+    model = randomized(GPTConfig(**TINY))
+    with torch.no_grad():  # the ids at and above 90 dominate every position's logits
+        model.lm_head.weight[90:97] *= 50
+    idx = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    assert model.generate(idx, 20, temperature=temperature, generator=gen)[:, 3:].max() >= 90  # else no test
+    out = model.generate(idx, 20, temperature=temperature, generator=gen, vocab_limit=90)[:, 3:]
+    assert out.max() < 90
+
+
 def test_generate_from_a_prompt_longer_than_the_context():
     model = randomized(GPTConfig(**TINY))
     idx = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(0))

@@ -138,6 +138,29 @@ def test_stops_at_endoftext(tmp_path):
     assert result.stderr.splitlines()[-1].startswith("1 token in")
 
 
+def test_ids_beyond_the_tokenizer_are_never_drawn(tmp_path):
+    """A model of a larger vocabulary (nanoGPT's 50304) has ids no tokenizer decodes: sample.py keeps to 50257."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**dict(TINY.to_dict(), vocab_size=50304))).eval()
+    with torch.no_grad():  # id 50300 is every position's likeliest token: ln_f outputs a constant it matches
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50300] = 10.0
+    save_checkpoint(model, tmp_path / "best_model.pt")
+    for args in (["--temperature", "0"], ["--top_k", "0", "--temperature", "5"]):
+        result = run_sample("--checkpoint", tmp_path / "best_model.pt", "--start", "Hello", "--max_new_tokens", "20",
+                            *args, *CPU)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("Hello") and result.stderr.splitlines()[-1].startswith("20 tokens in")
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
+    export_hf(GPT(GPTConfig(**dict(TINY.to_dict(), vocab_size=1000))), tmp_path / "hf")
+    result = run_sample("--model_dir", tmp_path / "hf", *CPU)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "error: the model's vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257" in result.stderr
+
+
 def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     text = "".join(f"word{i} " for i in range(40))  # well over 32 tokens
     (tmp_path / "prompt.txt").write_text(text, encoding="utf-8")

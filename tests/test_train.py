@@ -96,6 +96,7 @@ def test_help_lists_every_setting():
     (["--data_dir=/nonexistent/bins"], "python data.py wikitext103"),
     (["--device=cuda"], "device='cuda' but no CUDA GPU is visible"),
     (["--dtype=float16"], "float16"),
+    (["--vocab_size=1000"], "vocab_size 1000 is smaller than the GPT-2 tokenizer's 50257"),
 ])
 def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_dir={bins}", *args],
