@@ -49,12 +49,13 @@ GPT2_BPE_SHA256 = {
 }
 
 
-def sha256_file(path, chunk_size=1 << 20):
-    """Hex sha256 of a file, read in chunks."""
+def sha256_file(*paths, chunk_size=1 << 20):
+    """Hex sha256 of a file's bytes (of several files', one after the other), read in chunks."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_size), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -444,10 +445,20 @@ def _prepared(out_dir, splits):
     return None
 
 
-def _run(out_dir, splits, force, make):
-    """Skip if already prepared (unless force); else call make() -> (tasks, total_bytes, meta, workers)."""
+def _same(meta, recipe):
+    """Whether meta holds recipe's values (a dict in recipe is compared by its own keys only)."""
+    return isinstance(meta, dict) and all(
+        _same(meta.get(k), v) if isinstance(v, dict) else meta.get(k) == v for k, v in recipe.items())
+
+
+def _run(out_dir, splits, force, make, reusable=None):
+    """Skip if already prepared (unless force, or reusable(meta) says it was made from something else);
+    else call make() -> (tasks, total_bytes, meta, workers)."""
     out_dir = Path(out_dir)
     meta = None if force else _prepared(out_dir, splits)
+    if meta is not None and reusable is not None and not reusable(meta):
+        print(f"note: {out_dir} was prepared from other inputs or settings; preparing it again")
+        meta = None
     if meta is not None:
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,}" for s in splits)
         print(f"{out_dir} is already prepared ({counts} tokens): nothing to do (--force redoes it)")
@@ -661,21 +672,26 @@ def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="tex
     if not 0 < val_fraction < 1:
         raise DataError(f"--val_fraction {val_fraction}: give a fraction between 0 and 1")
 
+    files = _input_files(inputs)
+    total = sum(f.stat().st_size for f in files)
+    recipe = {"source": {"inputs": [str(p) for p in inputs], "files": len(files), "bytes": total},
+              "val_fraction": val_fraction, "text_field": text_field}
+
     def make():
-        workers = _workers(num_workers)
-        files = _input_files(inputs)
-        total = sum(f.stat().st_size for f in files)
         sha = hashlib.sha256()
         # sha is complete only once the tasks are consumed, i.e. when meta.json is written.
-        source = {"inputs": [str(p) for p in inputs], "files": len(files), "bytes": total}
+        meta = {"dataset": "text", **recipe}
         tasks = _tasks(_text_segments(files, total, val_fraction, text_field, sha))
 
         def with_sha():
             yield from tasks
-            source["sha256"] = sha.hexdigest()
-        return with_sha(), total, {"dataset": "text", "source": source, "val_fraction": val_fraction}, workers
+            meta["source"]["sha256"] = sha.hexdigest()
+        return with_sha(), total, meta, _workers(num_workers)
 
-    return _run(out_dir, ("train", "val"), force, make)
+    def reusable(meta):  # the same settings and the same bytes (hashed only when all else agrees)
+        return _same(meta, recipe) and meta["source"].get("sha256") == sha256_file(*files)
+
+    return _run(out_dir, ("train", "val"), force, make, reusable)
 
 
 def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=0.05, num_workers=None,
@@ -717,11 +733,13 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
                 text = record[text_field] or None
                 yield split, len(text.encode("utf-8")) if text else 0, text, True
 
-    def make():
-        meta = {"dataset": name, "source": {"hf": name, "config": config}}
-        return _tasks(segments()), None, meta, _workers(num_workers)
+    recipe = {"source": {"hf": name, "config": config}, "text_field": text_field, "val_fraction": val_fraction}
 
-    return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make)
+    def make():
+        return _tasks(segments()), None, {"dataset": name, **recipe}, _workers(num_workers)
+
+    return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make,
+                lambda meta: _same(meta, recipe))
 
 
 # --- reading the bins ---------------------------------------------------------------------------

@@ -418,6 +418,32 @@ def test_usage_mistakes_are_one_line(args, message):
     assert_one_line_error(proc, message)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no usage block either
 
+def test_rerun_prepares_again_only_when_inputs_or_settings_change(tmp_path, capsys):
+    text_a, text_b = "alpha beta gamma\n" * 300, "delta epsilon\n" * 400
+    (tmp_path / "a.txt").write_text(text_a)
+    (tmp_path / "b.txt").write_text(text_b)
+    out = tmp_path / "out"
+
+    def prepare(path, **kw):
+        data.prepare_text([path], out, num_workers=1, **kw)
+        said = capsys.readouterr().out
+        text = text_of(tokens_of(out / "train.bin")) + text_of(tokens_of(out / "val.bin"))
+        return said, text.decode()
+
+    said, text = prepare(tmp_path / "a.txt")
+    assert "wrote" in said and text == text_a
+    said, text = prepare(tmp_path / "a.txt")
+    assert "already prepared" in said and "wrote" not in said and text == text_a
+    for path, kw, expected in ((tmp_path / "b.txt", {}, text_b),  # another file
+                               (tmp_path / "b.txt", {"val_fraction": 0.2}, text_b)):  # another setting
+        said, text = prepare(path, **kw)
+        assert "prepared from other inputs or settings; preparing it again" in said and "wrote" in said
+        assert text == expected
+    (tmp_path / "b.txt").write_text(text_b.replace("delta", "DELTA"))  # same name, same size, other bytes
+    said, text = prepare(tmp_path / "b.txt", val_fraction=0.2)
+    assert "preparing it again" in said and text == text_b.replace("delta", "DELTA")
+
+
 def test_val_split_of_text_without_line_breaks(tmp_path):
     text = "日本語のテキスト, one long line " * 5000  # no line break at all: val starts mid-line
     (tmp_path / "one_line.txt").write_text(text)
@@ -470,7 +496,7 @@ def test_hf_local_dataset_becomes_the_same_bins_and_meta(tmp_path):
         assert tokens.tolist() == expected, split
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert {s: m["documents"] for s, m in meta["splits"].items()} == {"train": 120, "val": 12, "test": 7}
-    assert meta["source"] == {"hf": str(tmp_path / "mydata"), "config": None}
+    assert meta["source"] == {"hf": str(tmp_path / "mydata"), "config": None} and meta["text_field"] == "content"
 
 
 @needs_datasets
