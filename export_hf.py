@@ -125,7 +125,8 @@ def _load_into(model, state_dict, source):
 
 
 def load_hf(hf_dir):
-    """Load a HF GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) into our GPT (CPU, fp32)."""
+    """Load a HF GPT-2 folder (config.json + model.safetensors or pytorch_model.bin) into our GPT (CPU, fp32),
+    in eval mode as transformers' from_pretrained returns it (dropout off: call .train() to train it)."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -146,11 +147,11 @@ def load_hf(hf_dir):
                           "(a sharded model: load it with transformers and save_pretrained it unsharded)")
     model = GPT(config)
     _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source)
-    return model
+    return model.eval()
 
 
 def load_checkpoint_model(source):
-    """A GPT (CPU, fp32) with the weights of a checkpoint path or dict (as train.py writes them).
+    """A GPT (CPU, fp32, eval mode) with the weights of a checkpoint path or dict (as train.py writes them).
 
     CheckpointError for a missing or unreadable file, ExportError for weights that do not fit the config.
     """
@@ -159,7 +160,7 @@ def load_checkpoint_model(source):
         raise ExportError("the checkpoint has no model_state_dict/config: use a checkpoint written by train.py")
     model = GPT(GPTConfig.from_dict(ckpt["config"]))
     _load_into(model, ckpt["model_state_dict"], "the checkpoint" if isinstance(source, dict) else source)
-    return model
+    return model.eval()
 
 
 def _config_and_state(source):

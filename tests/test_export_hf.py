@@ -153,6 +153,7 @@ def test_round_trip_hf_ours_hf_is_exact(tmp_path):
     hf = random_hf_model()  # n_inner=None: HF means 4 * n_embd
     hf.save_pretrained(tmp_path / "a")
     ours = load_hf(tmp_path / "a")
+    assert not ours.training  # as from_pretrained: dropout (0.1 here) off
     assert ours.config == GPTConfig(vocab_size=50257, n_positions=32, n_embd=48, n_layer=2, n_head=3,
                                     n_inner=192, dropout=0.1)
     export(ours, tmp_path / "b")
@@ -164,7 +165,7 @@ def test_round_trip_hf_ours_hf_is_exact(tmp_path):
     assert all(torch.equal(original[k], in_memory[k]) for k in original)
     idx = torch.randint(0, 50257, (2, 32))
     with torch.no_grad():
-        assert (ours.eval()(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
+        assert (ours(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
 
 
 def test_load_hf_reads_bare_gpt2model_weights_from_pytorch_model_bin(tmp_path):
@@ -178,7 +179,7 @@ def test_load_hf_reads_bare_gpt2model_weights_from_pytorch_model_bin(tmp_path):
     (tmp_path / "gpt2").mkdir()
     torch.save(weights, tmp_path / "gpt2" / "pytorch_model.bin")
     hf.config.to_json_file(tmp_path / "gpt2" / "config.json")
-    ours = load_hf(tmp_path / "gpt2").eval()
+    ours = load_hf(tmp_path / "gpt2")
     idx = torch.randint(0, 50257, (1, 32))
     with torch.no_grad():
         assert (ours(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
