@@ -153,13 +153,18 @@ def load_hf(hf_dir):
 def load_checkpoint_model(source):
     """A GPT (CPU, fp32, eval mode) with the weights of a checkpoint path or dict (as train.py writes them).
 
-    CheckpointError for a missing or unreadable file, ExportError for weights that do not fit the config.
+    CheckpointError for a missing or unreadable file, ExportError for an invalid config or weights that
+    do not fit it.
     """
     ckpt = source if isinstance(source, dict) else load_checkpoint(source)
     if "model_state_dict" not in ckpt or "config" not in ckpt:
         raise ExportError("the checkpoint has no model_state_dict/config: use a checkpoint written by train.py")
-    model = GPT(GPTConfig.from_dict(ckpt["config"]))
-    _load_into(model, ckpt["model_state_dict"], "the checkpoint" if isinstance(source, dict) else source)
+    where = "the checkpoint" if isinstance(source, dict) else source
+    try:
+        model = GPT(GPTConfig.from_dict(ckpt["config"]))
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{where} holds an invalid model config: {e}") from None
+    _load_into(model, ckpt["model_state_dict"], where)
     return model.eval()
 
 
