@@ -192,7 +192,8 @@ def test_cli_errors_are_one_line(run_dir, args, message):
 def test_checkpoint_with_an_invalid_config_is_one_line(tmp_path):
     model = GPT(GPTConfig(n_positions=16, n_embd=32, n_layer=1, n_head=2, n_inner=64))
     config = dict(model.config.to_dict(), n_head=5)  # 32 is not divisible by 5
-    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "config": config}, tmp_path / "bad.pt")
+    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "config": config, "epoch": 1, "step": 1},
+               tmp_path / "bad.pt")
     result = run_eval("--checkpoint", tmp_path / "bad.pt", *CPU, cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "holds an invalid model config: GPTConfig.n_embd (32) must be divisible by n_head (5)" in result.stderr
