@@ -809,18 +809,19 @@ class TokenBins:
         self.position += step
         return self._to_xy(rows, device)
 
-    def eval_batches(self, batch_size, max_batches=None, device=None):
-        """Yield (x, y) over the whole split in file order, deterministically.
+    def eval_batches(self, batch_size, max_windows=None, device=None):
+        """Yield (x, y) over the split's first max_windows windows (all by default) in file order.
 
         Laid out like training: global batch g is windows [g * B * W, (g + 1) * B * W) and this rank takes
-        its slice, so the ranks' shares are disjoint and together cover every window. The last batch may
-        be short, and a rank may get one batch fewer than rank 0: sum losses, then reduce once.
+        its slice, so the ranks' shares are disjoint and together cover the same windows whatever the
+        number of ranks. The last batch may be short, and a rank may get one batch fewer than rank 0: sum
+        losses, then reduce once.
         """
-        step = batch_size * self.world_size
-        for g, start in enumerate(range(0, self.n_windows, step)):
-            lo = min(start + self.rank * batch_size, self.n_windows)
-            hi = min(lo + batch_size, self.n_windows)
-            if (max_batches is not None and g >= max_batches) or lo == hi:
+        end = self.n_windows if max_windows is None else min(max_windows, self.n_windows)
+        for start in range(0, end, batch_size * self.world_size):
+            lo = min(start + self.rank * batch_size, end)
+            hi = min(lo + batch_size, end)
+            if lo == hi:
                 return
             yield self._to_xy(self._windows[lo:hi], device)
 

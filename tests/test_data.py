@@ -620,7 +620,9 @@ def test_eval_batches_cover_the_split_in_order(bins):
     all_windows = [tuple(range(9 * i, 9 * i + 9)) for i in range(24)]
     batches = list(tb.eval_batches(5))
     assert [len(x) for x, _ in batches] == [5, 5, 5, 5, 4] and windows_of(batches) == all_windows
-    assert windows_of(tb.eval_batches(5, max_batches=2)) == all_windows[:10]
+    assert windows_of(tb.eval_batches(5, max_windows=10)) == all_windows[:10]
+    shares = [windows_of(TokenBins(bins, "train", 8, rank=r, world_size=2).eval_batches(3, 10)) for r in range(2)]
+    assert sorted(sum(shares, [])) == all_windows[:10]  # the same windows on 2 ranks as on 1
     assert windows_of(tb.eval_batches(5, device="cpu")) == all_windows
     shares = [windows_of(TokenBins(bins, "train", 8, rank=r, world_size=3).eval_batches(5)) for r in range(3)]
     assert sorted(sum(shares, [])) == all_windows and sum(map(len, shares)) == 24
