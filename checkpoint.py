@@ -409,6 +409,18 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
         f"loaded (see warnings above): remove them (to train afresh: resume_from_checkpoint='')")
 
 
+def checkpoints_after(checkpoint_dir, out_dir, step):
+    """The readable checkpoint files (rotated, emergency, best) whose stored step is above step."""
+    found = []
+    for path, _ in _candidates(checkpoint_dir, out_dir):
+        try:
+            if _read(path, "cpu", mmap=True)["step"] > step:
+                found.append(path)
+        except CheckpointError:
+            pass  # what no run can resume from cannot be mixed up with this one
+    return found
+
+
 # --- RNG state and model weights ---------------------------------------------------------------
 
 def find_model_checkpoint(spec, out_dir):

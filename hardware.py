@@ -371,8 +371,8 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
         cannot happen: bf16 is refused there.
       CPU: on when the expected saving (cpu_compile_saving_s: planned_tokens at the measured eager speed
         and compile speedup for this dtype) is at least CPU_COMPILE_MIN_SAVING_S = 120 s, twice the
-        worst measured compile cost. With the default model on a 2-thread CPU that is about 0.5M
-        tokens in bf16 and 0.6M in fp32: a full training run compiles, a quick try-out does not.
+        worst measured compile cost. With the default model on a 2-thread CPU that is about 1.4M
+        tokens in bf16 and 2.2M in fp32: a full training run compiles, a quick try-out does not.
         Unknown planned_tokens: off.
       MPS and Windows: off.
     compile=True on a GPU below 7.0 is a HardwareError; elsewhere True/False are obeyed.

@@ -68,7 +68,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0 = epochs decide)
     # evaluation and logging
     eval_steps: int = 500  # evaluate every N steps (and at the end)
-    eval_iters: int = 0  # val batches per evaluation (0 = the whole val split)
+    eval_iters: int = 0  # val batches of batch_size per evaluation (0 = the whole val split)
     log_steps: int = 10  # plain log line every N steps when stdout is not a terminal
     sample_prompt: str = "The future of AI"  # sample printed at each evaluation ('' = off)
     sample_tokens: int = 40  # length of that sample
@@ -105,6 +105,9 @@ def setting_comments():
         if m:
             comments[m.group(1)] = m.group(2)
     return comments
+
+
+SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 def check_setting(name, value):
@@ -145,7 +148,9 @@ def load_config(argv):
             name, eq, text = arg[2:].partition("=")
             if not eq:
                 raise ConfigError(f"'{arg}' needs a value: --{name}=VALUE")
-            cli_values[name] = parse_value(text)
+            value = parse_value(text)
+            # A text setting keeps what was typed (--out_dir=1.50 is not 1.5), unless it was quoted.
+            cli_values[name] = text if SETTING_TYPES.get(name) is str and not isinstance(value, str) else value
         else:
             path = Path(arg)
             if not path.is_file():
@@ -187,14 +192,14 @@ def validate(cfg):
         model_config(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.vocab_size < N_VOCAB:
-        raise ConfigError(f"vocab_size {cfg.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB}, whose ids "
-                          f"data.py writes; leave vocab_size at {N_VOCAB}")
     if cfg.max_length > cfg.n_positions:
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
     for name in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "max_checkpoints", "log_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     if cfg.lr_decay not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {cfg.lr_decay!r}")
     parse_duration(cfg.max_runtime)
@@ -352,10 +357,12 @@ class Trainer:
         self.log = Logger(self.out_dir / "train.log", ddp.master)
         self.stop = StopRequest()
         self.max_runtime = parse_duration(cfg.max_runtime)
-        # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size, a NaN loss
-        # at given steps, and a pause per micro-step so that signals land mid-run.
-        oom_above = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH")
-        self.test_oom_above = int(oom_above) if oom_above else None
+        # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank
+        # only, if given), a NaN loss at given steps, an error in the evaluation of a step, and a pause per
+        # micro-step so that signals land mid-run.
+        oom_above, oom_rank = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH"), os.environ.get("GPT_TEST_OOM_RANK")
+        self.test_oom_above = int(oom_above) if oom_above and oom_rank in (None, str(ddp.rank)) else None
+        self.test_error_at_eval = int(os.environ.get("GPT_TEST_ERROR_AT_EVAL_STEP", "0"))
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
 
@@ -369,6 +376,8 @@ class Trainer:
         self.facts = facts = hardware.probe_facts(self.device)
         hardware.preflight(facts)
         hardware.decide(facts, cfg.dtype, cfg.compile)  # a dtype this device cannot run fails before any data work
+        if ddp.enabled:
+            hardware.nccl_check()  # before any other collective: it is the one with a timeout
         if cfg.gradient_accumulation_steps % ddp.world_size:
             fit = -(-cfg.gradient_accumulation_steps // ddp.world_size) * ddp.world_size
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
@@ -401,10 +410,14 @@ class Trainer:
         self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
         self.val_loss, self.last_train_loss, self.epoch_loss_sum, self.epoch_loss_count = None, None, 0.0, 0
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
+        # (epoch loss sums) from a completed step until its evaluation is done: an error in between
+        # writes an emergency checkpoint that has resume redo that evaluation.
+        self.pending_after_step = None
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         if resume is not None:
             self.restore(resume)
+        self.refuse_newer_checkpoints(resume)
         if ddp.enabled and min_over_ranks(self.step, ddp, self.device) != -min_over_ranks(-self.step, ddp, self.device):
             raise ConfigError("the processes found different checkpoints to resume from: on several machines, "
                               "out_dir and checkpoint_dir must be on a filesystem that every node shares")
@@ -416,10 +429,12 @@ class Trainer:
         del init_source
         self.train_model = hardware.compile_or_eager(self.model, True) if self.plan.compile else self.model
         if ddp.enabled:
-            hardware.nccl_check()
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.train_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)  # no buffers to sync
+            self.train_model = self.wrap_ddp(self.train_model)
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
+
+    def wrap_ddp(self, module):
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.ddp.local_rank] if self.device_type == "cuda" else None)  # no buffers to sync
 
     def load_init_source(self):
         """The model named by init_from (a checkpoint or a HuggingFace GPT-2 folder), or None for 'scratch'.
@@ -448,6 +463,20 @@ class Trainer:
                      + ", ".join(f"{k}={v}" for k, v in changed.items()))
         return source
 
+    def refuse_newer_checkpoints(self, resume):
+        """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be
+        auto-resumed into checkpoints beyond its own start."""
+        newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, self.step if resume else -1)
+                 if p != resume]
+        if not newer:
+            return
+        names = ", ".join(str(p) for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+        if resume is None:
+            raise ConfigError(f"{names} hold an earlier run: a fresh run here would overwrite or rotate them away; "
+                              f"resume it (resume_from_checkpoint='auto'), use another out_dir, or move them away")
+        raise ConfigError(f"resuming from {resume} at step {self.step}, but {names} are further on: this run would mix "
+                          f"with them (rotation, best_model.pt, later 'auto' resumes); move them away first")
+
     def restore(self, path):
         state = ckpt.load_checkpoint(path, map_location="cpu")
         saved = GPTConfig.from_dict(state["config"])
@@ -456,9 +485,29 @@ class Trainer:
                     if getattr(model_config(self.cfg), k) != v}
             raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
                               f"use the same model settings or resume_from_checkpoint=''")
+        cfg, saved_cfg = self.cfg, state["config"]
+        windows = (state["batch_size"] * state["gradient_accumulation_steps"], saved_cfg.get("max_length"))
+        if windows != (cfg.batch_size * cfg.gradient_accumulation_steps, cfg.max_length):
+            raise ConfigError(
+                f"checkpoint {path} was trained with {windows[0]} sequences of {windows[1]} tokens per step "
+                f"(batch_size x gradient_accumulation_steps); this run has {cfg.batch_size * cfg.gradient_accumulation_steps} "
+                f"of {cfg.max_length}: the data position and the epochs count in those steps, so keep the product "
+                f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh with "
+                f"resume_from_checkpoint=''")
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
-        self.scheduler.load_state_dict(state["scheduler_state_dict"])
+        # The optimizer's saved hyper-parameters give way to this run's settings (the same on a plain resume):
+        # the schedule is rebuilt at the saved step from learning_rate, min_lr, warmup and decay as set now.
+        for group in self.optimizer.param_groups:
+            group["initial_lr"], group["betas"] = cfg.learning_rate, (cfg.beta1, cfg.beta2)
+        self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the 2-D weights' group
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps),
+                                                           last_epoch=state["step"] - 1)
+        changed = [f"{k} {saved_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in
+                   ("learning_rate", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "beta1", "beta2")
+                   if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+        if changed:
+            self.log("resume: changed since the checkpoint, applied from here: " + ", ".join(changed))
         if state.get("scaler_state_dict"):
             self.scaler.load_state_dict(state["scaler_state_dict"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -466,11 +515,15 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.train_bins.load_state_dict(state["data_state"])
-        # An OOM back-off is remembered, as long as it keeps the configured effective batch.
-        if state["batch_size"] * state["gradient_accumulation_steps"] == (
-                self.cfg.batch_size * self.cfg.gradient_accumulation_steps):
+        # An OOM back-off (a smaller micro-batch) is remembered, unless this command line sets the batch itself.
+        if (state["batch_size"] < cfg.batch_size and state["gradient_accumulation_steps"] % self.ddp.world_size == 0
+                and not {"batch_size", "gradient_accumulation_steps"} & self.given):
             self.batch_size = state["batch_size"]
             self.accum = state["gradient_accumulation_steps"] // self.ddp.world_size
+            self.log(f"resume: micro-batch {self.batch_size} x {state['gradient_accumulation_steps']} accumulation, "
+                     f"as the checkpoint's run backed off to after running out of memory")
+        self.pending_after_step = ((state["epoch_loss_sum"], state["epoch_loss_count"])
+                                   if state.get("after_step_pending") else None)
         ckpt.restore_rng_state(state["rng_state"])
         if self.ddp.enabled:  # each rank's own dropout stream; data order is shared
             torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
@@ -502,7 +555,9 @@ class Trainer:
         }
 
     def save(self, kind, **state_parts):
-        """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run."""
+        """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run.
+        Returns whether it was written, on every rank."""
+        failed = False
         if self.ddp.master:
             state = self.state(**state_parts)
             try:
@@ -515,8 +570,15 @@ class Trainer:
                 self.log(f"saved {path}")
             except ckpt.CheckpointError as e:
                 self.log(f"warning: {e}")
-        if self.ddp.enabled:
-            dist.barrier()
+                failed = True
+        return not any_rank(failed, self.ddp, self.device)  # under DDP also what keeps the ranks together
+
+    def write_history(self, name, records):
+        """out_dir/name rewritten whole; a failed write (a full disk) is a warning, the next one catches up."""
+        try:
+            ckpt.atomic_write_json(self.out_dir / name, records)
+        except ckpt.CheckpointError as e:
+            self.log(f"warning: {e}")
 
     # one optimizer step ------------------------------------------------------------------------
     def train_step(self):
@@ -565,6 +627,14 @@ class Trainer:
             total += loss.detach()
         if self.step + 1 in self.test_nan_steps:
             total = total * float("nan")
+        try:  # a smaller micro-batch saves nothing from here on: no retry (and no half-done update redone)
+            return self._update(total)
+        except torch.OutOfMemoryError:
+            raise hardware.HardwareError(
+                "out of memory in the optimizer update (AdamW keeps two fp32 copies of the parameters): use a "
+                "smaller model, or a smaller batch_size to leave it room") from None
+
+    def _update(self, total):
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
         loss = total.item() / self.accum
@@ -585,23 +655,34 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.device_type == "cuda":
             torch.cuda.empty_cache()
-        new_batch = min_over_ranks(self.batch_size // 2, self.ddp, self.device)
+        # The largest micro-batch of at most half the size that divides this process's sequences per step,
+        # so that the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation).
+        per_step = self.batch_size * self.accum
+        new_batch = max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
+        new_batch = min_over_ranks(new_batch, self.ddp, self.device)
         if new_batch < 1:
-            raise SystemExit("error: out of memory even at batch_size=1; lower max_length or the model size, "
-                             "or use a GPU with more memory")
-        self.batch_size, self.accum = new_batch, self.accum * (self.batch_size // new_batch)
+            raise hardware.HardwareError("out of memory even at batch_size=1; lower max_length or the model size, "
+                                         "or use a GPU with more memory")
+        self.batch_size, self.accum = new_batch, per_step // new_batch
         self.log(f"out of memory: micro-batch now {self.batch_size} x {self.accum * self.ddp.world_size} accumulation "
                  f"steps (same effective batch); redoing step {self.step + 1}")
+        if self.ddp.enabled:  # a rank that got through its synchronised forward left DDP waiting for a backward
+            self.train_model = self.wrap_ddp(self.train_model.module)
         self.train_bins.load_state_dict(self.step_start[0])
         ckpt.restore_rng_state(self.step_start[1])
 
     # evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Mean val loss over the val split (or eval_iters batches), averaged over all ranks."""
+        """Mean val loss over the val split (or its first eval_iters x batch_size windows, whatever the
+        number of processes and any out-of-memory back-off), averaged over all ranks."""
+        if self.step == self.test_error_at_eval:
+            self.test_error_at_eval = 0  # once per process
+            raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in self.val_bins.eval_batches(self.batch_size, self.cfg.eval_iters or None, self.device):
+        windows = self.cfg.eval_iters * self.cfg.batch_size or None
+        for x, y in self.val_bins.eval_batches(self.batch_size, windows, self.device):
             with self.autocast:
                 _, loss = self.model(x, y, return_logits=False)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
@@ -611,8 +692,8 @@ class Trainer:
         return (total[0] / total[1]).item() if total[1] else float("nan")
 
     def sample(self):
-        if not self.cfg.sample_prompt or not self.ddp.master:
-            return
+        if not self.cfg.sample_prompt or not self.ddp.master or self.cfg.vocab_size < N_VOCAB:
+            return  # (a model smaller than the GPT-2 vocabulary, on data of its own ids, has no text to show)
         enc = get_tokenizer()
         idx = torch.tensor([enc.encode_ordinary(self.cfg.sample_prompt)], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
@@ -626,23 +707,37 @@ class Trainer:
     def elapsed(self):
         return self.elapsed_before + time.time() - self.t0
 
-    def run_eval(self, lr):
+    def run_eval(self, lr, epoch_end):
+        """Evaluate, record it, close the epoch if this step ends one, then save the best model: after the
+        epoch record, so that a resume from best_model.pt starts the next epoch's train loss afresh."""
         val = self.evaluate()
         self.val_loss = val
         improved = val < self.best_val_loss
         ppl = math.exp(min(val, 50))
         self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
         if self.ddp.master:
-            self.eval_history.append({
+            self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
                 "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
                 "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
-                "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")})
-            ckpt.atomic_write_json(self.out_dir / "eval_history.json", self.eval_history)
+                "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")}]
+            self.write_history("eval_history.json", self.eval_history)
         self.tracker.log(self.step, {"val/loss": val, "val/perplexity": ppl})
+        if epoch_end:
+            self.end_epoch()
         if improved:
-            self.best_val_loss = val
-            self.save("best")
+            # best_model.pt holds its own val loss as the best; a failed save leaves the one on disk the best.
+            previous, self.best_val_loss = self.best_val_loss, val
+            if not self.save("best"):
+                self.best_val_loss = previous
         self.sample()
+
+    def after_step(self, lr):
+        """The evaluation, epoch record and best model due after the step just completed."""
+        epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+        if self.step % self.cfg.eval_steps == 0 or epoch_end:
+            self.run_eval(lr, epoch_end)
+            self.refresh_plot()  # once, with this evaluation and any epoch record it closed
+        self.pending_after_step = None
 
     def refresh_plot(self):
         """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
@@ -662,11 +757,12 @@ class Trainer:
         what = "done" if done == self.steps_per_epoch else f"ended after {done} of its {self.steps_per_epoch} steps"
         self.log(f"epoch {epoch} {what}: train loss {train_loss:.4f}, val loss {val:.4f}")
         if self.ddp.master:
-            self.history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val,
-                                 "val_perplexity": math.exp(min(val, 50)),
-                                 "timestamp": datetime.now().isoformat(timespec="seconds")})
-            ckpt.atomic_write_json(self.out_dir / "training_history.json", self.history)
-        self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+            self.history = [r for r in self.history if r.get("epoch") != epoch] + [{
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val, "val_perplexity": math.exp(min(val, 50)),
+                "timestamp": datetime.now().isoformat(timespec="seconds")}]
+            self.write_history("training_history.json", self.history)
+        if done == self.steps_per_epoch:  # a run stopped inside an epoch keeps its sums for a longer resume
+            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
 
     def banner(self, n_params, n_params_ne):
         cfg = self.cfg
@@ -675,7 +771,7 @@ class Trainer:
         if hint:
             self.log(hint)
         self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
-        self.log(f"batch: {self.batch_size} x {cfg.gradient_accumulation_steps} accumulation x {cfg.max_length} tokens = "
+        self.log(f"batch: {self.batch_size} x {self.accum * self.ddp.world_size} accumulation x {cfg.max_length} tokens = "
                  f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
                  f"{plural(self.ddp.world_size, 'process', 'processes')}")
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
@@ -699,6 +795,9 @@ class Trainer:
         self.log.bar = bar
         nonfinite, session_start, session_steps = 0, time.time(), 0
         try:
+            if self.pending_after_step is not None:
+                self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
+                self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1))
             while self.step < self.total_steps:
                 if self.train_bins.epoch != self.step // self.steps_per_epoch:
                     self.train_bins.start_epoch(self.step // self.steps_per_epoch)
@@ -719,6 +818,7 @@ class Trainer:
                     self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
                     if nonfinite >= cfg.max_nonfinite:
                         return self.nonfinite_exit(nonfinite)
+                self.pending_after_step = (self.epoch_loss_sum, self.epoch_loss_count)
                 tok_s = session_steps * self.tokens_per_step / max(1e-9, time.time() - session_start)
                 bar.set_description(f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}/"
                                     f"{math.ceil(self.total_steps / self.steps_per_epoch)}")
@@ -733,12 +833,7 @@ class Trainer:
                     left = (self.total_steps - self.step) * self.tokens_per_step / tok_s
                     self.log(f"estimated time left: {fmt_duration(left)} at {tok_s:,.0f} tokens/s")
                 last = self.step == self.total_steps
-                epoch_end = self.step % self.steps_per_epoch == 0 or last
-                if self.step % cfg.eval_steps == 0 or epoch_end:
-                    self.run_eval(lr)
-                    if epoch_end:
-                        self.end_epoch()
-                    self.refresh_plot()  # once, with this evaluation and any epoch record it closed
+                self.after_step(lr)
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
                     self.save("rotated")
@@ -766,11 +861,20 @@ class Trainer:
 
     def resume_command(self):
         args = " ".join(sys.argv[1:])
-        return f"python train.py {args} --resume_from_checkpoint=latest".replace("  ", " ")
+        launcher = f"torchrun --nproc_per_node={self.ddp.world_size}" if self.ddp.enabled else "python"
+        return f"{launcher} train.py {args} --resume_from_checkpoint=latest".replace("  ", " ")
 
     def save_emergency_local(self):
+        """After an error: inside a step, the last completed step with the data and RNG state it left; after
+        a step, that step, marked so that resume redoes its evaluation (and epoch record)."""
         try:
-            path = ckpt.save_emergency(self.state(*self.step_start), self.out_dir)
+            if self.pending_after_step is None:
+                state = self.state(*self.step_start)
+            else:
+                state = self.state()
+                state["epoch_loss_sum"], state["epoch_loss_count"] = self.pending_after_step
+                state["after_step_pending"] = True
+            path = ckpt.save_emergency(state, self.out_dir)
             self.log(f"saved {path}")
         except Exception as e:  # the original error matters more
             self.log(f"warning: could not write the emergency checkpoint: {e}")

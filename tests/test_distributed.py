@@ -40,8 +40,8 @@ def launch(nproc, out_dir, bins, *extra, popen=False, env=None):
     return p
 
 
-def train_losses(out_dir):
-    return {r["step"]: r["train_loss"] for r in json.loads((out_dir / "eval_history.json").read_text())}
+def train_losses(out_dir, key="train_loss"):
+    return {r["step"]: r[key] for r in json.loads((out_dir / "eval_history.json").read_text())}
 
 
 def final_weights(out_dir):
@@ -67,6 +67,9 @@ def test_two_processes_match_one(tmp_path, bins):
     p = launch(2, two, bins, "--max_steps=6")
     assert "2 processes" in (two / "train.log").read_text()
     assert_close_runs(one, two)
+    # eval_iters=1 scores the first batch_size windows of val, however many processes share them.
+    val_one, val_two = train_losses(one, "val_loss"), train_losses(two, "val_loss")
+    assert all(abs(val_one[s] - val_two[s]) < 1e-5 for s in val_one), (val_one, val_two)
     # Only rank 0 writes: one log, one history, one set of checkpoints.
     assert len(train_losses(two)) == 6
     assert p.stdout.count(f"saved {two / 'checkpoints' / 'checkpoint_epoch1_step6.pt'}") == 1
@@ -111,10 +114,13 @@ def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins, res
     assert_close_runs(straight, run, exact=resume_nproc == 2)
 
 
-def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins):
+@pytest.mark.parametrize("ranks", ["all", "1"])
+def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins, ranks):
+    """Out of memory on every rank, or on rank 1 alone (rank 0 then got through the synchronised forward)."""
     one, two = tmp_path / "one", tmp_path / "two"
     launch(1, one, bins, "--max_steps=4")
-    p = launch(2, two, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "2"})
+    p = launch(2, two, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "2",
+                                                    **({} if ranks == "all" else {"GPT_TEST_OOM_RANK": ranks})})
     # Both ranks halve together (4 -> 2 per rank; accumulation 4 -> 8 in all) and stay in step.
     assert p.stdout.count("out of memory: micro-batch now 2 x 8 accumulation steps") == 1
     state = ckpt.load_checkpoint(ckpt.list_checkpoints(two / "checkpoints")[-1])

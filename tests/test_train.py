@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import train
 from data import EOT_TOKEN, get_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_help_lists_every_setting():
     (["--data_dir=/nonexistent/bins"], "python data.py wikitext103"),
     (["--device=cuda"], "device='cuda' but no CUDA GPU is visible"),
     (["--dtype=float16"], "float16"),
-    (["--vocab_size=1000"], "vocab_size 1000 is smaller than the GPT-2 tokenizer's 50257"),
+    (["--max_grad_norm=-1"], "max_grad_norm must not be negative, got -1.0"),
 ])
 def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_dir={bins}", *args],
@@ -205,10 +206,96 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_result(tmp_path, bins):
         torch.testing.assert_close(v, ref[k], atol=2e-5, rtol=1e-4)
 
 
-def test_out_of_memory_at_micro_batch_1_gives_up_clearly(tmp_path, bins):
-    p = run_train(tmp_path / "out", bins, "--max_steps=2", env={"GPT_TEST_OOM_ABOVE_BATCH": "0"}, check=False)
-    assert p.returncode != 0
-    assert "out of memory even at batch_size=1" in p.stderr
+def test_out_of_memory_keeps_an_odd_effective_batch_exactly(tmp_path, bins):
+    normal, backed_off = tmp_path / "normal", tmp_path / "oom"
+    common = ["--batch_size=10", "--gradient_accumulation_steps=1", "--max_steps=3", "--save_steps=3", "--eval_steps=100"]
+    run_train(normal, bins, *common)
+    p = run_train(backed_off, bins, *common, env={"GPT_TEST_OOM_ABOVE_BATCH": "2"})
+    assert "micro-batch now 5 x 2 accumulation steps" in p.stdout and "micro-batch now 2 x 5 accumulation" in p.stdout
+    state, ref = (ckpt.load_checkpoint(d / "checkpoints" / "checkpoint_epoch1_step3.pt") for d in (backed_off, normal))
+    assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 5)
+    assert state["data_state"] == ref["data_state"] and state["tokens_seen"] == ref["tokens_seen"]
+    for k, v in state["model_state_dict"].items():
+        torch.testing.assert_close(v, ref["model_state_dict"][k], atol=2e-5, rtol=1e-4)
+
+
+def test_out_of_memory_at_micro_batch_1_gives_up_clearly_with_a_checkpoint(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=2", "--save_steps=2", "--eval_steps=100")
+    p = run_train(out, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "0"}, check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: out of memory even at batch_size=1"), p.stderr
+    assert "out of memory even at batch_size=1" in (out / "train.log").read_text()
+    emergency, before = (ckpt.load_checkpoint(out / name) for name in
+                         ("emergency_checkpoint.pt", "checkpoints/checkpoint_epoch1_step2.pt"))
+    assert emergency["step"] == 2 and emergency["data_state"] == before["data_state"]
+
+
+def test_an_error_after_a_step_has_its_evaluation_redone_on_resume(tmp_path, bins):
+    common = ["--max_steps=22", "--eval_steps=5", "--save_steps=100"]
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    run_train(straight, bins, *common)
+    p = run_train(failed, bins, *common, env={"GPT_TEST_ERROR_AT_EVAL_STEP": "11"}, check=False)  # an epoch's end
+    assert p.returncode != 0 and "injected: an error in the evaluation of step 11" in p.stderr
+    state = ckpt.load_checkpoint(failed / "emergency_checkpoint.pt")
+    assert state["step"] == 11 and state["after_step_pending"]
+    p = run_train(failed, bins, *common)
+    assert "redoing the evaluation of step 11" in p.stdout
+    for name in ("training_history.json", "eval_history.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (straight, failed))
+        assert [(r.get("step"), r["train_loss"], r["val_loss"]) for r in a] == \
+               [(r.get("step"), r["train_loss"], r["val_loss"]) for r in b], name
+    assert_same_weights(weights(straight / "checkpoints" / "checkpoint_epoch2_step22.pt"),
+                        weights(failed / "checkpoints" / "checkpoint_epoch2_step22.pt"))
+
+
+@pytest.mark.parametrize("stop", [11, 15])
+def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins, stop):
+    """Stopped at an epoch's end and resumed from best_model.pt (as after a kill before the next rotated
+    save), or stopped inside an epoch and extended: the epoch's mean train loss is the straight run's."""
+    common = ["--lr_decay=constant", "--eval_steps=100", "--save_steps=100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(straight, bins, *common, "--max_steps=22")
+    run_train(resumed, bins, *common, f"--max_steps={stop}")
+    if stop == 11:
+        for path in ckpt.list_checkpoints(resumed / "checkpoints"):
+            path.unlink()
+    p = run_train(resumed, bins, *common, "--max_steps=22")
+    source = resumed / "best_model.pt" if stop == 11 else resumed / "checkpoints" / "checkpoint_epoch2_step15.pt"
+    assert f"resumed from {source} at step {stop}" in p.stdout
+    a, b = (json.loads((d / "training_history.json").read_text()) for d in (straight, resumed))
+    assert [(r["epoch"], r["train_loss"]) for r in a] == [(r["epoch"], r["train_loss"]) for r in b]
+
+
+def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=100")
+    before = sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt"))
+    p = run_train(out, bins, "--max_steps=6", "--resume_from_checkpoint=", check=False)
+    assert p.returncode == 2 and "hold an earlier run: a fresh run here would overwrite" in p.stderr, p.stderr
+    older = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
+    p = run_train(out, bins, "--max_steps=6", f"--resume_from_checkpoint={older}", check=False)
+    assert p.returncode == 2 and f"resuming from {older} at step 2, but" in p.stderr and "move them away" in p.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
+
+
+def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100")
+    p = run_train(out, bins, "--max_steps=6", "--batch_size=2", check=False)
+    assert p.returncode == 2 and "was trained with 8 sequences of 32 tokens per step" in p.stderr, p.stderr
+    p = run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=100", "--learning_rate=1e-3",
+                  "--weight_decay=0.5", "--batch_size=2", "--gradient_accumulation_steps=4")
+    assert "applied from here: learning_rate 0.003 -> 0.001, weight_decay 0.01 -> 0.5" in p.stdout
+    assert "batch: 2 x 4 accumulation x 32 tokens = 256 tokens per step" in p.stdout
+    state = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint_epoch1_step6.pt")
+    groups = state["optimizer_state_dict"]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
+    assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
+
+
+def test_text_settings_keep_what_was_typed():
+    cfg, _ = train.load_config(["--out_dir=1.50", "--sample_prompt=True", "--max_runtime=3600"])
+    assert (cfg.out_dir, cfg.sample_prompt, cfg.max_runtime) == ("1.50", "True", "3600")
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
