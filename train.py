@@ -487,10 +487,11 @@ class Trainer:
                               f"use the same model settings or resume_from_checkpoint=''")
         cfg, saved_cfg = self.cfg, state["config"]
         windows = (state["batch_size"] * state["gradient_accumulation_steps"], saved_cfg.get("max_length"))
-        if windows != (cfg.batch_size * cfg.gradient_accumulation_steps, cfg.max_length):
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        if windows != (per_step, cfg.max_length):
             raise ConfigError(
                 f"checkpoint {path} was trained with {windows[0]} sequences of {windows[1]} tokens per step "
-                f"(batch_size x gradient_accumulation_steps); this run has {cfg.batch_size * cfg.gradient_accumulation_steps} "
+                f"(batch_size x gradient_accumulation_steps); this run has {per_step} "
                 f"of {cfg.max_length}: the data position and the epochs count in those steps, so keep the product "
                 f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh with "
                 f"resume_from_checkpoint=''")
