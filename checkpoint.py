@@ -365,6 +365,19 @@ def _candidates(checkpoint_dir, out_dir):
     return found
 
 
+def _peek_steps(candidates, warn):
+    """(stored step, tie rank, path) of the candidates whose header reads (mmap, cheap); the others are
+    skipped, with a warning on stderr if warn."""
+    readable = []
+    for path, rank in candidates:
+        try:
+            readable.append((_read(path, "cpu", mmap=True)["step"], rank, path))
+        except CheckpointError as e:
+            if warn:
+                print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+    return readable
+
+
 def find_checkpoint(spec, checkpoint_dir, out_dir):
     """Resolve resume_from_checkpoint to a path, or None to start fresh.
 
@@ -392,13 +405,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
         raise CheckpointError(
             f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
             f"{out_dir}; use 'auto' to start fresh when there is none")
-    readable = []
-    for path, rank in candidates:
-        try:
-            readable.append((_read(path, "cpu", mmap=True)["step"], rank, path))
-        except CheckpointError as e:
-            print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
-    for _, _, path in sorted(readable, key=lambda c: (c[0], c[1]), reverse=True):
+    for _, _, path in sorted(_peek_steps(candidates, warn=True), key=lambda c: (c[0], c[1]), reverse=True):
         try:
             _verify_checksums(path)
             return path
@@ -410,15 +417,9 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
 
 
 def checkpoints_after(checkpoint_dir, out_dir, step):
-    """The readable checkpoint files (rotated, emergency, best) whose stored step is above step."""
-    found = []
-    for path, _ in _candidates(checkpoint_dir, out_dir):
-        try:
-            if _read(path, "cpu", mmap=True)["step"] > step:
-                found.append(path)
-        except CheckpointError:
-            pass  # what no run can resume from cannot be mixed up with this one
-    return found
+    """The readable checkpoint files (rotated, emergency, best) whose stored step is above step (what no
+    run can resume from cannot be mixed up with one)."""
+    return [path for stored, _, path in _peek_steps(_candidates(checkpoint_dir, out_dir), warn=False) if stored > step]
 
 
 # --- RNG state and model weights ---------------------------------------------------------------

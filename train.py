@@ -417,7 +417,8 @@ class Trainer:
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         if resume is not None:
             self.restore(resume)
-        self.refuse_newer_checkpoints(resume)
+        if cfg.resume_from_checkpoint not in ("auto", "latest"):  # those resume the newest, or find none
+            self.refuse_newer_checkpoints(resume)
         if ddp.enabled and min_over_ranks(self.step, ddp, self.device) != -min_over_ranks(-self.step, ddp, self.device):
             raise ConfigError("the processes found different checkpoints to resume from: on several machines, "
                               "out_dir and checkpoint_dir must be on a filesystem that every node shares")
@@ -523,7 +524,7 @@ class Trainer:
             self.accum = state["gradient_accumulation_steps"] // self.ddp.world_size
             self.log(f"resume: micro-batch {self.batch_size} x {state['gradient_accumulation_steps']} accumulation, "
                      f"as the checkpoint's run backed off to after running out of memory")
-        self.pending_after_step = ((state["epoch_loss_sum"], state["epoch_loss_count"])
+        self.pending_after_step = ((self.epoch_loss_sum, self.epoch_loss_count)
                                    if state.get("after_step_pending") else None)
         ckpt.restore_rng_state(state["rng_state"])
         if self.ddp.enabled:  # each rank's own dropout stream; data order is shared
