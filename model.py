@@ -109,10 +109,37 @@ class PackedLinear:
 LOSS_CHUNK_ROWS = 128
 
 
+def chunked_cross_entropy(h, weight, targets, vocab_size, dtype, chunk_rows, grads=False):
+    """Mean cross-entropy of h @ weight.T against targets (-1 = ignore), over chunks of chunk_rows rows, so
+    the (N, V) logits, their fp32 copy and log-softmax never exist at full size. h (N, C), weight (Vp, C)
+    with columns from vocab_size on padding, targets (N,); matmuls in dtype, the rest fp32.
+
+    Returns the loss, and with grads=True also its gradients (dh, dw), formed chunk by chunk as
+    softmax - onehot. Evaluation (no grads) uses it as it is: its memory is a chunk's, not the batch's."""
+    w = weight.to(dtype)
+    n = (targets != -1).sum()
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h) if grads else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+    for s in range(0, h.size(0), chunk_rows):
+        hc, tc = h[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
+        logits = (hc @ w.t()).float()  # (rows, Vp)
+        logits[:, vocab_size:] = float("-inf")  # padded columns never win
+        logp = logits.log_softmax(dim=-1)
+        scale = ((tc != -1) / n)[:, None]  # (rows, 1): d(mean loss) / d(row loss)
+        tc = tc.clamp(min=0)[:, None]
+        loss -= (logp.gather(1, tc) * scale).sum()
+        if grads:
+            g = logp.exp_().scatter_add_(1, tc, logp.new_full(tc.shape, -1.0)).to(dtype)  # softmax - onehot
+            # The row scale is applied to the (rows, C) factors rather than to the (rows, Vp) g.
+            dh[s:s + chunk_rows] = (g @ w) * scale
+            dw += g.t() @ (hc * scale).to(dtype)
+    return (loss, dh, dw.to(weight.dtype)) if grads else loss
+
+
 class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of h @ weight.T against targets (-1 = ignore), computed over row chunks, so the
-    (N, V) logits, their fp32 copy, log-softmax and gradient never exist at full size. The gradients are
-    computed in forward (softmax - onehot, one chunk at a time) and scaled in backward.
+    """chunked_cross_entropy as an autograd function: the gradients are computed in forward and scaled in
+    backward.
 
     For eager training in fp32 or bf16 only: under torch.compile, inductor's fused loss path is faster
     (bench/NOTES.md), and under fp16 the gradients formed here, before GradScaler's factor, could underflow.
@@ -120,25 +147,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, vocab_size, dtype, chunk_rows):
-        # h (N, C), weight (Vp, C), targets (N,); matmuls in dtype (what autocast would pick), the rest fp32.
-        w = weight.to(dtype)
-        n = (targets != -1).sum()
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        dh = torch.empty_like(h)
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, h.size(0), chunk_rows):
-            hc, tc = h[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
-            logits = (hc @ w.t()).float()  # (rows, Vp)
-            logits[:, vocab_size:] = float("-inf")  # padded columns never win
-            logp = logits.log_softmax(dim=-1)
-            scale = ((tc != -1) / n)[:, None]  # (rows, 1): d(mean loss) / d(row loss)
-            tc = tc.clamp(min=0)[:, None]
-            loss -= (logp.gather(1, tc) * scale).sum()
-            g = logp.exp_().scatter_add_(1, tc, logp.new_full(tc.shape, -1.0)).to(dtype)  # softmax - onehot
-            # The row scale is applied to the (rows, C) factors rather than to the (rows, Vp) g.
-            dh[s:s + chunk_rows] = (g @ w) * scale
-            dw += g.t() @ (hc * scale).to(dtype)
-        ctx.save_for_backward(dh, dw.to(weight.dtype))
+        loss, dh, dw = chunked_cross_entropy(h, weight, targets, vocab_size, dtype, chunk_rows, grads=True)
+        ctx.save_for_backward(dh, dw)
         return loss
 
     @staticmethod
@@ -230,7 +240,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight[config.vocab_size:].zero_()
         self._register_state_dict_hook(_unpad_vocab)
         self._register_load_state_dict_pre_hook(self._pad_vocab)
-        # Eager training steps with return_logits=False use LinearCrossEntropy; False: always the plain path.
+        # Eager training steps and evaluation with return_logits=False use the chunked loss; False: always
+        # the plain path.
         self.chunked_loss = True
 
     @staticmethod
@@ -258,6 +269,15 @@ class GPT(nn.Module):
             n -= self.config.vocab_size * self.config.n_embd + self.transformer.wpe.weight.numel()
         return n
 
+    @torch.compiler.disable
+    def embed(self, idx, start=0):
+        """Token plus position embeddings of idx (B, T) at positions start.. . Never compiled: inductor's
+        embedding backward adds the rows' gradients with atomics, in an order that changes from run to run, so
+        a compiled run would not repeat itself to the bit (nor a resumed one match an uninterrupted one);
+        the eager backward is deterministic and costs next to nothing here."""
+        pos = torch.arange(start, start + idx.size(1), dtype=torch.long, device=idx.device)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
+
     def forward(self, idx, targets=None, all_logits=False, cache=None, return_logits=True):
         """idx: (B, T) token ids. Returns (logits, loss).
 
@@ -266,29 +286,29 @@ class GPT(nn.Module):
         return_logits=False returns (None, loss): a training step that needs only the loss then never
         materialises the (B, T, V) logits as an output, which under torch.compile saves writing them
         and a zero gradient of that size in backward (about 12% of a compiled CPU step).
-        In eager training (grad enabled, not compiling) the loss then comes from LinearCrossEntropy,
-        which never holds the full logits.
+        Not compiling, the loss then comes from chunked_cross_entropy, which never holds the full logits:
+        in training through LinearCrossEntropy (fp32, bf16), in evaluation (no grad) directly (any dtype).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.n_positions:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context "
                              f"n_positions={self.config.n_positions}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.drop(self.embed(idx, start))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.length += T
         V = self.config.vocab_size
-        # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
-        # backward), so small ones would underflow; the plain path scales first.
-        if (targets is not None and not return_logits and self.chunked_loss and torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and (dtype := matmul_dtype(x)) != torch.float16):
-            loss = LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V,
-                                            dtype, LOSS_CHUNK_ROWS)
-            return None, loss
+        if targets is not None and not return_logits and self.chunked_loss and not torch.compiler.is_compiling():
+            dtype, args = matmul_dtype(x), (x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V)
+            if not torch.is_grad_enabled():  # evaluation: the loss alone, in a chunk's memory
+                return None, chunked_cross_entropy(*args, dtype, LOSS_CHUNK_ROWS)
+            # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
+            # backward), so small ones would underflow; the plain path scales first.
+            if dtype != torch.float16:
+                return None, LinearCrossEntropy.apply(*args, dtype, LOSS_CHUNK_ROWS)
         if targets is None and not all_logits:
             x = x[:, [-1], :]
         logits = self.lm_head(x)

@@ -259,6 +259,25 @@ def test_chunked_loss_equals_plain_cross_entropy(dtype, monkeypatch):
     assert not grads["transformer.wte.weight"][97:].any()  # padded rows get no gradient
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_evaluation_loss_is_chunked_and_equals_the_plain_loss(dtype, monkeypatch):
+    """Without grad (evaluation) the loss comes chunk by chunk, in any autocast dtype, with the plain loss's value."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
+    model = randomized(GPTConfig(**TINY)).eval()
+    idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+    targets = idx.clone()
+    targets[1, :6] = -1
+    calls = []
+    monkeypatch.setattr(model_module, "chunked_cross_entropy",
+                        lambda *a, real=model_module.chunked_cross_entropy: calls.append(1) or real(*a))
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        _, chunked = model(idx, targets, return_logits=False)
+        assert calls  # the chunked path ran
+        _, plain = model(idx, targets)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(chunked, plain, **tol)
+
+
 def test_chunked_loss_only_when_training_eagerly():
     model = randomized(GPTConfig(**TINY)).train()
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
