@@ -591,7 +591,10 @@ class Trainer:
             try:
                 return self._accumulate_and_update()
             except torch.OutOfMemoryError:
-                self.back_off_oom()
+                pass
+            # Outside the except block: the exception's traceback no longer holds the failed step's tensors,
+            # so back_off_oom's empty_cache can hand their memory back.
+            self.back_off_oom()
 
     def _accumulate_and_update(self):
         total = torch.zeros((), device=self.device)
