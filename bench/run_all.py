@@ -5,7 +5,8 @@
     python bench/run_all.py --quick          # tiny settings, a minute: checks that the benches run
 
 Each bench runs as its own process with --json; its last line is one JSON object, which becomes a row.
-Training runs twice: in float32 and in the dtype hardware.decide picks (bf16 where the device has it).
+Training runs in float32 and in the dtype hardware.decide picks (bf16 where the device has it), and on a
+GPU also in float16 (a T4's precision); generation in the picked dtype and, where that is not float32, in float32.
 """
 
 import argparse
@@ -49,7 +50,7 @@ def rows_of(name, r):
             extra += f"; vs HF fp32 ({r['peer_fp32']:.0f} tok/s): {r['ratio_vs_hf_fp32']:.2f}x"
         return [[name, what, f"{r['ours']:.0f} tok/s", f"{r['peer']:.0f} tok/s", f"{r['ratio']:.2f}x", extra,
                  f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
-    if name == "generate":
+    if name.startswith("generate"):
         what = f"{r['dtype']}, greedy, batch {r['batch']}, {r['prompt_tokens']}+{r['new_tokens']} tokens"
         return [[name, what, f"{r['ours']:.0f} tok/s", f"{r['peer']:.0f} tok/s", f"{r['ratio']:.2f}x",
                  f"same tokens {r['same_tokens']:.0%}", f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
@@ -63,9 +64,11 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="tiny settings: checks the benches run, measures nothing")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model benches (0 = default)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--rounds", type=int, default=0, help="timed rounds of the model benches (0 = their defaults)")
     p.add_argument("--json", action="store_true", help="print all results as one JSON object on the last line")
     args = p.parse_args(argv)
     common = ["--device", args.device] + (["--threads", str(args.threads)] if args.threads else [])
+    common += ["--rounds", str(args.rounds)] if args.rounds else []
     quick = QUICK if args.quick else {"train": [], "generate": [], "prepare": []}
 
     results = {}
@@ -73,7 +76,14 @@ def main(argv=None):
     auto = run_bench("train_throughput.py", [*common, *quick["train"]])
     if auto.get("dtype") != "float32":  # the device's default is mixed precision: its own row
         results[f"train {auto.get('dtype', 'auto')}"] = auto
-    results["generate"] = run_bench("generate_throughput.py", [*common, *quick["generate"]])
+    if str(auto.get("device", "")).startswith("cuda") and auto.get("dtype") != "float16":
+        # What a Kaggle T4 trains in (fp16 + GradScaler), measured here too.
+        results["train float16"] = run_bench("train_throughput.py", ["--dtype", "float16", *common, *quick["train"]])
+    gen = run_bench("generate_throughput.py", [*common, *quick["generate"]])
+    results[f"generate {gen.get('dtype', '')}".strip()] = gen
+    if gen.get("dtype", "float32") != "float32":
+        results["generate float32"] = run_bench("generate_throughput.py", ["--dtype", "float32", *common,
+                                                                           *quick["generate"]])
     results["prepare"] = run_bench("prepare_throughput.py", quick["prepare"])
 
     head = ["bench", "setting", "ours", "HF / peer", "ratio", "notes", "step memory ours / HF"]

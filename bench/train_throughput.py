@@ -53,6 +53,19 @@ def hf_train_step(model, optimizer, scaler, amp, bins, batch_size, device):
     optimizer.zero_grad(set_to_none=True)
 
 
+def print_profile(step, n, device):
+    """torch.profiler over n calls of step: the ops (on a GPU, the kernels) that took the most time."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        common.sync(device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), file=sys.stderr)
+
+
 def write_random_bins(data_dir, vocab_size, block_size, windows, seed):
     """train.bin / val.bin of uniformly random token ids: speed does not depend on the text."""
     rng = np.random.default_rng(seed)
@@ -71,6 +84,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (ours compiles here)")
     p.add_argument("--rounds", type=int, default=8, help="timed steps per side, alternating")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, profile this many of our steps (torch.profiler) and print the top ops")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     common.add_threads_arg(p)
     args = p.parse_args(argv)
@@ -84,7 +99,7 @@ def main(argv=None):
     B, T = args.batch_size, args.block_size or config.n_positions
     print(hardware.describe(facts, plan), file=sys.stderr)
 
-    steps_per_side = args.warmup + args.rounds + 1  # + 1: the memory measurement
+    steps_per_side = args.warmup + args.rounds + 1 + args.profile  # + 1: the memory measurement
     work = tempfile.TemporaryDirectory(prefix="train_bench_")
     write_random_bins(work.name, config.vocab_size, T, steps_per_side * B, args.seed)
     cfg = train.TrainConfig(**config.to_dict(), data_dir=work.name, out_dir=str(Path(work.name) / "out"),
@@ -138,6 +153,8 @@ def main(argv=None):
     mfu = {n: statistics.median(flops_tok * B * T / s / pk for s, pk in zip(ts, peaks[side_dtype[n]]))
            for n, ts in times.items()}
     compiled = plan.compile and getattr(trainer.train_model, "compiled", False)
+    if args.profile:
+        print_profile(trainer.train_step, args.profile, plan.device)
     work.cleanup()
 
     result = {

@@ -56,7 +56,9 @@ def test_run_all_quick_prints_one_table():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     results = json.loads(lines[-1])
-    assert {"train fp32", "generate", "prepare"} <= set(results)
+    assert {"train fp32", "prepare"} <= set(results)
+    generate = [r for name, r in results.items() if name.startswith("generate")]
+    assert {r["dtype"] for r in generate} == {"float32", results[f"generate {generate[0]['dtype']}"]["dtype"]}
     fp32 = results["train fp32"]
     assert fp32["dtype"] == "float32" and "ratio_vs_hf_fp32" not in fp32
     assert set(fp32["peak_mem_mb"]) == {"ours", "peer"}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one go, most important first, each part under its own time limit,
+# so that a short GPU lease still returns the main figures:
+#
+#     bash bench/gpu_check.sh [OUT_DIR]        # default: gpu_out/  (~10 minutes on an H100)
+#
+# Writes OUT_DIR/env.log and OUT_DIR/<part>.log for each part (a bench's log ends with its --json line);
+# prints a summary last. Needs requirements-dev.txt (transformers for the HF side and the tests).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-gpu_out}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of the script itself
+ROUNDS=${ROUNDS:-15}
+
+part() {  # part NAME SECONDS COMMAND...: run it with a limit, log to OUT_DIR/NAME.log, keep a bench's JSON line
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  tail -n 4 "$OUT_DIR/$name.log"
+  echo "=== $name: exit $rc in $((SECONDS - t0))s"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'transformers', transformers.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
+} 2>&1 | tee "$OUT_DIR/env.log"
+
+part bench_train_auto 200 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 --profile 3 --json
+part bench_generate_auto 90 $PY bench/generate_throughput.py --device "$DEVICE" --json
+part tests_cuda 300 $PY -m pytest -q -s -p no:cacheprovider tests/test_cuda.py \
+  "tests/test_checkpoint.py::test_cuda_rng_state_round_trips"
+part bench_train_fp16 150 $PY bench/train_throughput.py --device "$DEVICE" --dtype float16 --rounds "$ROUNDS" --warmup 3 --json
+part bench_generate_fp32 90 $PY bench/generate_throughput.py --device "$DEVICE" --dtype float32 --json
+part bench_train_fp32 150 $PY bench/train_throughput.py --device "$DEVICE" --dtype float32 --rounds "$ROUNDS" --warmup 3 --json
+
+echo "=== summary"
+for f in "$OUT_DIR"/bench_*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f" | grep '^{')"; done
+grep -h "bit-identical\|passed\|failed\|error" "$OUT_DIR/tests_cuda.log" | tail -n 12

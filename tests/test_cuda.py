@@ -1,0 +1,93 @@
+"""train.py and sample.py on a real CUDA GPU: what a Kaggle T4 (fp16 + GradScaler, compiled), a P100 (fp16,
+eager) and an A100/H100 (bf16, compiled and eager) run, interrupted and resumed; a real CUDA out-of-memory
+error (the allocator capped with set_per_process_memory_fraction) backed off; a checkpoint trained on the GPU
+sampled and exported. Skipped where no GPU is visible (CI); run on one with `python -m pytest -q tests/test_cuda.py`.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+from export_hf import load_hf
+from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, write_bins
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = [*TINY, "--device=cuda", "--eval_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def bins(tmp_path_factory):
+    return write_bins(tmp_path_factory.mktemp("data"), train_tokens=70_000)
+
+
+def run(out_dir, bins, *extra, prelude=""):
+    """train.py in a subprocess; with prelude, Python run first in the same process (before train.py's main)."""
+    args = [*CUDA, f"--data_dir={bins}", f"--out_dir={out_dir}", *extra]
+    if prelude:
+        cmd = [sys.executable, "-c", f"{prelude}\nimport runpy, sys\nsys.argv = ['train.py', *{args!r}]\n"
+                                     "runpy.run_path('train.py', run_name='__main__')"]
+    else:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
+    assert p.returncode == 0, f"train.py exited {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def final_state(out_dir):
+    return ckpt.load_checkpoint(ckpt.list_checkpoints(out_dir / "checkpoints")[-1])
+
+
+def bf16_capable():
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+@pytest.mark.parametrize("dtype, compile", [("float16", True), ("float16", False), ("bfloat16", True),
+                                            ("bfloat16", False)],
+                         ids=["T4-fp16-compiled", "P100-fp16-eager", "A100-bf16-compiled", "A100-bf16-eager"])
+def test_interrupted_and_resumed_gpu_run_matches_a_straight_one(tmp_path, bins, dtype, compile):
+    if dtype == "bfloat16" and not bf16_capable():
+        pytest.skip("bf16 needs capability 8.0")
+    p, a, b = assert_resumed_run_is_bit_identical(run, tmp_path, bins, f"--dtype={dtype}", f"--compile={compile}")
+    assert f"dtype: {dtype}" in p.stdout and f"compile: {'on' if compile else 'off'}" in p.stdout
+    if dtype == "float16":  # GradScaler's state travels with the checkpoint
+        assert a["scaler_state_dict"]["scale"] == b["scaler_state_dict"]["scale"] > 0
+
+
+def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins):
+    """The allocator capped at 1.5 GiB: the default-width model at 64 x 512 tokens per micro-batch needs more
+    (~4 GB of activations), so train.py meets real CUDA OOMs, halves the micro-batch until it fits, and
+    ends where a run with that micro-batch from the start ends."""
+    common = ["--n_positions=512", "--max_length=512", "--n_embd=256", "--n_head=8", "--n_inner=1024",
+              "--n_layer=8", "--dtype=float32", "--compile=False", "--max_steps=2", "--save_steps=2"]
+    capped = tmp_path / "capped"
+    cap = (1.5 * 2**30) / torch.cuda.get_device_properties(0).total_memory
+    p = run(capped, bins, *common, "--batch_size=64", "--gradient_accumulation_steps=1",
+            prelude=f"import torch; torch.cuda.set_per_process_memory_fraction({cap!r})")
+    assert "out of memory: micro-batch now 32 x 2 accumulation steps" in p.stdout
+    state = final_state(capped)
+    batch, accum = state["batch_size"], state["gradient_accumulation_steps"]
+    assert batch * accum == 64 and batch <= 32
+    run(tmp_path / "ref", bins, *common, f"--batch_size={batch}", f"--gradient_accumulation_steps={accum}")
+    ref = final_state(tmp_path / "ref")
+    for k, v in ref["model_state_dict"].items():
+        torch.testing.assert_close(state["model_state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+def test_a_gpu_checkpoint_samples_and_exports(tmp_path, bins):
+    out = tmp_path / "out"
+    run(out, bins, "--max_steps=4", "--save_steps=4", "--export_final_model=True",
+        f"--dtype={'bfloat16' if bf16_capable() else 'float16'}")
+    p = subprocess.run([sys.executable, "sample.py", f"--checkpoint={out / 'best_model.pt'}", "--device=cuda",
+                        "--start=The cat", "--max_new_tokens=20", "--seed=1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 0 and "The cat" in p.stdout, p.stderr
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out / "final_model")  # on the CPU, written by a CUDA run
+    ids = torch.tensor([[464, 3797]])  # "The cat"
+    ours = load_hf(out / "final_model")
+    torch.testing.assert_close(hf(ids).logits, ours(ids, all_logits=True)[0], rtol=1e-4, atol=1e-4)
