@@ -356,6 +356,11 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def peek_config(path):
+    """The run config stored in checkpoint `path`, read without loading its tensors (mmap)."""
+    return _read(path, "cpu", mmap=True)["config"]
+
+
 def _candidates(checkpoint_dir, out_dir):
     """(path, tie rank) of every checkpoint file 'latest' considers: emergency > rotated > best on a tie."""
     found = [(p, 1) for p in list_checkpoints(checkpoint_dir)] if checkpoint_dir is not None else []

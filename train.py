@@ -383,7 +383,8 @@ class Trainer:
             raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
                               f"the number of processes ({ddp.world_size}): use --gradient_accumulation_steps={fit}")
 
-        init_source = self.load_init_source()
+        resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
+        init_source = self.load_init_source(resume)
         cfg = self.cfg
         self.train_bins = TokenBins(cfg.data_dir, "train", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
                                     cfg.vocab_size)
@@ -414,7 +415,6 @@ class Trainer:
         # writes an emergency checkpoint that has resume redo that evaluation.
         self.pending_after_step = None
 
-        resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         if resume is not None:
             self.restore(resume)
         if cfg.resume_from_checkpoint not in ("auto", "latest"):  # those resume the newest, or find none
@@ -437,32 +437,49 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[self.ddp.local_rank] if self.device_type == "cuda" else None)  # no buffers to sync
 
-    def load_init_source(self):
+    def load_init_source(self, resume):
         """The model named by init_from (a checkpoint or a HuggingFace GPT-2 folder), or None for 'scratch'.
 
-        Its sizes become this run's model settings, so `--init_from=path/to/gpt2` needs no other flag."""
+        Its sizes become this run's model settings, so `--init_from=path/to/gpt2` needs no other flag. A run
+        that resumes (`resume`, a checkpoint path) has its weights and sizes in that checkpoint: they are taken
+        from there and init_from is not read, so a resume works after the source is gone (a Kaggle dataset
+        not attached to the next session). Returns None then too."""
         src = self.cfg.init_from
         if src in ("", "scratch"):
+            return None
+        if resume is not None:
+            saved = ckpt.peek_config(resume)
+            self.take_sizes(f"checkpoint {resume}", GPTConfig.from_dict(saved), saved.get("max_length"))
             return None
         import export_hf
         try:
             source = export_hf.load_hf(src) if Path(src).is_dir() else export_hf.load_checkpoint_model(src)
         except export_hf.ExportError as e:
             raise ConfigError(f"init_from: {e}") from None
-        sizes = {k: v for k, v in source.config.to_dict().items() if k != "dropout"}  # dropout stays this run's
+        self.take_sizes(f"init_from {src}", source.config, None)
+        return source
+
+    def take_sizes(self, what, config, max_length):
+        """Make `config`'s model sizes (all but dropout, which stays this run's) this run's, and max_length
+        (None: this run's, lowered to n_positions if longer). A size or max_length set on the command line
+        to something else is a ConfigError. `what` names the source in messages."""
+        sizes = {k: v for k, v in config.to_dict().items() if k != "dropout"}
+        if max_length is None and self.cfg.max_length > sizes["n_positions"]:
+            if "max_length" in self.given:
+                raise ConfigError(f"max_length ({self.cfg.max_length}) exceeds the n_positions ({sizes['n_positions']}) "
+                                  f"of {what}; use --max_length={sizes['n_positions']} or less")
+            max_length = sizes["n_positions"]
+        if max_length is not None:
+            sizes["max_length"] = max_length
         changed = {k: v for k, v in sizes.items() if getattr(self.cfg, k) != v}
         clash = [k for k in changed if k in self.given]
         if clash:
-            raise ConfigError(f"init_from {src} is a model with " + ", ".join(f"{k}={sizes[k]}" for k in clash)
+            raise ConfigError(f"{what} is a model with " + ", ".join(f"{k}={sizes[k]}" for k in clash)
                               + "; the model settings come from init_from: drop "
                               + " ".join(f"--{k}={getattr(self.cfg, k)!r}" for k in clash))
         self.cfg = dataclasses.replace(self.cfg, **sizes)
-        if self.cfg.max_length > self.cfg.n_positions:
-            self.cfg = dataclasses.replace(self.cfg, max_length=self.cfg.n_positions)
         if changed:
-            self.log(f"init_from {src}: model settings taken from it: "
-                     + ", ".join(f"{k}={v}" for k, v in changed.items()))
-        return source
+            self.log(f"{what}: model settings taken from it: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
 
     def refuse_newer_checkpoints(self, resume):
         """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be

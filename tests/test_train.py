@@ -399,3 +399,15 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
     assert trained["config"]["n_layer"] == 3
     for k, v in source.state_dict().items():
         assert torch.equal(trained["model_state_dict"][k], v), k  # learning rate 0: the weights are the source's
+    # A resume takes the sizes from its checkpoint: the source may be gone by then (another Kaggle session).
+    src.rename(src.with_name("moved"))
+    p = subprocess.run([a.replace("--max_steps=2", "--max_steps=4") for a in cmd], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stdout and ckpt.load_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[-1])["step"] == 4
+    # A max_length given on the command line is never silently lowered to the source's context.
+    src.with_name("moved").rename(src)
+    other = [a.replace(str(out), str(tmp_path / "other")) for a in cmd if not a.startswith("--n_positions=")]
+    p = subprocess.run(other + ["--max_length=64"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip() == \
+        f"error: max_length (64) exceeds the n_positions (32) of init_from {src}; use --max_length=32 or less"
