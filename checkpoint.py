@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -79,21 +80,40 @@ def _pid_alive(pid):
     return True
 
 
-def _remove_stale_temps(folder):
-    """Delete temp files a killed save left behind in `folder` (only our temp names, only of dead pids).
+# A temp entry untouched this long is a dead writer's even if its pid is alive again (another process).
+STALE_TEMP_AGE_S = 3600.0
 
-    A kill -9 mid-save leaves a temp file as large as a checkpoint; over several interrupted sessions
-    these would fill the disk.
+
+def remove_stale_temps(folder, pattern=_TEMP_RE):
+    """Delete what killed writers left behind in `folder`: the entries whose name fullmatches `pattern`
+    (group 1: the writer's pid) and whose writer is gone; a folder goes whole. Default: our temp files.
+
+    Gone: its pid is not running; or is this process's own (a new session can be given the pid of the one
+    that was killed, and this process writes one thing at a time and calls this before it starts); or the
+    entry has not changed for STALE_TEMP_AGE_S (its pid now belongs to some other process).
+    A kill -9 mid-save leaves a temp file as large as a checkpoint (export_hf: a temp folder as large as
+    the model); over several interrupted sessions these would fill the disk.
     """
     try:
         entries = list(os.scandir(folder))
     except OSError:
         return
+    now = time.time()
     for entry in entries:
-        m = _TEMP_RE.fullmatch(entry.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+        m = pattern.fullmatch(entry.name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            idle = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if pid == os.getpid() or not _pid_alive(pid) or idle > STALE_TEMP_AGE_S:
             try:
-                os.unlink(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
             except OSError:
                 pass
 
@@ -136,7 +156,7 @@ def _atomic_write(path, write):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _save_error(path, e) from e
-    _remove_stale_temps(folder)
+    remove_stale_temps(folder)
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     writer = None
     try:

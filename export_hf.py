@@ -9,8 +9,10 @@ as (in, out) where nn.Linear holds (out, in).
 """
 
 import argparse
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -20,7 +22,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes,
+from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes, remove_stale_temps,
                         atomic_write_json, load_checkpoint, unwrapped_state_dict)
 from data import EOT_TOKEN, gpt2_bpe_files
 from model import GPT, GPTConfig
@@ -194,6 +196,16 @@ def _replace_dir(new, target):
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _remove_stale_exports(out_dir):
+    """What an export killed mid-way left beside out_dir: its temp folder (.NAME.tmp-PID-*, if that process is
+    dead), and a replaced folder moved aside (.NAME.old-*) once out_dir is in place again (while out_dir is
+    missing, that is the only copy and stays)."""
+    remove_stale_temps(out_dir.parent, re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-(\d+)-[0-9a-f]{{8}}"))
+    if (out_dir / "config.json").is_file():
+        for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def export_hf(source, out_dir):
     """Write a HF GPT-2 folder from a checkpoint path, a checkpoint dict or a GPT model; returns out_dir.
 
@@ -218,6 +230,7 @@ def export_hf(source, out_dir):
                                                          or (out_dir / "config.json").is_file())):
         raise ExportError(f"{out_dir} exists and is not an exported model folder: pick a new OUT_DIR")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_exports(out_dir)
     # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()

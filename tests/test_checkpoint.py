@@ -133,8 +133,16 @@ def test_temps_of_a_live_process_are_not_touched(tmp_path):
     try:
         live = tmp_path / f".best_model.pt.{sleeper.pid}.0123abcd.tmp"
         live.write_bytes(b"in progress")
+        # Left by a killed process whose pid is now this one's (a new session), and by one whose pid another
+        # process has taken since: untouched for over an hour.
+        own = tmp_path / f".best_model.pt.{os.getpid()}.4567abcd.tmp"
+        own.write_bytes(b"left by a killed process")
+        reused = tmp_path / f".checkpoint_epoch1_step2.pt.{sleeper.pid}.89abcdef.tmp"
+        reused.write_bytes(b"left long ago")
+        hours_ago = time.time() - 2 * ck.STALE_TEMP_AGE_S
+        os.utime(reused, (hours_ago, hours_ago))
         ck.save_best(state(1), tmp_path)
-        assert live.exists()
+        assert live.exists() and not own.exists() and not reused.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

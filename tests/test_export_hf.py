@@ -242,6 +242,37 @@ def test_a_failed_export_leaves_the_old_folder_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_an_export_killed_mid_way_leaves_nothing_behind_after_the_next(tmp_path):
+    """kill -9 while the temp folder is being written, then export again: the dead process's temp folder is
+    removed (a live writer's is not), and a folder moved aside at a swap goes once the target is back."""
+    import signal
+    import time
+    export(randomized(SMALL, seed=1), tmp_path / "m")
+    script = ("import time, export_hf, model\n"
+              "real = export_hf.atomic_write_bytes\n"
+              "def slow(path, data):\n"
+              "    real(path, data)\n"
+              "    time.sleep(60)\n"
+              "export_hf.atomic_write_bytes = slow\n"
+              f"export_hf.export_hf(model.GPT(model.GPTConfig(**{SMALL.to_dict()!r})), {str(tmp_path / 'm')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".m.tmp-*/model.safetensors")):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = list(tmp_path.glob(".m.tmp-*"))
+    assert len(killed) == 1
+    live = tmp_path / f".m.tmp-{os.getppid()}-0123abcd"  # a writer still running (this test's parent)
+    live.mkdir()
+    (tmp_path / ".m.old-x1y2z3").mkdir()  # a swap's moved-aside folder
+    model = randomized(SMALL, seed=2)
+    export(model, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
+    assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
+
+
 def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "best_model.pt").write_text("precious")
