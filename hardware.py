@@ -519,12 +519,15 @@ class CompiledWithFallback(nn.Module):
 
 
 def compile_or_eager(model, enabled, **compile_kwargs):
-    """torch.compile(model) wrapped in CompiledWithFallback when enabled, else `model` itself.
+    """torch.compile(model) wrapped in CompiledWithFallback when enabled, else `model` itself; first
+    model.before_compile(), where the model has one.
 
     Compile must never be what breaks a run: a failure at wrap time or at any call prints one line to
     stderr and the model runs eagerly from then on. `compile_kwargs` go to torch.compile (mode=...)."""
     if not enabled:
         return model
+    if hasattr(model, "before_compile"):  # the model's own parts that must stay eager (GPT.before_compile)
+        model.before_compile()
     try:
         compiled = torch.compile(model, **compile_kwargs)
     except Exception as e:  # e.g. an unknown backend, or a Python version Dynamo does not support

@@ -183,6 +183,12 @@ def parse_duration(text):
     return h * 3600.0 + m * 60.0 + s
 
 
+def _same_source(a, b):
+    """Whether two init_from values name the same source ('' is 'scratch'; ./x and x are one path)."""
+    norm = [os.path.normpath(os.path.expanduser(s)) if s not in ("", "scratch") else "scratch" for s in (a, b)]
+    return norm[0] == norm[1]
+
+
 def model_config(cfg):
     return GPTConfig.from_dict(dataclasses.asdict(cfg))
 
@@ -449,20 +455,26 @@ class Trainer:
             return None
         if resume is not None:
             saved = ckpt.peek_config(resume)
-            self.take_sizes(f"checkpoint {resume}", GPTConfig.from_dict(saved), saved.get("max_length"))
-            return None
+            started = saved.get("init_from") or "scratch"
+            if _same_source(started, src):
+                self.take_sizes(f"checkpoint {resume}", GPTConfig.from_dict(saved), saved.get("max_length"),
+                                "a resumed run keeps its checkpoint's model settings")
+                return None
+            raise ConfigError(f"checkpoint {resume} is of a run started from init_from={started!r}, not {src!r}: to "
+                              f"resume that run use --init_from={started!r} (its source need not exist any more); to "
+                              f"start a new run from {src}, use another out_dir or resume_from_checkpoint=''")
         import export_hf
         try:
             source = export_hf.load_hf(src) if Path(src).is_dir() else export_hf.load_checkpoint_model(src)
         except export_hf.ExportError as e:
             raise ConfigError(f"init_from: {e}") from None
-        self.take_sizes(f"init_from {src}", source.config, None)
+        self.take_sizes(f"init_from {src}", source.config, None, "the model settings come from init_from")
         return source
 
-    def take_sizes(self, what, config, max_length):
+    def take_sizes(self, what, config, max_length, why):
         """Make `config`'s model sizes (all but dropout, which stays this run's) this run's, and max_length
         (None: this run's, lowered to n_positions if longer). A size or max_length set on the command line
-        to something else is a ConfigError. `what` names the source in messages."""
+        to something else is a ConfigError. `what` names the source in messages, `why` says why it rules."""
         sizes = {k: v for k, v in config.to_dict().items() if k != "dropout"}
         if max_length is None and self.cfg.max_length > sizes["n_positions"]:
             if "max_length" in self.given:
@@ -475,8 +487,7 @@ class Trainer:
         clash = [k for k in changed if k in self.given]
         if clash:
             raise ConfigError(f"{what} is a model with " + ", ".join(f"{k}={sizes[k]}" for k in clash)
-                              + "; the model settings come from init_from: drop "
-                              + " ".join(f"--{k}={getattr(self.cfg, k)!r}" for k in clash))
+                              + f"; {why}: drop " + " ".join(f"--{k}={getattr(self.cfg, k)!r}" for k in clash))
         self.cfg = dataclasses.replace(self.cfg, **sizes)
         if changed:
             self.log(f"{what}: model settings taken from it: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
@@ -501,7 +512,10 @@ class Trainer:
         if saved != model_config(self.cfg):
             diff = {k: (v, getattr(model_config(self.cfg), k)) for k, v in saved.to_dict().items()
                     if getattr(model_config(self.cfg), k) != v}
-            raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
+            started = state["config"].get("init_from") or "scratch"
+            hint = (f" (its run was started from init_from={started!r}: add --init_from={started!r})"
+                    if not _same_source(started, self.cfg.init_from) else "")
+            raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}){hint}; "
                               f"use the same model settings or resume_from_checkpoint=''")
         cfg, saved_cfg = self.cfg, state["config"]
         windows = (state["batch_size"] * state["gradient_accumulation_steps"], saved_cfg.get("max_length"))

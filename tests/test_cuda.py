@@ -50,6 +50,8 @@ def bf16_capable():
                                             ("bfloat16", False)],
                          ids=["T4-fp16-compiled", "P100-fp16-eager", "A100-bf16-compiled", "A100-bf16-eager"])
 def test_interrupted_and_resumed_gpu_run_matches_a_straight_one(tmp_path, bins, dtype, compile):
+    """With a 32-token context the attention backward has one key block, so every kernel here is deterministic
+    and the resume can be checked to the bit: what it restores (weights, AdamW, GradScaler, RNG, data position)."""
     if dtype == "bfloat16" and not bf16_capable():
         pytest.skip("bf16 needs capability 8.0")
     p, a, b = assert_resumed_run_is_bit_identical(run, tmp_path, bins, f"--dtype={dtype}", f"--compile={compile}")

@@ -262,7 +262,7 @@ def test_chunked_loss_equals_plain_cross_entropy(dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_evaluation_loss_is_chunked_and_equals_the_plain_loss(dtype, monkeypatch):
     """Without grad (evaluation) the loss comes chunk by chunk, in any autocast dtype, with the plain loss's value."""
-    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
+    monkeypatch.setattr(model_module, "EVAL_CHUNK_ROWS", 5)
     model = randomized(GPTConfig(**TINY)).eval()
     idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
     targets = idx.clone()

@@ -411,3 +411,11 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
     p = subprocess.run(other + ["--max_length=64"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert p.returncode == 2 and p.stderr.strip() == \
         f"error: max_length (64) exceeds the n_positions (32) of init_from {src}; use --max_length=32 or less"
+    # A checkpoint found by 'auto' resumes only the run it belongs to: not a run from scratch...
+    scratch = tmp_path / "scratch"
+    run_train(scratch, bins, "--max_steps=2", "--save_steps=2", "--eval_steps=100")
+    p = subprocess.run([a.replace(str(out), str(scratch)) for a in cmd], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and f"is of a run started from init_from='scratch', not '{src}'" in p.stderr
+    # ...and the init_from run, resumed without init_from, is told what to add.
+    p = run_train(out, bins, "--max_steps=6", check=False)
+    assert p.returncode == 2 and f"(its run was started from init_from='{src}': add --init_from='{src}')" in p.stderr
