@@ -327,7 +327,7 @@ def cpu_compile_saving_s(planned_tokens, dtype, cpu_threads):
 
 
 def _tokens(n):
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+    return f"{n / 1e6:.1f}M" if round(n / 1e3) >= 1000 else f"{n / 1e3:.0f}k"  # 999,680: 1.0M, not 1000k
 
 
 def _duration(s):

@@ -407,7 +407,9 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.tokens_per_step = windows_per_step * cfg.max_length
 
-        self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=self.total_steps * self.tokens_per_step)
+        # Each process compiles for itself and trains its share of the tokens: that share decides (CPU).
+        self.plan = hardware.decide(facts, cfg.dtype, cfg.compile,
+                                    planned_tokens=self.total_steps * self.tokens_per_step // ddp.world_size)
         torch.manual_seed(cfg.seed + ddp.rank)
         self.model = GPT(model_config(cfg)).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),

@@ -76,6 +76,12 @@ def test_two_processes_match_one(tmp_path, bins):
     assert len(ckpt.list_checkpoints(two / "checkpoints")) == 1
 
 
+def test_compile_is_decided_on_each_processs_share_of_the_tokens(tmp_path, bins):
+    """11 steps of 16 x 32 tokens per epoch, 355 epochs: 2.0M tokens in all, 1.0M for each of 2 processes."""
+    launch(2, tmp_path, bins, "--compile=auto", "--epochs=355", "--max_runtime=1")
+    assert "compile: off (a 1.0M-token run" in (tmp_path / "train.log").read_text()
+
+
 def test_accumulation_must_divide_by_world_size(tmp_path, bins):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
            *COMMON, "--gradient_accumulation_steps=3", f"--data_dir={bins}", f"--out_dir={tmp_path}"]
