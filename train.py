@@ -559,9 +559,14 @@ class Trainer:
                      f"as the checkpoint's run backed off to after running out of memory")
         self.pending_after_step = ((self.epoch_loss_sum, self.epoch_loss_count)
                                    if state.get("after_step_pending") else None)
-        ckpt.restore_rng_state(state["rng_state"])
-        if self.ddp.enabled:  # each rank's own dropout stream; data order is shared
-            torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
+        ranks = state.get("rank_rng_states")
+        if self.ddp.enabled and ranks and len(ranks) == self.ddp.world_size:
+            ckpt.restore_rng_state(ranks[self.ddp.rank])  # each rank's own streams (dropout) go on exactly
+        else:
+            ckpt.restore_rng_state(state["rng_state"])
+            if self.ddp.enabled:  # another number of processes, or an error's rank-0-only checkpoint: each
+                # rank's dropout stream starts from a seed of its own (the data order is shared and exact)
+                torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
         del state  # nothing of it stays on the GPU (map_location='cpu')
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch + 1})")
 
@@ -593,8 +598,15 @@ class Trainer:
         """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run.
         Returns whether it was written, on every rank."""
         failed = False
+        ranks = None
+        if self.ddp.enabled:  # every rank's RNG streams (its dropout), for a resume on as many processes
+            state_parts["rng_state"] = state_parts.get("rng_state") or ckpt.capture_rng_state()
+            ranks = [None] * self.ddp.world_size
+            dist.all_gather_object(ranks, state_parts["rng_state"])
         if self.ddp.master:
             state = self.state(**state_parts)
+            if ranks is not None:
+                state["rank_rng_states"] = ranks
             try:
                 if kind == "rotated":
                     path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-from test_train import ROOT, TINY, write_bins
+from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, write_bins
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
                                 reason="needs torch.distributed")
@@ -80,6 +80,12 @@ def test_compile_is_decided_on_each_processs_share_of_the_tokens(tmp_path, bins)
     """11 steps of 16 x 32 tokens per epoch, 355 epochs: 2.0M tokens in all, 1.0M for each of 2 processes."""
     launch(2, tmp_path, bins, "--compile=auto", "--epochs=355", "--max_runtime=1")
     assert "compile: off (a 1.0M-token run" in (tmp_path / "train.log").read_text()
+
+
+def test_dropout_resumes_exactly_on_as_many_processes(tmp_path, bins):
+    """Each rank's own RNG streams are in the checkpoint: with dropout, stopped at step 4 and resumed on 2
+    processes, the run ends bit-identical to one of 8 straight steps."""
+    assert_resumed_run_is_bit_identical(lambda out, b, *a: launch(2, out, b, *a), tmp_path, bins, "--dropout=0.1")
 
 
 def test_accumulation_must_divide_by_world_size(tmp_path, bins):
