@@ -130,6 +130,11 @@ def main(argv=None):
         model = load_model(args.checkpoint, args.model_dir, args.out_dir).to(plan.device).eval()
         prompt = read_prompt(args.start)
         idx = encode_prompt(prompt, model.config.n_positions).to(plan.device)
+        n_ctx = model.config.n_positions
+        beyond = min(args.max_new_tokens, idx.size(1) + args.max_new_tokens - n_ctx)
+        if beyond > 0:
+            print(f"note: up to {beyond} of the new tokens lie beyond the model's context (n_positions={n_ctx}): "
+                  f"each of those recomputes the last {n_ctx} tokens (exact, but slower per token)", file=sys.stderr)
     except (SampleError, CheckpointError, ExportError, hardware.HardwareError, ValueError) as e:
         fail(str(e))
     print(hardware.describe(facts, plan), file=sys.stderr)

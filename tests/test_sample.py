@@ -169,6 +169,7 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     ids = get_tokenizer().encode(text)
     assert f"the prompt is {len(ids)} tokens" in result.stderr and "keeping its last 32 tokens" in result.stderr
+    assert "note: up to 5 of the new tokens lie beyond the model's context (n_positions=32)" in result.stderr
     assert result.stdout.startswith(get_tokenizer().decode(ids[-32:]))
     assert not result.stdout.startswith(text)
 
