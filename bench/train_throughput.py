@@ -84,6 +84,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (ours compiles here)")
     p.add_argument("--rounds", type=int, default=8, help="timed steps per side, alternating")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile_mode", default="",
+                   help="ours only, an experiment: torch.compile(mode=...) instead of train.py's default, e.g. "
+                        "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many of our steps (torch.profiler) and print the top ops")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -109,6 +112,8 @@ def main(argv=None):
     train.validate(cfg)
     trainer = train.Trainer(cfg, train.Dist())
     trainer.setup()
+    if args.compile_mode and plan.compile:  # what train.py does, with another mode
+        trainer.train_model = hardware.compile_or_eager(trainer.model, True, mode=args.compile_mode)
     hf = common.hf_peer(trainer.model).train()  # the same initial weights
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                weight_decay=cfg.weight_decay)
@@ -159,7 +164,7 @@ def main(argv=None):
 
     result = {
         "bench": "train_throughput", "device": plan.device, "device_name": facts.name, "dtype": plan.dtype,
-        "compile": compiled, "config": args.config, "batch": [B, T], "rounds": args.rounds,
+        "compile": compiled, "compile_mode": args.compile_mode or "default", "config": args.config, "batch": [B, T], "rounds": args.rounds,
         "quiet_rounds": len(quiet) if is_quiet else 0, "threads": threads,
         "ours": round(tps["ours"], 1), "peer": round(tps["peer"], 1),
         "ratio": round(common.paired_ratio(times["ours"], times["peer"]), 3),
