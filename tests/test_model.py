@@ -7,11 +7,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from export_hf import export_hf
 import model as model_module
-from model import GPT, GPTConfig, KVCache, sample_next
+from model import GPT, GPTConfig, KVCache, blocked_causal_attention, sample_next
 
 TINY = dict(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48)
 
@@ -276,6 +277,44 @@ def test_evaluation_loss_is_chunked_and_equals_the_plain_loss(dtype, monkeypatch
         _, plain = model(idx, targets)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(chunked, plain, **tol)
+
+
+@pytest.mark.parametrize("T, rows", [(1, 128), (5, 2), (64, 16), (200, 64), (300, 128)])
+def test_blocked_causal_attention_equals_sdpa(T, rows):
+    """Blocks of query rows (a short last one too) give causal SDPA's output and gradients."""
+    gen = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64)
+    ours = blocked_causal_attention(q, k, v, rows)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_cpu_training_uses_blocked_attention_with_the_same_result(monkeypatch):
+    """Under torch.compile on the CPU the training forward runs blocked_causal_attention; loss and gradients
+    agree with the eager model's (flash attention) to float32 reordering."""
+    calls = []
+    real = model_module.blocked_causal_attention
+    monkeypatch.setattr(model_module, "blocked_causal_attention", lambda *a: calls.append(1) or real(*a))
+    model = randomized(GPTConfig(**TINY)).train()
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(m):
+        model.zero_grad()
+        _, loss = m(idx, idx, return_logits=False)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager = loss_and_grads(model)
+    assert not calls
+    model.before_compile()
+    compiled = loss_and_grads(torch.compile(model))
+    assert calls  # traced into the compiled graph
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_chunked_loss_only_when_training_eagerly():
