@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint as ckpt
 from export_hf import load_hf
-from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, write_bins
+from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, final_state, write_bins
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -36,10 +35,6 @@ def run(out_dir, bins, *extra, prelude=""):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ})
     assert p.returncode == 0, f"train.py exited {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
-
-
-def final_state(out_dir):
-    return ckpt.load_checkpoint(ckpt.list_checkpoints(out_dir / "checkpoints")[-1])
 
 
 def bf16_capable():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, write_bins
+from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, final_state, write_bins
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
                                 reason="needs torch.distributed")
@@ -45,7 +45,7 @@ def train_losses(out_dir, key="train_loss"):
 
 
 def final_weights(out_dir):
-    return ckpt.load_checkpoint(ckpt.list_checkpoints(out_dir / "checkpoints")[-1])["model_state_dict"]
+    return final_state(out_dir)["model_state_dict"]
 
 
 def assert_close_runs(a, b, exact=False):
@@ -135,6 +135,6 @@ def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins, ranks):
                                                     **({} if ranks == "all" else {"GPT_TEST_OOM_RANK": ranks})})
     # Both ranks halve together (4 -> 2 per rank; accumulation 4 -> 8 in all) and stay in step.
     assert p.stdout.count("out of memory: micro-batch now 2 x 8 accumulation steps") == 1
-    state = ckpt.load_checkpoint(ckpt.list_checkpoints(two / "checkpoints")[-1])
+    state = final_state(two)
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 8)
     assert_close_runs(one, two)

@@ -58,6 +58,11 @@ def run_train(out_dir, bins, *extra, env=None, check=True):
     return p
 
 
+def final_state(out_dir):
+    """The newest rotated checkpoint of a run in out_dir."""
+    return ckpt.load_checkpoint(ckpt.list_checkpoints(out_dir / "checkpoints")[-1])
+
+
 def weights(path):
     return ckpt.load_checkpoint(path)["model_state_dict"]
 
@@ -163,8 +168,7 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins,
 
     run_train(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
               "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--resume_from_checkpoint=latest")
-    assert_same_weights(weights(ckpt.list_checkpoints(straight / "checkpoints")[-1]),
-                        weights(ckpt.list_checkpoints(interrupted / "checkpoints")[-1]))
+    assert_same_weights(final_state(straight)["model_state_dict"], final_state(interrupted)["model_state_dict"])
     assert step_losses(interrupted) == step_losses(straight)
     assert f"dtype: {dtype}" in (interrupted / "train.log").read_text()  # the run really was in that dtype
 
@@ -178,7 +182,7 @@ def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common):
     p = run(straight, bins, *common, "--max_steps=8")
     run(resumed, bins, *common, "--max_steps=4")
     run(resumed, bins, *common, "--max_steps=8", "--resume_from_checkpoint=latest")
-    a, b = (ckpt.load_checkpoint(ckpt.list_checkpoints(d / "checkpoints")[-1]) for d in (straight, resumed))
+    a, b = final_state(straight), final_state(resumed)
     assert a["step"] == b["step"] == 8 and a["train_loss"] == b["train_loss"]
     assert_same_weights(a["model_state_dict"], b["model_state_dict"])
     return p, a, b
@@ -395,7 +399,7 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
     assert p.returncode == 0, p.stderr
     assert "model settings taken from it: n_embd=48, n_layer=3, n_head=4, n_inner=96" in p.stdout
     assert f"initialised weights from {src}" in p.stdout
-    trained = ckpt.load_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[-1])
+    trained = final_state(out)
     assert trained["config"]["n_layer"] == 3
     for k, v in source.state_dict().items():
         assert torch.equal(trained["model_state_dict"][k], v), k  # learning rate 0: the weights are the source's
@@ -404,7 +408,7 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind):
     p = subprocess.run([a.replace("--max_steps=2", "--max_steps=4") for a in cmd], capture_output=True, text=True,
                        cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert "resumed from" in p.stdout and ckpt.load_checkpoint(ckpt.list_checkpoints(out / "checkpoints")[-1])["step"] == 4
+    assert "resumed from" in p.stdout and final_state(out)["step"] == 4
     # A max_length given on the command line is never silently lowered to the source's context.
     src.with_name("moved").rename(src)
     other = [a.replace(str(out), str(tmp_path / "other")) for a in cmd if not a.startswith("--n_positions=")]
