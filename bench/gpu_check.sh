@@ -15,7 +15,7 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu: a dry run of the script itself
 ROUNDS=${ROUNDS:-10}
 
-part() {  # part NAME SECONDS COMMAND...: run it with a limit, log to OUT_DIR/NAME.log, keep a bench's JSON line
+part() {  # part NAME SECONDS COMMAND...: run it with a limit, log to OUT_DIR/NAME.log, show its last lines
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
   echo "=== $name (limit ${limit}s): $*"

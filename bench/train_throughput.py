@@ -164,7 +164,8 @@ def main(argv=None):
 
     result = {
         "bench": "train_throughput", "device": plan.device, "device_name": facts.name, "dtype": plan.dtype,
-        "compile": compiled, "compile_mode": args.compile_mode or "default", "config": args.config, "batch": [B, T], "rounds": args.rounds,
+        "compile": compiled, "compile_mode": args.compile_mode or "default", "config": args.config,
+        "batch": [B, T], "rounds": args.rounds,
         "quiet_rounds": len(quiet) if is_quiet else 0, "threads": threads,
         "ours": round(tps["ours"], 1), "peer": round(tps["peer"], 1),
         "ratio": round(common.paired_ratio(times["ours"], times["peer"]), 3),
