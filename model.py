@@ -351,14 +351,11 @@ class GPT(nn.Module):
                 return None, LinearCrossEntropy.apply(*args, dtype, LOSS_CHUNK_ROWS)
         if targets is None and not all_logits:
             x = x[:, [-1], :]
-        logits = self.lm_head(x)
-        if self.padded_vocab > V:
-            # Padded columns never win a softmax and so receive no gradient.
-            logits[..., V:] = float("-inf")
+        logits = self.lm_head(x)[..., :V]  # the padded columns are never seen
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return (logits[..., :V] if return_logits else None), loss
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.view(-1), ignore_index=-1)
+        return (logits if return_logits else None), loss
 
     def pack_for_decoding(self, dtype, batch_size):
         """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
