@@ -32,7 +32,7 @@ import numpy as np
 
 # Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages, so each batch's
 # logits (100-800 MB, made afresh every batch) are faulted in 2 MB at a time, not 4 KB: 1.6x faster on CPU
-# (bench/NOTES.md). Training steps gain nothing from it, so train.py leaves it alone.
+# (bench/NOTES.md). train.py asks for the same.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch

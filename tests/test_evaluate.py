@@ -207,11 +207,12 @@ def _thp_available():
 
 
 @pytest.mark.skipif(not _thp_available(), reason="no transparent huge pages on this kernel")
-def test_big_cpu_tensors_get_huge_pages():
+@pytest.mark.parametrize("script", ["evaluate", "train"])
+def test_big_cpu_tensors_get_huge_pages(script):
     # A batch's logits are hundreds of MB: with 4 KB pages the kernel takes one fault per page each
-    # time such a tensor is made; evaluate.py asks torch for huge pages before importing it.
-    code = """
-import resource, evaluate, torch
+    # time such a tensor is made; evaluate.py and train.py ask torch for huge pages before importing it.
+    code = f"""
+import resource, {script}, torch
 torch.ones(64 * 2**20)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
