@@ -112,6 +112,26 @@ LOSS_CHUNK_ROWS = 128
 EVAL_CHUNK_ROWS = 1024
 
 
+def _rows_cross_entropy(logits, targets, vocab_size, grads):
+    """Per-row cross-entropy of logits (rows, Vp) in the matmul dtype, columns from vocab_size on padding,
+    against targets (rows, 1) (no -1 here), computed in fp32; with grads also softmax - onehot (rows, Vp),
+    zero on the padding, fp32. Two formulations of the same sums: eager runs few, in-place passes over the
+    chunk; under torch.compile inductor fuses each line into one pass per row while the row is in cache
+    (the eager one there would materialise an fp32 log-softmax: ~1.7x slower, bench/NOTES.md)."""
+    if torch.compiler.is_compiling():
+        x = logits[:, :vocab_size].float()
+        m = x.amax(dim=-1, keepdim=True)
+        lse = (x - m).exp().sum(dim=-1, keepdim=True).log() + m
+        col = torch.arange(logits.size(1), device=logits.device)
+        g = torch.where(col < vocab_size, (logits.float() - lse).exp() - (col == targets).float(), 0.0)
+        return lse - x.gather(1, targets), (g if grads else None)
+    x = logits.float()
+    x[:, vocab_size:] = float("-inf")  # padded columns never win
+    logp = x.log_softmax(dim=-1)
+    loss = -logp.gather(1, targets)
+    return loss, (logp.exp_().scatter_add_(1, targets, logp.new_full(targets.shape, -1.0)) if grads else None)
+
+
 def chunked_cross_entropy(h, weight, targets, vocab_size, dtype, chunk_rows, grads=False):
     """Mean cross-entropy of h @ weight.T against targets (-1 = ignore), over chunks of chunk_rows rows, so
     the (N, V) logits, their fp32 copy and log-softmax never exist at full size. h (N, C), weight (Vp, C)
@@ -122,30 +142,29 @@ def chunked_cross_entropy(h, weight, targets, vocab_size, dtype, chunk_rows, gra
     w = weight.to(dtype)
     n = (targets != -1).sum()
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    dh = torch.empty_like(h) if grads else None
+    dh = []
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
     for s in range(0, h.size(0), chunk_rows):
         hc, tc = h[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
-        logits = (hc @ w.t()).float()  # (rows, Vp)
-        logits[:, vocab_size:] = float("-inf")  # padded columns never win
-        logp = logits.log_softmax(dim=-1)
         scale = ((tc != -1) / n)[:, None]  # (rows, 1): d(mean loss) / d(row loss)
-        tc = tc.clamp(min=0)[:, None]
-        loss -= (logp.gather(1, tc) * scale).sum()
+        row_loss, g = _rows_cross_entropy(hc @ w.t(), tc.clamp(min=0)[:, None], vocab_size, grads)
+        loss += (row_loss * scale).sum()
         if grads:
-            g = logp.exp_().scatter_add_(1, tc, logp.new_full(tc.shape, -1.0)).to(dtype)  # softmax - onehot
+            g = g.to(dtype)
             # The row scale is applied to the (rows, C) factors rather than to the (rows, Vp) g.
-            dh[s:s + chunk_rows] = (g @ w) * scale
+            dh.append((g @ w) * scale)
             dw += g.t() @ (hc * scale).to(dtype)
-    return (loss, dh, dw.to(weight.dtype)) if grads else loss
+    if not grads:
+        return loss
+    return loss, torch.cat(dh).to(h.dtype), dw.to(weight.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """chunked_cross_entropy as an autograd function: the gradients are computed in forward and scaled in
     backward.
 
-    For eager training in fp32 or bf16 only: under torch.compile, inductor's fused loss path is faster
-    (bench/NOTES.md), and under fp16 the gradients formed here, before GradScaler's factor, could underflow.
+    For training in fp32 or bf16 only: under fp16 the gradients formed here, before GradScaler's factor,
+    could underflow. Eager steps use chunks of LOSS_CHUNK_ROWS, compiled CPU steps one chunk of all rows.
     """
 
     @staticmethod
@@ -330,8 +349,9 @@ class GPT(nn.Module):
         return_logits=False returns (None, loss): a training step that needs only the loss then never
         materialises the (B, T, V) logits as an output, which under torch.compile saves writing them
         and a zero gradient of that size in backward (about 12% of a compiled CPU step).
-        Not compiling, the loss then comes from chunked_cross_entropy, which never holds the full logits:
-        in training through LinearCrossEntropy (fp32, bf16), in evaluation (no grad) directly (any dtype).
+        The loss then comes from chunked_cross_entropy (see _loss_without_logits): not compiling, it never
+        holds the full logits, in training through LinearCrossEntropy (fp32, bf16), in evaluation (no grad)
+        directly (any dtype); compiled CPU training uses it in one chunk, fused by inductor.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -345,14 +365,10 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         V = self.config.vocab_size
-        if targets is not None and not return_logits and self.chunked_loss and not torch.compiler.is_compiling():
-            dtype, args = matmul_dtype(x), (x.view(B * T, -1), self.lm_head.weight, targets.view(-1), V)
-            if not torch.is_grad_enabled():  # evaluation: the loss alone, in a chunk's memory
-                return None, chunked_cross_entropy(*args, dtype, EVAL_CHUNK_ROWS)
-            # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
-            # backward), so small ones would underflow; the plain path scales first.
-            if dtype != torch.float16:
-                return None, LinearCrossEntropy.apply(*args, dtype, LOSS_CHUNK_ROWS)
+        if targets is not None and not return_logits and self.chunked_loss:
+            loss = self._loss_without_logits(x, targets)
+            if loss is not None:
+                return None, loss
         if targets is None and not all_logits:
             x = x[:, [-1], :]
         logits = self.lm_head(x)[..., :V]  # the padded columns are never seen
@@ -360,6 +376,25 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, V), targets.view(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
+
+    def _loss_without_logits(self, x, targets):
+        """The loss of x (B, T, C) computed by chunked_cross_entropy where that is the faster path, else None
+        (the plain path: logits, then cross-entropy)."""
+        compiling = torch.compiler.is_compiling()
+        dtype = matmul_dtype(x)
+        args = (x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), self.config.vocab_size, dtype)
+        if not torch.is_grad_enabled():  # evaluation: the loss alone, in a chunk's memory
+            return None if compiling else chunked_cross_entropy(*args, EVAL_CHUNK_ROWS)
+        # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
+        # backward), so small ones would underflow; the plain path scales first.
+        if dtype == torch.float16:
+            return None
+        if not compiling:
+            return LinearCrossEntropy.apply(*args, LOSS_CHUNK_ROWS)
+        # Compiled: one chunk of all rows, which inductor fuses into one pass over the logits (the plain path
+        # reads them twice and adds a pass over them for nll_loss's backward): ~4% off a CPU step. Not
+        # measured on GPUs, which keep the plain path.
+        return LinearCrossEntropy.apply(*args, x.size(0) * x.size(1)) if x.device.type == "cpu" else None
 
     def pack_for_decoding(self, dtype, batch_size):
         """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.

@@ -324,6 +324,46 @@ def test_compiled_cpu_training_uses_blocked_attention_with_the_same_result(monke
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_chunked_loss_equals_eager(dtype):
+    """Under torch.compile chunked_cross_entropy forms loss and softmax - onehot another way (fused by inductor):
+    same loss and gradients as eagerly, with padded columns and ignored targets."""
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(24, 16, generator=gen), torch.randn(128, 16, generator=gen)
+    w[100:] = 0  # padding rows, as in the model
+    targets = torch.randint(0, 100, (24,), generator=gen)
+    targets[[0, 5, 6]] = -1
+    run = lambda rows: model_module.chunked_cross_entropy(h, w, targets, 100, dtype, rows, grads=True)  # noqa: E731
+    eager = run(7)
+    compiled = torch.compile(run, fullgraph=True)(24)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, **tol)
+    assert not compiled[2][100:].any()  # padded rows get no gradient
+
+
+def test_compiled_cpu_training_takes_the_chunked_loss():
+    """The graph torch.compile captures for a CPU training step holds LinearCrossEntropy, not cross_entropy; an
+    evaluation graph (no grad) keeps the plain path."""
+    def ops_in_graphs(grad):
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward  # run the captured graph as it is: only its ops matter here
+
+        model = randomized(GPTConfig(**TINY)).train()
+        model.before_compile()
+        idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+        with torch.set_grad_enabled(grad):
+            torch.compile(model, backend=record)(idx, idx, return_logits=False)
+        return " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
+
+    training, evaluation = ops_in_graphs(True), ops_in_graphs(False)
+    assert "autograd_function_apply" in training and "cross_entropy" not in training
+    assert "cross_entropy" in evaluation and "autograd_function_apply" not in evaluation
+
+
 def test_chunked_loss_only_when_training_eagerly():
     model = randomized(GPTConfig(**TINY)).train()
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
