@@ -39,11 +39,11 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 # torch.compile on CPU pays only on a long enough run. Measured on a 2-thread AMD EPYC (avx512_bf16),
 # torch 2.13, default model shape, batch 8 x 512, train.py's training step (bench/train_throughput.py,
-# quiet machine, 2026-11-25): eager tokens/s per CPU thread, and the speed-up once compiled (fp32 1179 ->
-# 1260; bf16, with the blocked attention compiled runs use, 2782 -> 3615-3672 tokens/s). Compiling costs
-# 20-60 s on the first step.
-CPU_EAGER_TOKENS_PER_S_PER_THREAD = {"float32": 590, "bfloat16": 1391}
-CPU_COMPILE_SPEEDUP = {"float32": 1.07, "bfloat16": 1.31}
+# quiet machine, 2026-11-26): eager tokens/s per CPU thread, and the speed-up once compiled (fp32 1159 ->
+# 1413; bf16, with the blocked attention and fused loss compiled runs use, 2709 -> 4145-4250 tokens/s).
+# Compiling costs 20-60 s on the first step.
+CPU_EAGER_TOKENS_PER_S_PER_THREAD = {"float32": 580, "bfloat16": 1355}
+CPU_COMPILE_SPEEDUP = {"float32": 1.22, "bfloat16": 1.54}
 # Compile is switched on when the time it is expected to save is at least this: twice the
 # slowest first-step compile measured, so it pays even then.
 CPU_COMPILE_MIN_SAVING_S = 120.0
@@ -372,8 +372,8 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
         cannot happen: bf16 is refused there.
       CPU: on when the expected saving (cpu_compile_saving_s: planned_tokens at the measured eager speed
         and compile speedup for this dtype) is at least CPU_COMPILE_MIN_SAVING_S = 120 s, twice the
-        worst measured compile cost. With the default model on a 2-thread CPU that is about 1.4M
-        tokens in bf16 and 2.2M in fp32: a full training run compiles, a quick try-out does not.
+        worst measured compile cost. With the default model on a 2-thread CPU that is about 0.9M
+        tokens in bf16 and 0.8M in fp32: a full training run compiles, a quick try-out does not.
         Unknown planned_tokens: off.
       MPS and Windows: off.
     compile=True on a GPU below 7.0 is a HardwareError; elsewhere True/False are obeyed.
