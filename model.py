@@ -296,8 +296,8 @@ class GPT(nn.Module):
             self.transformer.wte.weight[config.vocab_size:].zero_()
         self._register_state_dict_hook(_unpad_vocab)
         self._register_load_state_dict_pre_hook(self._pad_vocab)
-        # Eager training steps and evaluation with return_logits=False use the chunked loss; False: always
-        # the plain path.
+        # With return_logits=False, training steps (eager; compiled on a CPU) and eager evaluation use the
+        # chunked loss (_loss_without_logits); False: always the plain path.
         self.chunked_loss = True
 
     @staticmethod
@@ -381,20 +381,19 @@ class GPT(nn.Module):
         """The loss of x (B, T, C) computed by chunked_cross_entropy where that is the faster path, else None
         (the plain path: logits, then cross-entropy)."""
         compiling = torch.compiler.is_compiling()
+        if compiling and (x.device.type != "cpu" or not torch.is_grad_enabled()):
+            return None  # measured on CPUs only; compiled evaluation keeps inductor's fused plain path
         dtype = matmul_dtype(x)
         args = (x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), self.config.vocab_size, dtype)
         if not torch.is_grad_enabled():  # evaluation: the loss alone, in a chunk's memory
-            return None if compiling else chunked_cross_entropy(*args, EVAL_CHUNK_ROWS)
+            return chunked_cross_entropy(*args, EVAL_CHUNK_ROWS)
         # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in
         # backward), so small ones would underflow; the plain path scales first.
         if dtype == torch.float16:
             return None
-        if not compiling:
-            return LinearCrossEntropy.apply(*args, LOSS_CHUNK_ROWS)
-        # Compiled: one chunk of all rows, which inductor fuses into one pass over the logits (the plain path
-        # reads them twice and adds a pass over them for nll_loss's backward): ~4% off a CPU step. Not
-        # measured on GPUs, which keep the plain path.
-        return LinearCrossEntropy.apply(*args, x.size(0) * x.size(1)) if x.device.type == "cpu" else None
+        # Compiled (CPU): one chunk of all rows, which inductor fuses into one pass over the logits (the plain
+        # path reads them twice and adds a pass over them for nll_loss's backward): 4-6% off a CPU step.
+        return LinearCrossEntropy.apply(*args, x.size(0) * x.size(1) if compiling else LOSS_CHUNK_ROWS)
 
     def pack_for_decoding(self, dtype, batch_size):
         """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.

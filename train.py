@@ -26,7 +26,7 @@ from pathlib import Path
 
 # Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages. A CPU step makes its
 # (B, T, vocab) logits afresh (400 MB in bf16 at the default size) and the kernel faults them in 2 MB at a time
-# instead of 4 KB: +8% tokens/s for the compiled bf16 step on 2 cores (bench/NOTES.md). No effect on GPUs.
+# instead of 4 KB: +8-11% tokens/s for the compiled bf16 step on 2 cores (bench/NOTES.md). No effect on GPUs.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch

@@ -335,6 +335,10 @@ def test_compiled_chunked_loss_equals_eager(dtype):
     targets[[0, 5, 6]] = -1
     run = lambda rows: model_module.chunked_cross_entropy(h, w, targets, 100, dtype, rows, grads=True)  # noqa: E731
     eager = run(7)
+    graphs = []
+    torch.compile(run, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)(24)
+    ops = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
+    assert "amax" in ops and "log_softmax" not in ops  # the compiled formulation was traced, not the eager one
     compiled = torch.compile(run, fullgraph=True)(24)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     for a, b in zip(compiled, eager):
@@ -364,7 +368,17 @@ def test_compiled_cpu_training_takes_the_chunked_loss():
     assert "cross_entropy" in evaluation and "autograd_function_apply" not in evaluation
 
 
-def test_chunked_loss_only_when_training_eagerly():
+def test_compiled_training_off_cpus_keeps_the_plain_loss(monkeypatch):
+    """Only CPUs have measured the compiled chunked loss: elsewhere (a GPU, here the meta device) it declines."""
+    model = GPT(GPTConfig(**TINY)).to("meta").train()
+    x, targets = torch.zeros(2, 8, 32, device="meta"), torch.zeros(2, 8, dtype=torch.long, device="meta")
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert model._loss_without_logits(x, targets) is None
+    cpu_x, cpu_targets = torch.zeros(2, 8, 32), torch.zeros(2, 8, dtype=torch.long)
+    assert randomized(GPTConfig(**TINY)).train()._loss_without_logits(cpu_x, cpu_targets) is not None
+
+
+def test_which_loss_an_eager_forward_takes():
     model = randomized(GPTConfig(**TINY)).train()
     idx = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
     _, loss = model(idx, targets=idx, return_logits=False)
