@@ -129,8 +129,8 @@ def main(argv=None):
         facts, plan = hardware.inference_plan(args.device, args.dtype)
         model = load_model(args.checkpoint, args.model_dir, args.out_dir).to(plan.device).eval()
         prompt = read_prompt(args.start)
-        idx = encode_prompt(prompt, model.config.n_positions).to(plan.device)
         n_ctx = model.config.n_positions
+        idx = encode_prompt(prompt, n_ctx).to(plan.device)
         beyond = min(args.max_new_tokens, idx.size(1) + args.max_new_tokens - n_ctx)
         if beyond > 0:
             print(f"note: up to {beyond} of the new tokens lie beyond the model's context (n_positions={n_ctx}): "

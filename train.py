@@ -117,12 +117,11 @@ SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 def check_setting(name, value):
     """Return value checked against the TrainConfig field's type; ConfigError otherwise."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    if name not in fields:
-        close = difflib.get_close_matches(name, fields, n=1)
+    if name not in SETTING_TYPES:
+        close = difflib.get_close_matches(name, SETTING_TYPES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown setting '{name}'{hint}; `python train.py --help` lists them all")
-    expected = fields[name].type
+    expected = SETTING_TYPES[name]
     if expected is object:  # compile: 'auto', True or False
         if value in ("auto", True, False):
             return value
@@ -515,10 +514,9 @@ class Trainer:
 
     def restore(self, path):
         state = ckpt.load_checkpoint(path, map_location="cpu")
-        saved = GPTConfig.from_dict(state["config"])
-        if saved != model_config(self.cfg):
-            diff = {k: (v, getattr(model_config(self.cfg), k)) for k, v in saved.to_dict().items()
-                    if getattr(model_config(self.cfg), k) != v}
+        saved, current = GPTConfig.from_dict(state["config"]), model_config(self.cfg)
+        if saved != current:
+            diff = {k: (v, getattr(current, k)) for k, v in saved.to_dict().items() if getattr(current, k) != v}
             started = state["config"].get("init_from") or "scratch"
             hint = (f" (its run was started from init_from={started!r}: add --init_from={started!r})"
                     if not _same_source(started, self.cfg.init_from) else "")
