@@ -6,6 +6,7 @@ transposes HF's Conv1D layers need (see export_hf.py).
 """
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -57,10 +58,17 @@ class KVCache:
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, config.n_positions, hs)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # Zeros, not empty: a step that attends over the whole cache with the unfilled positions masked (a CUDA
+        # graph's) still multiplies their values by 0, and garbage there could be a NaN.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
         self.capacity = config.n_positions
+
+    def check_room(self):
+        """Raise if no position is left for one more token."""
+        if self.length >= self.capacity:
+            raise ValueError(f"the KV cache is full (n_positions={self.capacity})")
 
 
 def matmul_dtype(t):
@@ -103,6 +111,56 @@ class PackedLinear:
 
     def __call__(self, x):
         return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+
+class CastLinear:
+    """A Linear's weight and bias cast to dtype once, for one-token steps on a GPU: under autocast every step
+    would cast each weight again (a kernel and a read of the fp32 weight per matmul)."""
+
+    def __init__(self, linear, dtype):
+        self.dtype = dtype
+        self.weight = linear.weight.detach().to(dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+
+    def __call__(self, x):
+        return F.linear(x.to(self.dtype), self.weight, self.bias)
+
+
+class DecodeGraph:
+    """GPT.decode_step captured once in a CUDA graph and replayed for each new token.
+
+    A one-token step of a small model is a few microseconds of GPU work per kernel, and the CPU launching its
+    ~130 kernels one by one is what it waits on; a replay launches them all at once. The step runs in its
+    static-shape form (decode_step with a position tensor): same weights, same cache tensors, attention over
+    the whole cache with the positions after the new token masked out. Build it right after the cache, before
+    the prompt fills it: the warm-up runs write position 0. The cache may then be refilled from position 0
+    (the window sliding) without a new capture.
+    """
+
+    def __init__(self, model, cache, packed, batch_size):
+        device = cache.k.device
+        self.cache = cache
+        self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph: library handles, kernel choices
+            for _ in range(2):
+                model.decode_step(self.idx, cache, packed, self.position)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model.decode_step(self.idx, cache, packed, self.position)
+        cache.length = 0
+
+    def __call__(self, idx):
+        """decode_step(idx, cache, packed): the logits (B, V), in a buffer the next call overwrites."""
+        self.cache.check_room()
+        self.idx.copy_(idx)
+        self.position.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
 
 
 # Rows per chunk of the chunked loss: 128 rows of the padded GPT-2 vocabulary are 26 MB of fp32 logits.
@@ -398,11 +456,17 @@ class GPT(nn.Module):
     def pack_for_decoding(self, dtype, batch_size):
         """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
 
-        PackedLinears, except the blocks' in fp32 (TransposedLinears). None where oneDNN can't pack: a
-        model not on the CPU, a dtype other than float32 and bfloat16, a torch built without oneDNN.
-        Holds a copy of every weight.
+        On a CPU: PackedLinears, except the blocks' in fp32 (TransposedLinears); None where oneDNN can't
+        pack: a dtype other than float32 and bfloat16, a torch built without oneDNN. Holds a copy of every
+        weight. On a CUDA GPU: CastLinears (a copy in bf16 and fp16, the weights themselves in fp32).
+        None on other devices.
         """
-        if self.lm_head.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        device = self.lm_head.weight.device.type
+        if device == "cuda" and dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return ([tuple(CastLinear(linear, dtype) for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
+                                                                    b.mlp.c_proj)) for b in self.transformer.h],
+                    CastLinear(self.lm_head, dtype))
+        if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return None
         try:
             if not torch.backends.mkldnn.is_available() or (
@@ -417,9 +481,13 @@ class GPT(nn.Module):
                   for b in self.transformer.h]
         return layers, lm_head
 
-    def decode_step(self, idx, cache, packed):
+    def decode_step(self, idx, cache, packed, position=None):
         """forward() for one new token per row, idx (B, 1), in eval mode, with pack_for_decoding's weights
         and a float32 cache. Returns the logits (B, V).
+
+        position: None, or a (1,) long tensor on idx's device holding cache.length. The step then has the same
+        shapes at every position, as capture in a CUDA graph needs (DecodeGraph): it writes the new keys and
+        values with index_copy_ and attends over the whole cache, the positions after the new one masked out.
 
         The same operations in the same dtypes as forward() (which autocast would pick), with one
         difference under bf16 autocast beyond the order of additions: attention runs in fp32 over the
@@ -429,17 +497,25 @@ class GPT(nn.Module):
         """
         layers, lm_head = packed
         B, C, nh = idx.size(0), self.config.n_embd, self.config.n_head
+        cache.check_room()
         pos = cache.length
-        if pos >= self.config.n_positions:
-            raise ValueError(f"the KV cache is full (n_positions={self.config.n_positions})")
         with torch.autocast(idx.device.type, enabled=False):  # every dtype here is explicit
-            x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe.weight[pos]  # (B, C)
+            if position is None:
+                x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe.weight[pos]  # (B, C)
+                keys, mask = slice(None, pos + 1), None
+            else:
+                x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe(position)
+                keys, mask = slice(None), torch.arange(cache.capacity, device=idx.device)[None] <= position  # (1, T)
             for i, (block, (c_attn, attn_proj, c_fc, mlp_proj)) in enumerate(zip(self.transformer.h, layers)):
                 qkv = c_attn(block.ln_1(x)).float()  # bf16 values, attended to in fp32
                 q, k, v = qkv.view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs) each
-                cache.k[i, :, :, pos:pos + 1] = k
-                cache.v[i, :, :, pos:pos + 1] = v
-                y = F.scaled_dot_product_attention(q, cache.k[i, :, :, :pos + 1], cache.v[i, :, :, :pos + 1])
+                if position is None:
+                    cache.k[i, :, :, pos:pos + 1] = k
+                    cache.v[i, :, :, pos:pos + 1] = v
+                else:
+                    cache.k[i].index_copy_(2, position, k)
+                    cache.v[i].index_copy_(2, position, v)
+                y = F.scaled_dot_product_attention(q, cache.k[i, :, :, keys], cache.v[i, :, :, keys], attn_mask=mask)
                 x = x + attn_proj(y.view(B, C))
                 x = x + mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh"))
             cache.length += 1
@@ -461,10 +537,12 @@ class GPT(nn.Module):
             n_ctx = self.config.n_positions
             dtype = matmul_dtype(self.transformer.wte.weight)
             # One-token steps run decode_step over weights packed once here, where that is possible.
-            packed = None
+            packed = graph = None
             if max_new_tokens >= PACK_MIN_NEW_TOKENS:
                 packed = self.pack_for_decoding(dtype, idx.size(0))
             cache = KVCache(self.config, idx.size(0), idx.device, torch.float32 if packed else dtype)
+            if packed is not None and idx.device.type == "cuda":
+                graph = self._decode_graph(cache, packed, idx.size(0))
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             tokens = idx
             step_input = idx[:, -n_ctx:]
@@ -472,7 +550,9 @@ class GPT(nn.Module):
                 if cache.length + step_input.size(1) > n_ctx:
                     cache.length = 0
                     step_input = tokens[:, -n_ctx:]
-                if packed is not None and step_input.size(1) == 1:
+                if graph is not None and step_input.size(1) == 1:
+                    logits = graph(step_input)
+                elif packed is not None and step_input.size(1) == 1:
                     logits = self.decode_step(step_input, cache, packed)
                 else:
                     logits = self(step_input, cache=cache)[0][:, -1, :]
@@ -487,6 +567,15 @@ class GPT(nn.Module):
                 tokens = torch.cat([tokens, step_input], dim=1)
         finally:
             self.train(was_training)
+
+    def _decode_graph(self, cache, packed, batch_size):
+        """A DecodeGraph, or None (eager one-token steps) where capture fails: a graph only saves time."""
+        try:
+            return DecodeGraph(self, cache, packed, batch_size)
+        except RuntimeError as e:
+            cache.length = 0
+            warnings.warn(f"generation runs without a CUDA graph ({str(e).splitlines()[0]})", stacklevel=3)
+            return None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,

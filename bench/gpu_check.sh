@@ -2,10 +2,11 @@
 # Everything that needs a CUDA GPU, in one go, most important first, each part under its own time limit,
 # so that a short GPU lease still returns the main figures:
 #
-#     bash bench/gpu_check.sh [OUT_DIR]        # default: gpu_out/  (~10 minutes on an H100)
+#     bash bench/gpu_check.sh [OUT_DIR [PART...]]   # default: gpu_out/, every part (~12 minutes on an H100)
 #
-# Writes OUT_DIR/<part>.log for each part, 8 files (a bench's log ends with its --json line); prints the
-# device, each part's last lines and a summary. Needs requirements-dev.txt (transformers: the HF side, tests).
+# PARTS (below) names them; a lease of 15 minutes, the machine's start included, fits about 8 minutes of them.
+# Writes OUT_DIR/<part>.log for each part run (a bench's log ends with its --json line); prints the device,
+# each part's last lines and a summary. Needs requirements-dev.txt (transformers: the HF side, tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-gpu_out}
@@ -31,18 +32,31 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 
 # First run (H100, 2026-11-25): the benches took 27-64 s each, the four resume tests over 300 s.
 T="$PY -m pytest -q -s -p no:cacheprovider -rfE --tb=short --durations=0"
-part bench_train_auto 150 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 --profile 3 --json
-part tests_cuda_quick 120 $T tests/test_cuda.py -k "out_of_memory or samples or cuda_rng" \
-  "tests/test_checkpoint.py::test_cuda_rng_state_round_trips"
-part bench_generate_auto 75 $PY bench/generate_throughput.py --device "$DEVICE" --json
-part tests_cuda_resume 240 $T tests/test_cuda.py -k "resumed"
-part bench_train_fp16 100 $PY bench/train_throughput.py --device "$DEVICE" --dtype float16 --rounds "$ROUNDS" --warmup 3 --json
-part bench_train_b32 100 $PY bench/train_throughput.py --device "$DEVICE" --batch_size 32 --rounds "$ROUNDS" --warmup 3 --json
-part bench_generate_fp32 60 $PY bench/generate_throughput.py --device "$DEVICE" --dtype float32 --json
-# Measured on 2026-11-25 (fp32: 1.44x HF); now the experiment of CUDA graphs for the launch-bound step instead.
-part bench_train_cudagraphs 120 $PY bench/train_throughput.py --device "$DEVICE" --compile_mode reduce-overhead \
-  --rounds "$ROUNDS" --warmup 3 --json
+ALL="tests_generation bench_generate_auto bench_generate_fp32 tests_resume_compiled tests_samples
+  bench_train_auto bench_train_cudagraphs bench_train_fp16 bench_train_b32 tests_resume_eager tests_oom"
+PARTS=${*:2}
+for name in ${PARTS:-$ALL}; do
+  case $name in
+    tests_generation) part $name 90 $T tests/test_cuda.py -k "generation" ;;
+    bench_generate_auto) part $name 75 $PY bench/generate_throughput.py --device "$DEVICE" --json ;;
+    bench_generate_fp32) part $name 60 $PY bench/generate_throughput.py --device "$DEVICE" --dtype float32 --json ;;
+    tests_resume_compiled) part $name 220 $T tests/test_cuda.py -k "resumed and compiled" ;;
+    tests_resume_eager) part $name 150 $T tests/test_cuda.py -k "resumed and eager" ;;
+    tests_samples) part $name 90 $T tests/test_cuda.py -k "samples" ;;
+    tests_oom) part $name 90 $T tests/test_cuda.py -k "out_of_memory" "tests/test_checkpoint.py::test_cuda_rng_state_round_trips" ;;
+    bench_train_auto) part $name 150 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 \
+      --profile 3 --json ;;
+    # CUDA graphs for the launch-bound training step (an experiment: train.py does not use them)
+    bench_train_cudagraphs) part $name 120 $PY bench/train_throughput.py --device "$DEVICE" \
+      --compile_mode reduce-overhead --rounds "$ROUNDS" --warmup 3 --json ;;
+    bench_train_fp16) part $name 100 $PY bench/train_throughput.py --device "$DEVICE" --dtype float16 \
+      --rounds "$ROUNDS" --warmup 3 --json ;;
+    bench_train_b32) part $name 100 $PY bench/train_throughput.py --device "$DEVICE" --batch_size 32 \
+      --rounds "$ROUNDS" --warmup 3 --json ;;
+    *) echo "unknown part $name (parts: $ALL)"; exit 2 ;;
+  esac
+done
 
 echo "=== summary"
-for f in "$OUT_DIR"/bench_*.log; do echo "$(basename "$f" .log): $(tail -n 1 "$f" | grep '^{')"; done
+for f in "$OUT_DIR"/bench_*.log; do [ -e "$f" ] || continue; echo "$(basename "$f" .log): $(tail -n 1 "$f" | grep '^{')"; done
 grep -h "passed\|failed\|FAILED\|ERROR" "$OUT_DIR"/tests_*.log | tail -n 12

@@ -7,11 +7,15 @@ sampled and exported. Skipped where no GPU is visible (CI); run on one with `pyt
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+import model as model_module
 from export_hf import load_hf
+from model import GPTConfig, KVCache
+from test_model import TINY as TINY_MODEL, randomized
 from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, final_state, write_bins
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,6 +77,43 @@ def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins
     ref = final_state(tmp_path / "ref")
     for k, v in ref["model_state_dict"].items():
         torch.testing.assert_close(state["model_state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_generation_replays_a_cuda_graph_that_matches_eager_steps(monkeypatch, dtype):
+    """generate's one-token steps on a GPU replay decode_step captured in a CUDA graph: logits as the eager
+    step's (fp32: to float reordering), across the window sliding, and the same greedy tokens."""
+    if dtype == torch.bfloat16 and not bf16_capable():
+        pytest.skip("bf16 needs capability 8.0")
+    model = randomized(GPTConfig(**TINY_MODEL)).cuda()
+    n = model.config.n_positions
+    idx = torch.randint(0, 97, (2, n + 8), generator=torch.Generator().manual_seed(0)).cuda()
+    tol = {} if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        packed = model.pack_for_decoding(dtype, 2)
+        graphed, eager = KVCache(model.config, 2, "cuda", torch.float32), KVCache(model.config, 2, "cuda", torch.float32)
+        graph = model_module.DecodeGraph(model, graphed, packed, 2)
+        for start in (0, 8):  # the second time as after the window slid: refilled from 0 over earlier values
+            for cache in (graphed, eager):
+                cache.length = 0
+                model(idx[:, start:start + 3], cache=cache)
+            for t in range(start + 3, start + n):
+                got = graph(idx[:, t:t + 1]).clone()
+                torch.testing.assert_close(got, model.decode_step(idx[:, t:t + 1], eager, packed), **tol)
+        with pytest.raises(ValueError, match="cache is full"):
+            graph(idx[:, :1])
+
+        replays = []
+        original = model_module.DecodeGraph.__call__
+        monkeypatch.setattr(model_module.DecodeGraph, "__call__", lambda self, i: replays.append(1) or original(self, i))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no falling back to eager steps
+            out = model.generate(idx[:, :5], 3 * n, temperature=0)
+        # Every one-token step until the context is full; beyond it each token rebuilds the cache (forward).
+        assert len(replays) == n - 5
+        monkeypatch.setattr(model, "_decode_graph", lambda *args: None)
+        if dtype == torch.float32:
+            assert torch.equal(out, model.generate(idx[:, :5], 3 * n, temperature=0))
 
 
 def test_a_gpu_checkpoint_samples_and_exports(tmp_path, bins):

@@ -129,6 +129,36 @@ def test_decode_step_equals_forward(dtype):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed decoding needs oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_shape_decode_step_equals_the_sliced_one(dtype):
+    """decode_step's form for a CUDA graph (a position tensor: the whole cache attended to, later positions
+    masked) gives the logits and cache of its plain form, also after the window slid (old values beyond)."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("oneDNN has no bf16 on this CPU")
+    model = randomized(GPTConfig(**TINY))
+    n = model.config.n_positions
+    idx = torch.randint(0, 97, (2, n + 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        packed = model.pack_for_decoding(dtype, 2)
+        sliced, static = KVCache(model.config, 2, "cpu", torch.float32), KVCache(model.config, 2, "cpu", torch.float32)
+        position = torch.zeros(1, dtype=torch.long)
+        for start in (0, 4):  # then as after a slide: refilled from position 0 over the earlier values
+            for cache in (sliced, static):
+                cache.length = 0
+                model(idx[:, start:start + 3], cache=cache)
+            for t in range(start + 3, start + n):
+                expected = model.decode_step(idx[:, t:t + 1], sliced, packed)
+                position.fill_(static.length)
+                got = model.decode_step(idx[:, t:t + 1], static, packed, position)
+                torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(static.k, sliced.k)
+        torch.testing.assert_close(static.v, sliced.v)
+        assert torch.equal(static.k[0], sliced.k[0])  # before any attention: written to the same places
+        with pytest.raises(ValueError, match="cache is full"):
+            model.decode_step(idx[:, :1], static, packed, position)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed decoding needs oneDNN")
 def test_packed_generate_equals_unpacked_and_leaves_the_model_alone(monkeypatch):
     model = randomized(GPTConfig(**TINY)).train()
     assert model.pack_for_decoding(torch.float32, 2) is not None  # else both runs below take the same path
