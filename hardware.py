@@ -528,8 +528,8 @@ def compile_or_eager(model, enabled, **compile_kwargs):
 
     For a model on a CUDA GPU, inductor's deterministic mode is switched on (where this torch has it), unless
     TORCHINDUCTOR_DETERMINISTIC=0 is set: without it inductor picks some kernels' configurations by timing
-    them, so two processes could sum in different orders, and a resumed fp16 run ended a few ULPs away
-    from an uninterrupted one (measured on an H200; bench/NOTES.md)."""
+    them, so two processes could sum in different orders. (Once, on an H200, a resumed compiled fp16 run
+    ended a few ULPs away from an uninterrupted one; the cause was not pinned down: bench/NOTES.md.)"""
     if not enabled:
         return model
     if hasattr(model, "before_compile"):  # the model's own parts that must stay eager (GPT.before_compile)
