@@ -267,6 +267,21 @@ def blocked_causal_attention(q, k, v, rows=ATTN_BLOCK_ROWS):
     return torch.cat(outs, dim=-2)
 
 
+def gelu_tanh(x):
+    """GELU in its tanh approximation, which GPT-2 uses (HF calls it "gelu_new"): 0.5 x (1 + tanh(u)) with
+    u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled for a CPU it is written as x * sigmoid(2u), the same function:
+    inductor's vectorised sigmoid (an exp) is ~2.8x faster than its tanh there (a (4096, 1024) bf16 tensor on 2
+    threads: 0.92 vs 2.6 ms) and, in bf16, closer to the exact value (outputs other than the float64 value
+    rounded to bf16, for inputs 3 * randn: 1.2% against 6.7%). Elsewhere F.gelu, one fused kernel."""
+    if not (torch.compiler.is_compiling() and x.device.type == "cpu"):
+        return F.gelu(x, approximate="tanh")
+    xf = x.float()
+    return (xf * torch.sigmoid(GELU_2U * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
+GELU_2U = 2 * math.sqrt(2 / math.pi)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -314,8 +329,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        # GPT-2 uses the tanh approximation of GELU (HF calls it "gelu_new").
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(gelu_tanh(self.c_fc(x))))
 
 
 class Block(nn.Module):

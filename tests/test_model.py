@@ -376,6 +376,29 @@ def test_compiled_chunked_loss_equals_eager(dtype):
     assert not compiled[2][100:].any()  # padded rows get no gradient
 
 
+def test_compiled_cpu_gelu_is_the_sigmoid_form_of_the_same_function():
+    """Compiled for a CPU, gelu_tanh is x * sigmoid(2u) (faster there): equal to F.gelu's tanh form in fp32,
+    gradients too, and in bf16 at least as close to the float64 value."""
+    graphs = []
+    torch.compile(model_module.gelu_tanh, fullgraph=True,
+                  backend=lambda gm, _: graphs.append(gm) or gm.forward)(torch.randn(4))
+    ops = " ".join(str(node.target) for gm in graphs for node in gm.graph.nodes)
+    assert "sigmoid" in ops and "gelu" not in ops  # the compiled form was traced
+    x = (3 * torch.randn(64, 256, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    compiled = torch.compile(model_module.gelu_tanh, fullgraph=True)
+    y = compiled(x)
+    (gx,) = torch.autograd.grad(y.square().sum(), x)
+    y_ref = F.gelu(x, approximate="tanh")
+    (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    xb = (3 * torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))).bfloat16()
+    exact = F.gelu(xb.double(), approximate="tanh").bfloat16()
+    off_compiled = (compiled(xb) != exact).sum()
+    assert compiled(xb).dtype == torch.bfloat16
+    assert off_compiled <= (F.gelu(xb, approximate="tanh") != exact).sum()
+
+
 def test_compiled_cpu_training_takes_the_chunked_loss():
     """The graph torch.compile captures for a CPU training step holds LinearCrossEntropy, not cross_entropy; an
     evaluation graph (no grad) keeps the plain path."""
