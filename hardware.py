@@ -529,7 +529,8 @@ def compile_or_eager(model, enabled, **compile_kwargs):
     For a model on a CUDA GPU, inductor's deterministic mode is switched on (where this torch has it), unless
     TORCHINDUCTOR_DETERMINISTIC=0 is set: without it inductor picks some kernels' configurations by timing
     them, so two processes could sum in different orders. (Once, on an H200, a resumed compiled fp16 run
-    ended a few ULPs away from an uninterrupted one; the cause was not pinned down: bench/NOTES.md.)"""
+    ended a few ULPs away from an uninterrupted one; the cause was not pinned down: bench/NOTES.md.) The
+    setting is inductor's, for the whole process: it stays on for later compiles in it."""
     if not enabled:
         return model
     if hasattr(model, "before_compile"):  # the model's own parts that must stay eager (GPT.before_compile)

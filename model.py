@@ -58,10 +58,8 @@ class KVCache:
     def __init__(self, config, batch_size, device, dtype):
         hs = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, config.n_positions, hs)
-        # Zeros, not empty: a step that attends over the whole cache with the unfilled positions masked (a CUDA
-        # graph's) still multiplies their values by 0, and garbage there could be a NaN.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
         self.capacity = config.n_positions
 
@@ -132,33 +130,41 @@ class DecodeGraph:
     A one-token step of a small model is a few microseconds of GPU work per kernel, and the CPU launching its
     ~130 kernels one by one is what it waits on; a replay launches them all at once. The step runs in its
     static-shape form (decode_step with a position tensor): same weights, same cache tensors, attention over
-    the whole cache with the positions after the new token masked out. Build it right after the cache, before
-    the prompt fills it: the warm-up runs write position 0. The cache may then be refilled from position 0
-    (the window sliding) without a new capture.
+    the whole cache with the positions after the new token masked out (their values are multiplied by 0, so
+    the cache is zeroed here: an uninitialised NaN would survive that). Build it right after the cache, before
+    the prompt fills it: the warm-up steps write position 0. Replays read and write the cache in place.
     """
 
     def __init__(self, model, cache, packed, batch_size):
-        device = cache.k.device
+        self.device = cache.k.device
         self.cache = cache
-        self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up outside the graph: library handles, kernel choices
-            for _ in range(2):
-                model.decode_step(self.idx, cache, packed, self.position)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model.decode_step(self.idx, cache, packed, self.position)
-        cache.length = 0
+        with torch.cuda.device(self.device):
+            cache.k.zero_()
+            cache.v.zero_()
+            self.idx = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+            self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            try:
+                with torch.cuda.stream(stream):  # warm-up outside the graph: library handles, kernel choices
+                    for _ in range(2):
+                        cache.length = 0
+                        model.decode_step(self.idx, cache, packed, self.position)
+            finally:  # also after a failed warm-up: the prompt's pass must not overtake its writes
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                cache.length = 0
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model.decode_step(self.idx, cache, packed, self.position)
+            cache.length = 0
 
     def __call__(self, idx):
         """decode_step(idx, cache, packed): the logits (B, V), in a buffer the next call overwrites."""
         self.cache.check_room()
-        self.idx.copy_(idx)
-        self.position.fill_(self.cache.length)
-        self.graph.replay()
+        with torch.cuda.device(self.device):
+            self.idx.copy_(idx)
+            self.position.fill_(self.cache.length)
+            self.graph.replay()
         self.cache.length += 1
         return self.logits
 
@@ -267,6 +273,9 @@ def blocked_causal_attention(q, k, v, rows=ATTN_BLOCK_ROWS):
     return torch.cat(outs, dim=-2)
 
 
+GELU_2U = 2 * math.sqrt(2 / math.pi)
+
+
 def gelu_tanh(x):
     """GELU in its tanh approximation, which GPT-2 uses (HF calls it "gelu_new"): 0.5 x (1 + tanh(u)) with
     u = sqrt(2 / pi) (x + 0.044715 x^3). Compiled for a CPU it is written as x * sigmoid(2u), the same function:
@@ -277,9 +286,6 @@ def gelu_tanh(x):
         return F.gelu(x, approximate="tanh")
     xf = x.float()
     return (xf * torch.sigmoid(GELU_2U * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
-
-
-GELU_2U = 2 * math.sqrt(2 / math.pi)
 
 
 class CausalSelfAttention(nn.Module):
@@ -501,7 +507,8 @@ class GPT(nn.Module):
 
         position: None, or a (1,) long tensor on idx's device holding cache.length. The step then has the same
         shapes at every position, as capture in a CUDA graph needs (DecodeGraph): it writes the new keys and
-        values with index_copy_ and attends over the whole cache, the positions after the new one masked out.
+        values with index_copy_ and attends over the whole cache, the positions after the new one masked out
+        (their values must be finite: they are multiplied by 0).
 
         The same operations in the same dtypes as forward() (which autocast would pick), with one
         difference under bf16 autocast beyond the order of additions: attention runs in fp32 over the
@@ -531,7 +538,7 @@ class GPT(nn.Module):
                     cache.v[i].index_copy_(2, position, v)
                 y = F.scaled_dot_product_attention(q, cache.k[i, :, :, keys], cache.v[i, :, :, keys], attn_mask=mask)
                 x = x + attn_proj(y.view(B, C))
-                x = x + mlp_proj(F.gelu(c_fc(block.ln_2(x)), approximate="tanh"))
+                x = x + mlp_proj(gelu_tanh(c_fc(block.ln_2(x))))
             cache.length += 1
             return lm_head(self.transformer.ln_f(x))[:, :self.config.vocab_size]
 
@@ -555,7 +562,7 @@ class GPT(nn.Module):
             if max_new_tokens >= PACK_MIN_NEW_TOKENS:
                 packed = self.pack_for_decoding(dtype, idx.size(0))
             cache = KVCache(self.config, idx.size(0), idx.device, torch.float32 if packed else dtype)
-            if packed is not None and idx.device.type == "cuda":
+            if packed is not None and idx.device.type == "cuda" and idx.size(1) < n_ctx:  # else never replayed
                 graph = self._decode_graph(cache, packed, idx.size(0))
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             tokens = idx
@@ -586,9 +593,10 @@ class GPT(nn.Module):
         """A DecodeGraph, or None (eager one-token steps) where capture fails: a graph only saves time."""
         try:
             return DecodeGraph(self, cache, packed, batch_size)
-        except RuntimeError as e:
+        except Exception as e:  # whatever breaks the capture, the eager steps remain
             cache.length = 0
-            warnings.warn(f"generation runs without a CUDA graph ({str(e).splitlines()[0]})", stacklevel=3)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            warnings.warn(f"generation runs without a CUDA graph ({type(e).__name__}: {first})", stacklevel=3)
             return None
 
     @torch.no_grad()

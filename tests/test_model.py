@@ -141,6 +141,8 @@ def test_static_shape_decode_step_equals_the_sliced_one(dtype):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         packed = model.pack_for_decoding(dtype, 2)
         sliced, static = KVCache(model.config, 2, "cpu", torch.float32), KVCache(model.config, 2, "cpu", torch.float32)
+        static.k.zero_()  # as DecodeGraph does: the masked positions' values are multiplied by 0
+        static.v.zero_()
         position = torch.zeros(1, dtype=torch.long)
         for start in (0, 4):  # then as after a slide: refilled from position 0 over the earlier values
             for cache in (sliced, static):
@@ -156,6 +158,15 @@ def test_static_shape_decode_step_equals_the_sliced_one(dtype):
         assert torch.equal(static.k[0], sliced.k[0])  # before any attention: written to the same places
         with pytest.raises(ValueError, match="cache is full"):
             model.decode_step(idx[:, :1], static, packed, position)
+
+
+def test_a_failed_cuda_graph_capture_leaves_eager_steps_and_says_so():
+    """Capture fails for real here (a CPU cache): one warning, no graph, the cache at position 0 for the prompt."""
+    model = randomized(GPTConfig(**TINY))
+    cache = KVCache(model.config, 1, "cpu", torch.float32)
+    with pytest.warns(UserWarning, match="generation runs without a CUDA graph"):
+        assert model._decode_graph(cache, model.pack_for_decoding(torch.float32, 1), 1) is None
+    assert cache.length == 0
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed decoding needs oneDNN")
@@ -392,11 +403,12 @@ def test_compiled_cpu_gelu_is_the_sigmoid_form_of_the_same_function():
     (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+    # In bf16 against what it replaces, inductor's lowering of F.gelu's tanh form.
     xb = (3 * torch.randn(512, 1024, generator=torch.Generator().manual_seed(1))).bfloat16()
     exact = F.gelu(xb.double(), approximate="tanh").bfloat16()
-    off_compiled = (compiled(xb) != exact).sum()
+    tanh_form = torch.compile(lambda t: F.gelu(t, approximate="tanh"), fullgraph=True)
     assert compiled(xb).dtype == torch.bfloat16
-    assert off_compiled <= (F.gelu(xb, approximate="tanh") != exact).sum()
+    assert (compiled(xb) != exact).sum() < (tanh_form(xb) != exact).sum()
 
 
 def test_compiled_cpu_training_takes_the_chunked_loss():
