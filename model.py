@@ -154,7 +154,9 @@ class DecodeGraph:
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 cache.length = 0
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            # thread_local: other threads' CUDA calls (NCCL's watchdog, when train.py samples under torchrun)
+            # cannot invalidate this capture; this thread's are still checked.
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.logits = model.decode_step(self.idx, cache, packed, self.position)
             cache.length = 0
 
