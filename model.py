@@ -176,6 +176,12 @@ LOSS_CHUNK_ROWS = 128
 # Evaluation keeps no activations for a backward pass, so its chunks can be larger (1024 rows: 206 MB of fp32
 # logits): fewer, larger matmuls, and 8x fewer kernel launches on a GPU.
 EVAL_CHUNK_ROWS = 1024
+# Compiled CPU training, where inductor fuses each chunk's loss and gradient into one pass per row. Under bf16,
+# chunks of 1024 rows (103 MB of logits) take ~2.7% off the mean time of a default step against one chunk of all
+# 4,096 rows (the median about the same: fewer slow steps), with 160 MB less memory, fewer fresh pages to fault
+# in and zero each step; in fp32, where the step is its matmuls', one chunk of all rows is 1.6% faster
+# (bench/NOTES.md, sixth pass).
+COMPILED_BF16_LOSS_CHUNK_ROWS = 1024
 
 
 def _rows_cross_entropy(logits, targets, vocab_size, grads):
@@ -230,7 +236,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     backward.
 
     For training in fp32 or bf16 only: under fp16 the gradients formed here, before GradScaler's factor,
-    could underflow. Eager steps use chunks of LOSS_CHUNK_ROWS, compiled CPU steps one chunk of all rows.
+    could underflow. Eager steps use chunks of LOSS_CHUNK_ROWS; compiled CPU steps larger ones (_loss_without_logits).
     """
 
     @staticmethod
@@ -431,7 +437,7 @@ class GPT(nn.Module):
         and a zero gradient of that size in backward (about 12% of a compiled CPU step).
         The loss then comes from chunked_cross_entropy (see _loss_without_logits): not compiling, it never
         holds the full logits, in training through LinearCrossEntropy (fp32, bf16), in evaluation (no grad)
-        directly (any dtype); compiled CPU training uses it in one chunk, fused by inductor.
+        directly (any dtype); compiled CPU training uses it in larger chunks, fused by inductor.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
@@ -471,9 +477,12 @@ class GPT(nn.Module):
         # backward), so small ones would underflow; the plain path scales first.
         if dtype == torch.float16:
             return None
-        # Compiled (CPU): one chunk of all rows, which inductor fuses into one pass over the logits (the plain
-        # path reads them twice and adds a pass over them for nll_loss's backward): 4-6% off a CPU step.
-        return LinearCrossEntropy.apply(*args, x.size(0) * x.size(1) if compiling else LOSS_CHUNK_ROWS)
+        # Compiled (CPU): chunks that inductor fuses into one pass over the logits each (the plain path reads
+        # them twice and adds a pass over them for nll_loss's backward): 4-6% off a CPU step.
+        rows = LOSS_CHUNK_ROWS
+        if compiling:
+            rows = COMPILED_BF16_LOSS_CHUNK_ROWS if dtype == torch.bfloat16 else x.size(0) * x.size(1)
+        return LinearCrossEntropy.apply(*args, rows)
 
     def pack_for_decoding(self, dtype, batch_size):
         """Weights for decode_step: [(c_attn, attn.c_proj, c_fc, mlp.c_proj) per block], lm_head.
