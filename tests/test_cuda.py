@@ -82,7 +82,8 @@ def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_gpu_generation_replays_a_cuda_graph_that_matches_eager_steps(monkeypatch, dtype):
     """generate's one-token steps on a GPU replay decode_step captured in a CUDA graph: logits as the eager
-    step's (fp32: to float reordering), across the window sliding, and the same greedy tokens."""
+    step's (fp32: to float reordering; fp16, bf16: within their rounding), over a refilled cache too, and in
+    fp32 the same greedy tokens."""
     if dtype == torch.bfloat16 and not bf16_capable():
         pytest.skip("bf16 needs capability 8.0")
     model = randomized(GPTConfig(**TINY_MODEL)).cuda()
@@ -93,7 +94,7 @@ def test_gpu_generation_replays_a_cuda_graph_that_matches_eager_steps(monkeypatc
         packed = model.pack_for_decoding(dtype, 2)
         graphed, eager = KVCache(model.config, 2, "cuda", torch.float32), KVCache(model.config, 2, "cuda", torch.float32)
         graph = model_module.DecodeGraph(model, graphed, packed, 2)
-        for start in (0, 8):  # the second time as after the window slid: refilled from 0 over earlier values
+        for start in (0, 8):  # the second time refilled from position 0 over earlier values: replays read in place
             for cache in (graphed, eager):
                 cache.length = 0
                 model(idx[:, start:start + 3], cache=cache)
