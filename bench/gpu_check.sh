@@ -2,7 +2,7 @@
 # Everything that needs a CUDA GPU, in one go, most important first, each part under its own time limit,
 # so that a short GPU lease still returns the main figures:
 #
-#     bash bench/gpu_check.sh [OUT_DIR [PART...]]   # default: gpu_out/, every part (~12 minutes on an H100)
+#     bash bench/gpu_check.sh [OUT_DIR [PART...]]   # default: gpu_out/, every part (~8 minutes on an H200)
 #
 # ALL (below) lists the parts, in the order they run; a lease of 15 minutes, the machine's start included, fits
 # about 8 minutes of them.
