@@ -405,14 +405,32 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
                 reasons={"dtype": dtype_reason, "compile": compile_reason})
 
 
-def inference_plan(device="auto", dtype="auto"):
-    """(facts, plan) for sampling or evaluation on `device`: preflight-checked, no torch.compile."""
+def generation_compile(facts, compile):
+    """(compile, reason) for generation (sample.py --compile): pure, like decide.
+
+    True compiles the one-token steps on a CPU (GPT.generate(compile=True), CompiledDecode): ~15 s the first time
+    on a 2-thread CPU, a few seconds once inductor's on-disk cache holds it, then ~1.6x the tokens/s, so it pays
+    from a few thousand tokens. A CUDA GPU replays the steps as a CUDA graph anyway: off there, as on MPS.
+    None: not generation (evaluation), never compiled."""
+    if compile is None:
+        return False, "off (not used for evaluation)"
+    if not compile:
+        return False, "off (--compile compiles generation on a CPU: pays from a few thousand tokens)"
+    if facts.type == "cuda":
+        return False, "off (a CUDA GPU replays generation's steps as a CUDA graph instead)"
+    if facts.type != "cpu":
+        return False, f"off (compiled generation is for CPUs, not {facts.type})"
+    return True, "on (set by compile: generation's one-token steps, compiled at the first sample)"
+
+
+def inference_plan(device="auto", dtype="auto", compile=None):
+    """(facts, plan) for sampling or evaluation on `device`, preflight-checked; compile: see generation_compile."""
     device_type = choose_device(device)
     facts = probe_facts(device if device.startswith("cuda:") else device_type)
     preflight(facts)
     plan = decide(facts, dtype=dtype, compile=False)
-    reasons = {**plan.reasons, "compile": "off (not used for sampling and evaluation)"}
-    return facts, replace(plan, reasons=reasons)
+    compile, why = generation_compile(facts, compile)
+    return facts, replace(plan, compile=compile, reasons={**plan.reasons, "compile": why})
 
 
 def describe(facts, plan):

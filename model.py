@@ -171,6 +171,133 @@ class DecodeGraph:
         return self.logits
 
 
+def rows_linear(x, weight, bias):
+    """x (B, in) times weight (out, in) transposed, plus bias, in weight's dtype: products of weight-dtype numbers
+    summed in fp32 and rounded once, as F.linear (oneDNN) computes them. Written as a broadcast product and a sum
+    for inductor (decode_hidden), which makes it one fused, vectorised loop over the weight: for one row
+    (decoding) ~5 us for a 768 x 256 bf16 weight on 2 CPU threads, where a oneDNN or BLAS call takes 15-30 us,
+    most of it fixed cost per call. Eager, it would materialise the (B, out, in) product: compiled use only."""
+    y = (x.to(weight.dtype).float()[:, None, :] * weight.float()[None]).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(weight.dtype)
+
+
+def decode_hidden(idx, position, k_cache, v_cache, wte, wpe, blocks, ln_f_w, ln_f_b, n_head, eps):
+    """A one-token step up to the head on plain tensors, for torch.compile on a CPU (CompiledDecode).
+
+    idx (B, 1); position (1,) long; k_cache and v_cache (n_layer, B, nh, position + 1, hs) in the matmul dtype,
+    the positions before `position` filled (this writes `position`); blocks: the blocks' weights stacked over
+    layers (DECODE_WEIGHTS order), the Linears' in the matmul dtype, the LayerNorms' in fp32, a missing bias None.
+    Returns ln_f's output (B, C). The same operations and dtypes as decode_step: LayerNorm in fp32, matmuls in
+    the weights' dtype, attention in fp32 over the cache (keys and values are outputs of those matmuls, so a cache
+    in their dtype holds them exactly). The new keys and values are written once, for every layer, at the end:
+    one write into the cache itself, where writes into per-layer views of it would make inductor copy it whole.
+    """
+    B, C = idx.size(0), wte.size(1)
+    hs = C // n_head
+    x = F.embedding(idx[:, 0], wte) + F.embedding(position, wpe)  # (B, C)
+    new = (torch.arange(k_cache.size(3), device=idx.device) == position)[:, None]  # (position + 1, 1)
+    new_k, new_v = [], []
+    for i in range(k_cache.size(0)):
+        ln_1_w, ln_1_b, attn_w, attn_b, proj_w, proj_b, ln_2_w, ln_2_b, fc_w, fc_b, mlp_w, mlp_b = (
+            None if w is None else w[i] for w in blocks)
+        qkv = rows_linear(F.layer_norm(x, (C,), ln_1_w, ln_1_b, eps), attn_w, attn_b).float()
+        q, k, v = qkv.view(B, 3, n_head, hs).unbind(1)  # (B, nh, hs) each
+        # The cache's last position is written below, after every layer: here the new key and value take its
+        # place (where() picks; whatever the position holds is never used in arithmetic).
+        keys = torch.where(new, k[:, :, None, :], k_cache[i].float())  # (B, nh, position + 1, hs)
+        values = torch.where(new, v[:, :, None, :], v_cache[i].float())
+        probs = ((q[:, :, None, :] * keys).sum(-1) * hs ** -0.5).softmax(-1)  # (B, nh, position + 1)
+        y = (probs[..., None] * values).sum(-2)  # (B, nh, hs)
+        x = x + rows_linear(y.reshape(B, C), proj_w, proj_b).float()
+        h = gelu_tanh(rows_linear(F.layer_norm(x, (C,), ln_2_w, ln_2_b, eps), fc_w, fc_b))
+        x = x + rows_linear(h, mlp_w, mlp_b).float()
+        new_k.append(k)
+        new_v.append(v)
+    k_cache.index_copy_(3, position, torch.stack(new_k)[:, :, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(3, position, torch.stack(new_v)[:, :, :, None].to(v_cache.dtype))
+    return F.layer_norm(x, (C,), ln_f_w, ln_f_b, eps)
+
+
+# decode_hidden's `blocks`: these parameters of every block, in this order.
+DECODE_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                  "mlp.c_proj.weight", "mlp.c_proj.bias")
+
+
+def _warn_eager_steps(what, e):
+    """Warn that a generate call's one-token steps run eagerly because `what` failed with e."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    warnings.warn(f"generation runs without {what} ({type(e).__name__}: {first})", stacklevel=4)
+
+
+# torch.compile(decode_hidden), made at the first CompiledDecode; or the exception that compiling it raised, which
+# later CompiledDecodes raise again at once instead of spending seconds on failing again.
+_compiled_decode_hidden = None
+
+
+class CompiledDecode:
+    """GPT.decode_step on a CPU, compiled by inductor up to the head (decode_hidden), for generate(compile=True).
+
+    A one-token step of a small model on a CPU is ~170 small operations; eager, each costs microseconds of
+    fixed overhead, and each of the 32 small matmuls 15-20 us where the arithmetic is ~5. Compiled, the blocks
+    are fused C++ loops, the matmuls vectorised loops over the weights (rows_linear), one call a token; the
+    cache's length is a dynamic dimension, so one compilation serves every position (and a new batch size or
+    dtype compiles again). The head stays a oneDNN-packed matmul (PackedLinear). Default model, 2 CPU threads:
+    compiling takes ~17 s the first time and ~3 s once inductor's on-disk cache holds it; then a bf16 step
+    takes ~0.9 ms against ~1.5 ms eager (bench/NOTES.md, seventh pass). The cache must be in the matmul dtype.
+    Build it right after the cache, before the prompt fills it: the warm-up step (which compiles) writes there.
+    """
+
+    def __init__(self, model, cache, dtype, batch_size):
+        global _compiled_decode_hidden
+        if cache.capacity < 2:
+            raise ValueError("a context of one position has no one-token steps")
+        if isinstance(_compiled_decode_hidden, Exception):
+            raise _compiled_decode_hidden
+        if _compiled_decode_hidden is None:
+            _compiled_decode_hidden = torch.compile(decode_hidden, dynamic=False, fullgraph=True)
+        from torch._dynamo import mark_dynamic  # imported by torch.compile by now
+        self.mark_dynamic = mark_dynamic
+        self.model, self.cache = model, cache
+        self.head = PackedLinear(model.lm_head, dtype, batch_size)
+        per_block = [dict(b.named_parameters()) for b in model.transformer.h]
+        self.blocks = [None if name not in per_block[0]  # a bias of a model without biases
+                       else torch.stack([p[name].detach() for p in per_block]).to(
+                           torch.float32 if name.startswith("ln_") else dtype)
+                       for name in DECODE_WEIGHTS]
+        self.position = torch.zeros(1, dtype=torch.long)
+        # A warm-up step compiles here, not mid-generation, at position 1: at 0 the cache's length would be 1,
+        # which torch specialises instead of keeping it dynamic. The prompt's pass overwrites what it writes.
+        cache.k[:, :, :, :2].zero_()
+        cache.v[:, :, :, :2].zero_()
+        cache.length = 1
+        try:
+            self(torch.zeros(batch_size, 1, dtype=torch.long))
+        except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (inductor's errors included)
+            _compiled_decode_hidden = e
+            raise
+        finally:
+            cache.length = 0
+
+    def __call__(self, idx):
+        """decode_step(idx, cache, ...): the logits (B, V)."""
+        model, cache, config = self.model, self.cache, self.model.config
+        cache.check_room()
+        k, v = cache.k[:, :, :, :cache.length + 1], cache.v[:, :, :, :cache.length + 1]
+        self.mark_dynamic(k, 3)
+        self.mark_dynamic(v, 3)
+        self.position.fill_(cache.length)
+        ln_f = model.transformer.ln_f
+        with torch.autocast("cpu", enabled=False):  # every dtype here is explicit
+            x = _compiled_decode_hidden(idx, self.position, k, v, model.transformer.wte.weight,
+                                        model.transformer.wpe.weight, self.blocks, ln_f.weight, ln_f.bias,
+                                        config.n_head, config.layer_norm_epsilon)
+            cache.length += 1
+            return self.head(x)[:, :config.vocab_size]
+
+
 # Rows per chunk of the chunked loss: 128 rows of the padded GPT-2 vocabulary are 26 MB of fp32 logits.
 LOSS_CHUNK_ROWS = 128
 # Evaluation keeps no activations for a backward pass, so its chunks can be larger (1024 rows: 206 MB of fp32
@@ -555,37 +682,47 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        eos_token_id=None, generator=None, vocab_limit=None):
+                        eos_token_id=None, generator=None, vocab_limit=None, compile=False):
         """Yield the next token of each row, (B,), one step at a time, using a KV cache.
 
         temperature 0 is greedy. Rows that produced eos_token_id keep producing it; the stream ends
         when every row has. Beyond the context the window slides: the cache is rebuilt from the last
         n_positions tokens, which gives exactly what a forward pass over that window gives.
         vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
+        compile: on a CPU in fp32 or bf16, one-token steps run CompiledDecode (torch.compile: a few seconds
+        at the first call in a process, then ~1.5x faster steps); where compiling fails, a warning and the
+        eager steps. Ignored elsewhere (a CUDA GPU replays a CUDA graph anyway).
         """
         was_training = self.training
         self.eval()
         try:
             n_ctx = self.config.n_positions
+            B, device = idx.size(0), idx.device
             dtype = matmul_dtype(self.transformer.wte.weight)
-            # One-token steps run decode_step over weights packed once here, where that is possible.
-            packed = graph = None
-            if max_new_tokens >= PACK_MIN_NEW_TOKENS:
-                packed = self.pack_for_decoding(dtype, idx.size(0))
-            cache = KVCache(self.config, idx.size(0), idx.device, torch.float32 if packed else dtype)
-            if packed is not None and idx.device.type == "cuda" and idx.size(1) < n_ctx:  # else never replayed
-                graph = self._decode_graph(cache, packed, idx.size(0))
-            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            # One-token steps: CompiledDecode, a CUDA graph, or decode_step over weights packed once here, where
+            # each is possible; else forward().
+            step = None
+            fits = idx.size(1) < n_ctx  # else the window slides at once and one-token steps come only after
+            if max_new_tokens >= PACK_MIN_NEW_TOKENS and compile and fits and device.type == "cpu" and \
+                    dtype in (torch.float32, torch.bfloat16):
+                cache = KVCache(self.config, B, device, dtype)
+                step = self._compiled_decode(cache, dtype, B)
+            if step is None:
+                packed = self.pack_for_decoding(dtype, B) if max_new_tokens >= PACK_MIN_NEW_TOKENS else None
+                cache = KVCache(self.config, B, device, torch.float32 if packed else dtype)
+                if packed is not None and device.type == "cuda" and fits:
+                    step = self._decode_graph(cache, packed, B)
+                if packed is not None and step is None:
+                    step = lambda step_input: self.decode_step(step_input, cache, packed)  # noqa: E731
+            done = torch.zeros(B, dtype=torch.bool, device=device)
             tokens = idx
             step_input = idx[:, -n_ctx:]
             for _ in range(max_new_tokens):
                 if cache.length + step_input.size(1) > n_ctx:
                     cache.length = 0
                     step_input = tokens[:, -n_ctx:]
-                if graph is not None and step_input.size(1) == 1:
-                    logits = graph(step_input)
-                elif packed is not None and step_input.size(1) == 1:
-                    logits = self.decode_step(step_input, cache, packed)
+                if step is not None and step_input.size(1) == 1:
+                    logits = step(step_input)
                 else:
                     logits = self(step_input, cache=cache)[0][:, -1, :]
                 nxt = sample_next(logits[:, :vocab_limit].float(), temperature, top_k, top_p, generator)
@@ -606,16 +743,24 @@ class GPT(nn.Module):
             return DecodeGraph(self, cache, packed, batch_size)
         except Exception as e:  # whatever breaks the capture, the eager steps remain
             cache.length = 0
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            warnings.warn(f"generation runs without a CUDA graph ({type(e).__name__}: {first})", stacklevel=3)
+            _warn_eager_steps("a CUDA graph", e)
+            return None
+
+    def _compiled_decode(self, cache, dtype, batch_size):
+        """A CompiledDecode, or None (eager one-token steps) where compiling fails: compiling only saves time."""
+        try:
+            return CompiledDecode(self, cache, dtype, batch_size)
+        except Exception as e:  # no C++ compiler, a torch whose inductor cannot do this, ...
+            cache.length = 0
+            _warn_eager_steps("torch.compile", e)
             return None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 eos_token_id=None, generator=None, vocab_limit=None):
+                 eos_token_id=None, generator=None, vocab_limit=None, compile=False):
         """Return idx (B, T) extended by up to max_new_tokens sampled tokens (see generate_stream)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        eos_token_id, generator, vocab_limit))
+                                        eos_token_id, generator, vocab_limit, compile))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
 

@@ -4,7 +4,9 @@
     python bench/generate_throughput.py --dtype float32 --json
 
 Ours: GPT.generate(temperature=0) under the dtype hardware.decide picks (sample.py's rule: autocast
-bf16 on a CPU with native bf16, no compile). Peer: GPT2LMHeadModel(attn_implementation="sdpa") with
+bf16 on a CPU with native bf16), without torch.compile (as sample.py runs unless --compile) or with it
+(--compile true: CompiledDecode on a CPU; the first call, which compiles, is a warm-up and its time is
+reported as first_call_s). Peer: GPT2LMHeadModel(attn_implementation="sdpa") with
 the same weights, generate(do_sample=False, use_cache=True) under the same autocast. Both produce
 exactly --new_tokens tokens from the same prompt; the calls alternate after a warm-up and tokens/s
 are medians (of the rounds where other processes left the CPU alone, see common.quiet_rounds).
@@ -13,6 +15,7 @@ are medians (of the rounds where other processes left the CPU alone, see common.
 import argparse
 import statistics
 import sys
+import time
 
 import common
 import torch
@@ -30,6 +33,8 @@ def main(argv=None):
     p.add_argument("--prompt_tokens", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=None, help="default 200, or what fits the context")
     p.add_argument("--rounds", type=int, default=7, help="timed generations per side, alternating")
+    p.add_argument("--compile", default="false", choices=["false", "true"],
+                   help="generate(compile=...): compiled one-token steps on a CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     common.add_threads_arg(p)
@@ -51,11 +56,12 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_tokens), generator=g).to(plan.device)
     n = args.new_tokens
+    compile = args.compile == "true"
     out = {}
 
     def run_ours():
         with hardware.autocast(plan.device, plan.dtype):
-            out["ours"] = ours.generate(prompt, n, temperature=0)[:, -n:].tolist()
+            out["ours"] = ours.generate(prompt, n, temperature=0, compile=compile)[:, -n:].tolist()
 
     def run_peer():
         with torch.no_grad(), hardware.autocast(plan.device, plan.dtype):
@@ -65,8 +71,11 @@ def main(argv=None):
             out["peer"] = gen[:, -n:].tolist()
 
     sides = {"ours": run_ours, "peer": run_peer}
-    for step in sides.values():  # warm-up: kernel selection, allocator
+    first_call_s = {}
+    for name, step in sides.items():  # warm-up: kernel selection, allocator, compiling
+        t0 = time.perf_counter()
         step()
+        first_call_s[name] = round(time.perf_counter() - t0, 2)
     memory = common.StepMemory(plan.device)
     peak_mem = {name: memory.measure(step)[1] for name, step in sides.items()}
     times, contention = common.interleaved(
@@ -80,7 +89,8 @@ def main(argv=None):
 
     result = {
         "bench": "generate_throughput", "device": plan.device, "device_name": facts.name, "dtype": plan.dtype,
-        "config": args.config, "batch": args.batch_size, "prompt_tokens": args.prompt_tokens, "new_tokens": n,
+        "compile": compile, "first_call_s": first_call_s, "config": args.config, "batch": args.batch_size,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": n,
         "ours": round(tps["ours"], 1), "peer": round(tps["peer"], 1),
         "ratio": round(common.paired_ratio(kept["ours"], kept["peer"]), 3),
         "same_tokens": round(same, 3), "rounds": args.rounds,
@@ -88,7 +98,7 @@ def main(argv=None):
         **memory.fields(peak_mem, "call"),
     }
     print(f"\n{facts.name} ({plan.device}), {args.config} model, greedy, batch {args.batch_size}, "
-          f"{args.prompt_tokens}-token prompt + {n} new, {plan.dtype}")
+          f"{args.prompt_tokens}-token prompt + {n} new, {plan.dtype}{', compiled' if compile else ''}")
     print(f"  ours {result['ours']:7.1f} tok/s   HF generate {result['peer']:7.1f} tok/s   -> {result['ratio']:.2f}x"
           f"   (same tokens: {same:.0%}; {len(quiet) if is_quiet else 0}/{args.rounds} quiet rounds)")
     if args.json:

@@ -6,7 +6,8 @@
 
 Each bench runs as its own process with --json; its last line is one JSON object, which becomes a row.
 Training runs in float32 and in the dtype hardware.decide picks (bf16 where the device has it), and on a
-GPU also in float16 (a T4's precision); generation in the picked dtype and, where that is not float32, in float32.
+GPU also in float16 (a T4's precision); generation in the picked dtype and, where that is not float32, in float32;
+on a CPU also compiled (generate(compile=True), sample.py --compile) in the picked dtype.
 """
 
 import argparse
@@ -52,8 +53,12 @@ def rows_of(name, r):
                  f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
     if name.startswith("generate"):
         what = f"{r['dtype']}, greedy, batch {r['batch']}, {r['prompt_tokens']}+{r['new_tokens']} tokens"
+        notes = f"same tokens {r['same_tokens']:.0%}"
+        if r.get("compile"):
+            what += ", compiled"
+            notes += f"; first call (compiles) {r['first_call_s']['ours']:.1f} s"
         return [[name, what, f"{r['ours']:.0f} tok/s", f"{r['peer']:.0f} tok/s", f"{r['ratio']:.2f}x",
-                 f"same tokens {r['same_tokens']:.0%}", f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
+                 notes, f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
     rss = ", ".join(f"{mb} MB in: {v} MB" for mb, v in r.get("peak_rss_mb", {}).items())
     return [[name, f"tokenize, {r.get('num_workers')} workers", f"{r['ours']} MB/s", f"{r['peer']} MB/s",
              f"{r['ratio']:.2f}x", f"peak RSS {rss}", ""]]
@@ -81,6 +86,9 @@ def main(argv=None):
         results["train float16"] = run_bench("train_throughput.py", ["--dtype", "float16", *common, *quick["train"]])
     gen = run_bench("generate_throughput.py", [*common, *quick["generate"]])
     results[f"generate {gen.get('dtype', '')}".strip()] = gen
+    if gen.get("device") == "cpu":  # generate(compile=True), sample.py --compile: CPUs only
+        results[f"generate {gen['dtype']} compiled"] = run_bench(
+            "generate_throughput.py", ["--compile", "true", *common, *quick["generate"]])
     if gen.get("dtype", "float32") != "float32":
         results["generate float32"] = run_bench("generate_throughput.py", ["--dtype", "float32", *common,
                                                                            *quick["generate"]])

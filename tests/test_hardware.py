@@ -467,7 +467,15 @@ def test_nccl_check_without_a_group_does_nothing():
     assert nccl_check(timeout_s=0.1) is None
 
 
-def test_inference_plan_never_compiles_and_says_why():
-    facts, plan = hardware.inference_plan("cpu", "float32")
+def test_inference_plan_compiles_only_generation_on_a_cpu_and_says_why():
+    facts, plan = hardware.inference_plan("cpu", "float32")  # evaluation
     assert facts.type == "cpu" and plan.compile is False and plan.dtype == "float32"
-    assert describe(facts, plan).endswith("| compile: off (not used for sampling and evaluation)")
+    assert describe(facts, plan).endswith("| compile: off (not used for evaluation)")
+    facts, plan = hardware.inference_plan("cpu", "float32", compile=False)
+    assert plan.compile is False and "--compile compiles generation on a CPU" in plan.reasons["compile"]
+    facts, plan = hardware.inference_plan("cpu", "float32", compile=True)
+    assert plan.compile is True and plan.reasons["compile"].startswith("on (set by compile")
+    for facts in (gpu("Tesla T4", (7, 5)), gpu("NVIDIA H100", (9, 0)), MPS):  # a CUDA graph there, or nothing
+        compile, why = hardware.generation_compile(facts, True)
+        assert compile is False and why.startswith("off (")
+    assert hardware.generation_compile(CPU_FP32, True)[0] is True

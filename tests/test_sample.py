@@ -70,6 +70,16 @@ def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
 
 
 
+def test_compile_gives_the_same_greedy_text(run_dir):
+    """--compile on a CPU: the one-token steps compiled (the device line says so), the eager greedy text."""
+    result = run_sample("--out_dir", run_dir / "out", "--start", "Hello", "--temperature", "0", "--num_samples", "2",
+                        "--max_new_tokens", "40", "--compile", *CPU)
+    assert result.returncode == 0, result.stderr
+    assert "| compile: on (set by compile" in result.stderr and "without torch.compile" not in result.stderr
+    text = greedy_text(tiny_model(), "Hello", 40)
+    assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
+
+
 def test_prompt_file_without_its_final_line_break(run_dir, tmp_path):
     (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8")  # as an editor saves it
     result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
