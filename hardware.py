@@ -408,14 +408,15 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
 def generation_compile(facts, compile):
     """(compile, reason) for generation (sample.py --compile): pure, like decide.
 
-    True compiles the one-token steps on a CPU (GPT.generate(compile=True), CompiledDecode): ~15 s the first time
-    on a 2-thread CPU, a few seconds once inductor's on-disk cache holds it, then ~1.6x the tokens/s, so it pays
-    from a few thousand tokens. A CUDA GPU replays the steps as a CUDA graph anyway: off there, as on MPS.
+    True compiles the one-token steps on a CPU (GPT.generate(compile=True), CompiledDecode): ~16 s the first time
+    on a 2-thread CPU, ~2.5 s once inductor's on-disk cache holds it, then 1.4-1.8x the tokens/s: it pays from
+    ~4k tokens with the cache, ~20k without. A CUDA GPU replays the steps as a CUDA graph anyway: off there, as
+    on MPS. Not automatic: whether inductor's cache holds the compiled step is not known beforehand.
     None: not generation (evaluation), never compiled."""
     if compile is None:
         return False, "off (not used for evaluation)"
     if not compile:
-        return False, "off (--compile compiles generation on a CPU: pays from a few thousand tokens)"
+        return False, "off (--compile compiles generation on a CPU: pays from ~4k tokens, ~20k the first time)"
     if facts.type == "cuda":
         return False, "off (a CUDA GPU replays generation's steps as a CUDA graph instead)"
     if facts.type != "cpu":

@@ -245,8 +245,9 @@ class CompiledDecode:
     are fused C++ loops, the matmuls vectorised loops over the weights (rows_linear), one call a token; the
     cache's length is a dynamic dimension, so one compilation serves every position (and a new batch size or
     dtype compiles again). The head stays a oneDNN-packed matmul (PackedLinear). Default model, 2 CPU threads:
-    compiling takes ~17 s the first time and ~3 s once inductor's on-disk cache holds it; then a bf16 step
-    takes ~0.9 ms against ~1.5 ms eager (bench/NOTES.md, seventh pass). The cache must be in the matmul dtype.
+    compiling takes ~16 s the first time and ~2.5 s once inductor's on-disk cache holds it; then generate makes
+    a bf16 token in ~0.9 ms against ~1.7 eager, fp32 in 1.6 against 2.2 (bench/NOTES.md, seventh pass). The
+    cache must be in the matmul dtype.
     Build it right after the cache, before the prompt fills it: the warm-up step (which compiles) writes there.
     """
 
@@ -264,8 +265,8 @@ class CompiledDecode:
         self.head = PackedLinear(model.lm_head, dtype, batch_size)
         per_block = [dict(b.named_parameters()) for b in model.transformer.h]
         self.blocks = [None if name not in per_block[0]  # a bias of a model without biases
-                       else torch.stack([p[name].detach() for p in per_block]).to(
-                           torch.float32 if name.startswith("ln_") else dtype)
+                       else torch.stack([p[name].detach().to(torch.float32 if name.startswith("ln_") else dtype)
+                                         for p in per_block])
                        for name in DECODE_WEIGHTS]
         self.position = torch.zeros(1, dtype=torch.long)
         # A warm-up step compiles here, not mid-generation, at position 1: at 0 the cache's length would be 1,
@@ -689,9 +690,9 @@ class GPT(nn.Module):
         when every row has. Beyond the context the window slides: the cache is rebuilt from the last
         n_positions tokens, which gives exactly what a forward pass over that window gives.
         vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
-        compile: on a CPU in fp32 or bf16, one-token steps run CompiledDecode (torch.compile: a few seconds
-        at the first call in a process, then ~1.5x faster steps); where compiling fails, a warning and the
-        eager steps. Ignored elsewhere (a CUDA GPU replays a CUDA graph anyway).
+        compile: on a CPU in fp32 or bf16, one-token steps run CompiledDecode (torch.compile: ~16 s at the
+        first call in a process, ~2.5 s when inductor's on-disk cache has it, then 1.4-1.8x the tokens/s);
+        where compiling fails, a warning and eager steps. Ignored elsewhere (a CUDA GPU replays a CUDA graph).
         """
         was_training = self.training
         self.eval()

@@ -1,6 +1,6 @@
 """Run every bench and print one table.
 
-    python bench/run_all.py                  # full size: about 15 minutes on a 2-core CPU
+    python bench/run_all.py                  # full size: about 16 minutes on a 2-core CPU
     python bench/run_all.py --threads 1      # steadier ratios on a busy shared machine
     python bench/run_all.py --quick          # tiny settings, a minute: checks that the benches run
 
