@@ -1,5 +1,5 @@
 """What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, and
-how their messages count things."""
+how their messages count things and quote an exception."""
 
 import signal
 import sys
@@ -14,6 +14,12 @@ def fail(message, code=2):
 def plural(n, word, many=None):
     """`word` for n == 1, else `many` (default: word + "s"): f"{n} {plural(n, 'token')}"."""
     return word if n == 1 else many or word + "s"
+
+
+def one_line(e, limit=200):
+    """An exception for a one-line message: "TypeName: its first line", at most `limit` characters of that line."""
+    first = (str(e).strip().splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def quiet_on_closed_pipe():

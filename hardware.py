@@ -27,6 +27,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
+from cli import one_line
+
 CU126_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu126"
 CU128_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu128"
 
@@ -235,7 +237,7 @@ def preflight(facts):
         x = torch.ones(4, 4, device=facts.device)
         (x @ x).sum().item()
     except Exception as e:  # any failure of the first kernel means the device is unusable as is
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = one_line(e)
         fix = (_arch_fix(facts.capability) if facts.type == "cuda" and "no kernel image" in first
                else "check the GPU (nvidia-smi) and the torch install, or use --device=cpu")
         raise HardwareError(f"the first kernel on {facts.name} ({facts.device}) failed: {first}; {fix}") from e
@@ -485,8 +487,7 @@ def _is_compile_error(e):
 
 
 def _compile_failed(e):
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    print(f"torch.compile failed ({type(e).__name__}: {first}); continuing without compile", file=sys.stderr)
+    print(f"torch.compile failed ({one_line(e)}); continuing without compile", file=sys.stderr)
 
 
 def _eager_backward_lowering():

@@ -5,6 +5,7 @@ The parameter names match HuggingFace's `GPT2LMHeadModel` one to one (`transform
 transposes HF's Conv1D layers need (see export_hf.py).
 """
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -12,6 +13,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+from cli import one_line
 
 # The embedding matrix is padded to a multiple of this internally: matmuls with a width that is a
 # multiple of 64 run markedly faster. The padding never appears in a state_dict or a config.
@@ -53,11 +56,15 @@ class GPTConfig:
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding: (n_layer, B, nh, n_positions, hs)."""
+    """Keys and values of every layer for incremental decoding: (n_layer, B, nh, n_positions + spare, hs).
 
-    def __init__(self, config, batch_size, device, dtype):
+    spare: positions allocated beyond the context and never filled. CompiledDecode asks for one, so that the cache
+    up to a step's position is never all of the tensor: that slice would have other strides (a contiguous tensor's),
+    and the step would compile again at the last position."""
+
+    def __init__(self, config, batch_size, device, dtype, spare=0):
         hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.n_positions, hs)
+        shape = (config.n_layer, batch_size, config.n_head, config.n_positions + spare, hs)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far
@@ -226,14 +233,9 @@ DECODE_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn
                   "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 
-def _warn_eager_steps(what, e):
-    """Warn that a generate call's one-token steps run eagerly because `what` failed with e."""
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    warnings.warn(f"generation runs without {what} ({type(e).__name__}: {first})", stacklevel=4)
-
-
-# torch.compile(decode_hidden), made at the first CompiledDecode; or the exception that compiling it raised, which
-# later CompiledDecodes raise again at once instead of spending seconds on failing again.
+# torch.compile(decode_hidden), made at the first CompiledDecode; or, once compiling it failed, what failed (a
+# string, not the exception, whose traceback would keep that call's model and cache alive): later CompiledDecodes
+# raise it again at once instead of spending seconds on failing again.
 _compiled_decode_hidden = None
 
 
@@ -243,31 +245,33 @@ class CompiledDecode:
     A one-token step of a small model on a CPU is ~170 small operations; eager, each costs microseconds of
     fixed overhead, and each of the 32 small matmuls 15-20 us where the arithmetic is ~5. Compiled, the blocks
     are fused C++ loops, the matmuls vectorised loops over the weights (rows_linear), one call a token; the
-    cache's length is a dynamic dimension, so one compilation serves every position (and a new batch size or
-    dtype compiles again). The head stays a oneDNN-packed matmul (PackedLinear). Default model, 2 CPU threads:
-    compiling takes ~16 s the first time and ~2.5 s once inductor's on-disk cache holds it; then generate makes
-    a bf16 token in ~0.9 ms against ~1.7 eager, fp32 in 1.6 against 2.2 (bench/NOTES.md, seventh pass). The
-    cache must be in the matmul dtype.
-    Build it right after the cache, before the prompt fills it: the warm-up step (which compiles) writes there.
+    cache's length is a dynamic dimension, so one compilation serves every position. Another batch size, dtype
+    or model shape compiles again; torch allows 8 compilations of one function per process (its recompile
+    limit), after which compiling fails and generation runs eagerly. The head stays a oneDNN-packed matmul
+    (GPT.packed_head). Default model, 2 CPU threads: compiling takes ~16 s the first time and ~2.5 s once
+    inductor's on-disk cache holds it; then generate makes a bf16 token in ~0.9 ms against ~1.7 eager, fp32 in
+    1.6 against 2.2 (bench/NOTES.md, seventh pass). The cache must be in the matmul dtype, the model's weights
+    in fp32. Build it right after the cache, before the prompt fills it: the warm-up step (which compiles)
+    writes there.
     """
 
-    def __init__(self, model, cache, dtype, batch_size):
+    @torch.no_grad()
+    def __init__(self, model, cache, dtype, batch_size, head):
         global _compiled_decode_hidden
         if cache.capacity < 2:
             raise ValueError("a context of one position has no one-token steps")
-        if isinstance(_compiled_decode_hidden, Exception):
-            raise _compiled_decode_hidden
+        if isinstance(_compiled_decode_hidden, str):
+            raise RuntimeError(f"compiling failed earlier in this process: {_compiled_decode_hidden}")
         if _compiled_decode_hidden is None:
             _compiled_decode_hidden = torch.compile(decode_hidden, dynamic=False, fullgraph=True)
-        from torch._dynamo import mark_dynamic  # imported by torch.compile by now
-        self.mark_dynamic = mark_dynamic
-        self.model, self.cache = model, cache
-        self.head = PackedLinear(model.lm_head, dtype, batch_size)
+        self.model, self.cache, self.head = model, cache, head
         per_block = [dict(b.named_parameters()) for b in model.transformer.h]
         self.blocks = [None if name not in per_block[0]  # a bias of a model without biases
                        else torch.stack([p[name].detach().to(torch.float32 if name.startswith("ln_") else dtype)
                                          for p in per_block])
                        for name in DECODE_WEIGHTS]
+        # The step's inputs keep their strides from call to call (a token id of another stride would compile again).
+        self.idx = torch.zeros(batch_size, 1, dtype=torch.long)
         self.position = torch.zeros(1, dtype=torch.long)
         # A warm-up step compiles here, not mid-generation, at position 1: at 0 the cache's length would be 1,
         # which torch specialises instead of keeping it dynamic. The prompt's pass overwrites what it writes.
@@ -275,24 +279,26 @@ class CompiledDecode:
         cache.v[:, :, :, :2].zero_()
         cache.length = 1
         try:
-            self(torch.zeros(batch_size, 1, dtype=torch.long))
-        except torch._dynamo.exc.TorchDynamoException as e:  # compiling failed (inductor's errors included)
-            _compiled_decode_hidden = e
+            self(self.idx)
+        except Exception as e:  # compiling failed (no C++ compiler, the recompile limit, ...): not again
+            _compiled_decode_hidden = one_line(e)
             raise
         finally:
             cache.length = 0
 
+    @torch.no_grad()
     def __call__(self, idx):
         """decode_step(idx, cache, ...): the logits (B, V)."""
         model, cache, config = self.model, self.cache, self.model.config
         cache.check_room()
         k, v = cache.k[:, :, :, :cache.length + 1], cache.v[:, :, :, :cache.length + 1]
-        self.mark_dynamic(k, 3)
-        self.mark_dynamic(v, 3)
+        torch._dynamo.mark_dynamic(k, 3)  # torch._dynamo: imported by torch.compile
+        torch._dynamo.mark_dynamic(v, 3)
+        self.idx.copy_(idx)
         self.position.fill_(cache.length)
         ln_f = model.transformer.ln_f
         with torch.autocast("cpu", enabled=False):  # every dtype here is explicit
-            x = _compiled_decode_hidden(idx, self.position, k, v, model.transformer.wte.weight,
+            x = _compiled_decode_hidden(self.idx, self.position, k, v, model.transformer.wte.weight,
                                         model.transformer.wpe.weight, self.blocks, ln_f.weight, ln_f.bias,
                                         config.n_head, config.layer_norm_epsilon)
             cache.length += 1
@@ -625,7 +631,18 @@ class GPT(nn.Module):
             return ([tuple(CastLinear(linear, dtype) for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc,
                                                                     b.mlp.c_proj)) for b in self.transformer.h],
                     CastLinear(self.lm_head, dtype))
-        if device != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        lm_head = self.packed_head(dtype, batch_size)
+        if lm_head is None:
+            return None
+        layers = [tuple(TransposedLinear(linear) if dtype == torch.float32 else PackedLinear(linear, dtype, batch_size)
+                        for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
+                  for b in self.transformer.h]
+        return layers, lm_head
+
+    def packed_head(self, dtype, batch_size):
+        """lm_head as a PackedLinear for one-token steps on a CPU, or None where oneDNN can't pack it: not a CPU,
+        a dtype other than float32 and bfloat16, a torch built without oneDNN (or without bf16 in it)."""
+        if self.lm_head.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
             return None
         try:
             if not torch.backends.mkldnn.is_available() or (
@@ -635,10 +652,7 @@ class GPT(nn.Module):
             lm_head(torch.zeros(batch_size, self.config.n_embd))  # fail here rather than mid-generation
         except (AttributeError, RuntimeError):  # a torch without these (private) oneDNN ops
             return None
-        layers = [tuple(TransposedLinear(linear) if dtype == torch.float32 else PackedLinear(linear, dtype, batch_size)
-                        for linear in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj))
-                  for b in self.transformer.h]
-        return layers, lm_head
+        return lm_head
 
     def decode_step(self, idx, cache, packed, position=None):
         """forward() for one new token per row, idx (B, 1), in eval mode, with pack_for_decoding's weights
@@ -665,7 +679,8 @@ class GPT(nn.Module):
                 keys, mask = slice(None, pos + 1), None
             else:
                 x = self.transformer.wte(idx[:, 0]) + self.transformer.wpe(position)
-                keys, mask = slice(None), torch.arange(cache.capacity, device=idx.device)[None] <= position  # (1, T)
+                keys = slice(None, cache.capacity)
+                mask = torch.arange(cache.capacity, device=idx.device)[None] <= position  # (1, T)
             for i, (block, (c_attn, attn_proj, c_fc, mlp_proj)) in enumerate(zip(self.transformer.h, layers)):
                 qkv = c_attn(block.ln_1(x)).float()  # bf16 values, attended to in fp32
                 q, k, v = qkv.view(B, 3, nh, 1, C // nh).unbind(1)  # (B, nh, 1, hs) each
@@ -690,9 +705,11 @@ class GPT(nn.Module):
         when every row has. Beyond the context the window slides: the cache is rebuilt from the last
         n_positions tokens, which gives exactly what a forward pass over that window gives.
         vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
-        compile: on a CPU in fp32 or bf16, one-token steps run CompiledDecode (torch.compile: ~16 s at the
-        first call in a process, ~2.5 s when inductor's on-disk cache has it, then 1.4-1.8x the tokens/s);
-        where compiling fails, a warning and eager steps. Ignored elsewhere (a CUDA GPU replays a CUDA graph).
+        compile: on a CPU in fp32 or bf16 (autocast or not; float32 weights), one-token steps run CompiledDecode
+        (torch.compile: ~16 s at the first call in a process, ~2.5 s when inductor's on-disk cache has it, then
+        1.4-1.8x the tokens/s); where compiling fails, a warning and eager steps. Ignored elsewhere (a CUDA GPU
+        replays a CUDA graph), and where the uncompiled steps would not be prepared either: fewer than
+        PACK_MIN_NEW_TOKENS new tokens, or a prompt that fills the context.
         """
         was_training = self.training
         self.eval()
@@ -704,17 +721,20 @@ class GPT(nn.Module):
             # each is possible; else forward().
             step = None
             fits = idx.size(1) < n_ctx  # else the window slides at once and one-token steps come only after
-            if max_new_tokens >= PACK_MIN_NEW_TOKENS and compile and fits and device.type == "cpu" and \
-                    dtype in (torch.float32, torch.bfloat16):
-                cache = KVCache(self.config, B, device, dtype)
-                step = self._compiled_decode(cache, dtype, B)
+            many = max_new_tokens >= PACK_MIN_NEW_TOKENS
+            if compile and many and fits and self.transformer.wte.weight.dtype == torch.float32:
+                head = self.packed_head(dtype, B)  # on a CPU in fp32 or bf16 only
+                if head is not None:
+                    cache = KVCache(self.config, B, device, dtype, spare=1)
+                    step = self._or_eager_steps("torch.compile", cache,
+                                                lambda: CompiledDecode(self, cache, dtype, B, head))
             if step is None:
-                packed = self.pack_for_decoding(dtype, B) if max_new_tokens >= PACK_MIN_NEW_TOKENS else None
+                packed = self.pack_for_decoding(dtype, B) if many else None
                 cache = KVCache(self.config, B, device, torch.float32 if packed else dtype)
                 if packed is not None and device.type == "cuda" and fits:
-                    step = self._decode_graph(cache, packed, B)
+                    step = self._or_eager_steps("a CUDA graph", cache, lambda: DecodeGraph(self, cache, packed, B))
                 if packed is not None and step is None:
-                    step = lambda step_input: self.decode_step(step_input, cache, packed)  # noqa: E731
+                    step = functools.partial(self.decode_step, cache=cache, packed=packed)
             done = torch.zeros(B, dtype=torch.bool, device=device)
             tokens = idx
             step_input = idx[:, -n_ctx:]
@@ -738,22 +758,15 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
-    def _decode_graph(self, cache, packed, batch_size):
-        """A DecodeGraph, or None (eager one-token steps) where capture fails: a graph only saves time."""
+    @staticmethod
+    def _or_eager_steps(what, cache, make):
+        """make(): a DecodeGraph or CompiledDecode; None (eager one-token steps) where it fails, with a warning
+        naming `what` failed: either only saves time."""
         try:
-            return DecodeGraph(self, cache, packed, batch_size)
-        except Exception as e:  # whatever breaks the capture, the eager steps remain
+            return make()
+        except Exception as e:  # whatever breaks the capture or the compile, the eager steps remain
             cache.length = 0
-            _warn_eager_steps("a CUDA graph", e)
-            return None
-
-    def _compiled_decode(self, cache, dtype, batch_size):
-        """A CompiledDecode, or None (eager one-token steps) where compiling fails: compiling only saves time."""
-        try:
-            return CompiledDecode(self, cache, dtype, batch_size)
-        except Exception as e:  # no C++ compiler, a torch whose inductor cannot do this, ...
-            cache.length = 0
-            _warn_eager_steps("torch.compile", e)
+            warnings.warn(f"generation runs without {what} ({one_line(e)})", stacklevel=4)
             return None
 
     @torch.no_grad()

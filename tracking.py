@@ -17,6 +17,8 @@ import secrets
 import sys
 from pathlib import Path
 
+from cli import one_line
+
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -67,8 +69,7 @@ class Tracker:
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
                              name=out_dir.resolve().name)
         except Exception as e:  # no API key, no network, a bad project name: tracking must not stop training
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            _warn(f"W&B did not start ({first_line}); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
+            _warn(f"W&B did not start ({one_line(e)}); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
                   "to log locally; training goes on without W&B")
             return None
         id_file.write_text(run_id + "\n")

@@ -41,7 +41,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     threads = common.set_threads(args.threads)
 
-    facts, plan = hardware.inference_plan(args.device, args.dtype)  # sample.py's rule
+    # sample.py's rules (--compile: compiled steps on a CPU only)
+    facts, plan = hardware.inference_plan(args.device, args.dtype, compile=args.compile == "true")
     print(hardware.describe(facts, plan), file=sys.stderr)
     config = common.CONFIGS[args.config]
     if args.new_tokens is None:
@@ -56,7 +57,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     prompt = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_tokens), generator=g).to(plan.device)
     n = args.new_tokens
-    compile = args.compile == "true"
+    compile = plan.compile
     out = {}
 
     def run_ours():

@@ -2,7 +2,7 @@
 
     python bench/run_all.py                  # full size: about 16 minutes on a 2-core CPU
     python bench/run_all.py --threads 1      # steadier ratios on a busy shared machine
-    python bench/run_all.py --quick          # tiny settings, a minute: checks that the benches run
+    python bench/run_all.py --quick          # tiny settings, ~2 minutes: checks that the benches run
 
 Each bench runs as its own process with --json; its last line is one JSON object, which becomes a row.
 Training runs in float32 and in the dtype hardware.decide picks (bf16 where the device has it), and on a

@@ -1,8 +1,10 @@
-"""cli.fail: the one way a script here ends on a user's mistake."""
+"""cli.py: the one way a script here ends on a user's mistake, a closed pipe, an exception in one line."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+from cli import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,3 +28,9 @@ def test_quiet_on_closed_pipe_ends_without_a_traceback():
         err = p.stderr.read().decode()
         p.wait()
         assert ("BrokenPipeError" in err) is not quiet, err
+
+
+def test_one_line_names_the_exception_and_keeps_its_first_line():
+    assert one_line(RuntimeError("CUDA error: no kernel image\nmore detail\n")) == "RuntimeError: CUDA error: no kernel image"
+    assert one_line(ValueError("  x" * 200), limit=10) == "ValueError: x  x  x  x"
+    assert one_line(KeyError()) == "KeyError"

@@ -112,7 +112,7 @@ def test_gpu_generation_replays_a_cuda_graph_that_matches_eager_steps(monkeypatc
             out = model.generate(idx[:, :5], 3 * n, temperature=0)
         # Every one-token step until the context is full; beyond it each token rebuilds the cache (forward).
         assert len(replays) == n - 5
-        monkeypatch.setattr(model, "_decode_graph", lambda *args: None)
+        monkeypatch.setattr(model, "_or_eager_steps", lambda *args: None)  # no graph: eager steps
         if dtype == torch.float32:
             assert torch.equal(out, model.generate(idx[:, :5], 3 * n, temperature=0))
 

@@ -41,10 +41,10 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def run_sample(*args, cwd=REPO):
+def run_sample(*args, cwd=REPO, env=None):
     return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, encoding="utf-8", timeout=120,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
 
 
 def greedy_text(model, prompt, n):
@@ -70,12 +70,15 @@ def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
 
 
 
-def test_compile_gives_the_same_greedy_text(run_dir):
-    """--compile on a CPU: the one-token steps compiled (the device line says so), the eager greedy text."""
+def test_compile_gives_the_same_greedy_text(run_dir, tmp_path):
+    """--compile on a CPU: the one-token steps compiled (the device line says so, and inductor wrote its code to the
+    cache folder given here), the eager greedy text."""
+    cache = tmp_path / "inductor"
     result = run_sample("--out_dir", run_dir / "out", "--start", "Hello", "--temperature", "0", "--num_samples", "2",
-                        "--max_new_tokens", "40", "--compile", *CPU)
+                        "--max_new_tokens", "40", "--compile", *CPU, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr
     assert "| compile: on (set by compile" in result.stderr and "without torch.compile" not in result.stderr
+    assert any(p.suffix == ".so" for p in cache.rglob("*"))
     text = greedy_text(tiny_model(), "Hello", 40)
     assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
 
