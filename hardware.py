@@ -423,7 +423,7 @@ def generation_compile(facts, compile):
         return False, "off (a CUDA GPU replays generation's steps as a CUDA graph instead)"
     if facts.type != "cpu":
         return False, f"off (compiled generation is for CPUs, not {facts.type})"
-    return True, "on (set by compile: generation's one-token steps, compiled at the first sample)"
+    return True, "on (set by compile: generation's one-token steps, compiled before the first sample)"
 
 
 def inference_plan(device="auto", dtype="auto", compile=None):

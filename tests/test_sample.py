@@ -78,6 +78,7 @@ def test_compile_gives_the_same_greedy_text(run_dir, tmp_path):
                         "--max_new_tokens", "40", "--compile", *CPU, env={"TORCHINDUCTOR_CACHE_DIR": str(cache)})
     assert result.returncode == 0, result.stderr
     assert "| compile: on (set by compile" in result.stderr and "without torch.compile" not in result.stderr
+    assert "compile: a first generation call, which compiles the steps, took" in result.stderr
     assert any(p.suffix == ".so" for p in cache.rglob("*"))
     text = greedy_text(tiny_model(), "Hello", 40)
     assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
