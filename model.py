@@ -182,7 +182,7 @@ def rows_linear(x, weight, bias):
     """x (B, in) times weight (out, in) transposed, plus bias, in weight's dtype: products of weight-dtype numbers
     summed in fp32 and rounded once, as F.linear (oneDNN) computes them. Written as a broadcast product and a sum
     for inductor (decode_hidden), which makes it one fused, vectorised loop over the weight: for one row
-    (decoding) ~5 us for a 768 x 256 bf16 weight on 2 CPU threads, where a oneDNN or BLAS call takes 15-30 us,
+    (decoding) ~5 us for a 768 x 256 bf16 weight on 2 CPU threads, where a oneDNN or BLAS call takes 15-35 us,
     most of it fixed cost per call. Eager, it would materialise the (B, out, in) product: compiled use only."""
     y = (x.to(weight.dtype).float()[:, None, :] * weight.float()[None]).sum(-1)
     if bias is not None:
@@ -239,11 +239,17 @@ DECODE_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn
 _compiled_decode_hidden = None
 
 
+def compiled_decoding_failure():
+    """Why compiling generation's one-token steps (generate(compile=True)) failed in this process, one line; None
+    if it has not failed. Once it has, generate does not try again."""
+    return _compiled_decode_hidden if isinstance(_compiled_decode_hidden, str) else None
+
+
 class CompiledDecode:
     """GPT.decode_step on a CPU, compiled by inductor up to the head (decode_hidden), for generate(compile=True).
 
     A one-token step of a small model on a CPU is ~170 small operations; eager, each costs microseconds of
-    fixed overhead, and each of the 32 small matmuls 15-20 us where the arithmetic is ~5. Compiled, the blocks
+    fixed overhead, and each of the 32 small matmuls 15-25 us where the arithmetic is ~5. Compiled, the blocks
     are fused C++ loops, the matmuls vectorised loops over the weights (rows_linear), one call a token; the
     cache's length is a dynamic dimension, so one compilation serves every position. Another batch size, dtype
     or model shape compiles again; torch allows 8 compilations of one function per process (its recompile
@@ -706,10 +712,11 @@ class GPT(nn.Module):
         n_positions tokens, which gives exactly what a forward pass over that window gives.
         vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
         compile: on a CPU in fp32 or bf16 (autocast or not; float32 weights), one-token steps run CompiledDecode
-        (torch.compile: ~16 s at the first call in a process, ~2.5 s when inductor's on-disk cache has it, then
-        1.4-1.8x the tokens/s); where compiling fails, a warning and eager steps. Ignored elsewhere (a CUDA GPU
-        replays a CUDA graph), and where the uncompiled steps would not be prepared either: fewer than
-        PACK_MIN_NEW_TOKENS new tokens, or a prompt that fills the context.
+        (torch.compile: ~16 s at a process's first call with an empty inductor cache, ~2.5 s when its on-disk
+        cache has the step, nothing at later calls in the process; then 1.4-1.8x the tokens/s); where compiling
+        fails, a warning and eager steps (compiled_decoding_failure says why). Ignored elsewhere (a CUDA GPU
+        replays a CUDA graph) and where no one-token step would run: fewer than PACK_MIN_NEW_TOKENS new tokens, or
+        a prompt that fills the context (every token is then a forward pass).
         """
         was_training = self.training
         self.eval()

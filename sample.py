@@ -21,7 +21,7 @@ import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
 from data import EOT_TOKEN, N_VOCAB, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
-from model import PACK_MIN_NEW_TOKENS
+from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
 from cli import fail, plural, quiet_on_closed_pipe
 
 DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
@@ -154,8 +154,11 @@ def main(argv=None):
             t0 = time.perf_counter()
             with hardware.autocast(plan.device, plan.dtype):
                 model.generate(idx, PACK_MIN_NEW_TOKENS, temperature=0, compile=True)  # greedy: no random draws
-            print(f"compile: a first generation call, which compiles the steps, took {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr)
+            if compiled_decoding_failure() is None:
+                print(f"compile: a first generation call, which compiles the steps, took "
+                      f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            else:  # it warned why; the samples run uncompiled, without warning again
+                gen_kwargs["compile"] = False
         n_tokens, t0 = 0, time.perf_counter()
         with hardware.autocast(plan.device, plan.dtype):
             for i in range(args.num_samples):

@@ -84,6 +84,19 @@ def test_compile_gives_the_same_greedy_text(run_dir, tmp_path):
     assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
 
 
+def test_compile_that_fails_warns_once_and_samples_uncompiled(run_dir, tmp_path):
+    """Compiling fails for real (no C++ compiler, an empty inductor cache): one warning saying why, no claim that it
+    compiled, and the same greedy text, uncompiled."""
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CXX": str(tmp_path / "no-such-c++")}
+    result = run_sample("--out_dir", run_dir / "out", "--start", "Hello", "--temperature", "0", "--num_samples", "2",
+                        "--max_new_tokens", "20", "--compile", *CPU, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("generation runs without torch.compile") == 1 and "C++ compiler" in result.stderr
+    assert "which compiles the steps, took" not in result.stderr
+    text = greedy_text(tiny_model(), "Hello", 20)
+    assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
+
+
 def test_prompt_file_without_its_final_line_break(run_dir, tmp_path):
     (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8")  # as an editor saves it
     result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
