@@ -3,7 +3,7 @@
     python sample.py --start "The future of AI"             # out/best_model.pt
     python sample.py --checkpoint out/checkpoints/checkpoint_epoch1_step5000.pt --temperature 0
     python sample.py --model_dir out/final_model --start FILE:prompt.txt --num_samples 3
-    python sample.py --num_samples 20 --max_new_tokens 500 --compile     # CPU: compiled steps, for long runs
+    python sample.py --num_samples 50 --max_new_tokens 500 --compile     # CPU: compiled steps, for long runs
 
 Tokens are printed as they are generated (--no_stream prints each sample when it is complete);
 a sample ends at <|endoftext|> or after --max_new_tokens. The speed goes to stderr.
