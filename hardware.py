@@ -411,7 +411,7 @@ def generation_compile(facts, compile):
     """(compile, reason) for generation (sample.py --compile): pure, like decide.
 
     True compiles the one-token steps on a CPU (GPT.generate(compile=True), CompiledDecode): ~16 s the first time
-    on a 2-thread CPU, ~2.5 s once inductor's on-disk cache holds it, then 1.4-1.8x the tokens/s: it pays from
+    on a 2-thread CPU, ~3 s once inductor's on-disk cache holds it, then 1.4-1.8x the tokens/s: it pays from
     ~4k tokens with the cache, ~20k without. A CUDA GPU replays the steps as a CUDA graph anyway: off there, as
     on MPS. Not automatic: whether inductor's cache holds the compiled step is not known beforehand.
     None: not generation (evaluation), never compiled."""

@@ -254,7 +254,7 @@ class CompiledDecode:
     cache's length is a dynamic dimension, so one compilation serves every position. Another batch size, dtype
     or model shape compiles again; torch allows 8 compilations of one function per process (its recompile
     limit), after which compiling fails and generation runs eagerly. The head stays a oneDNN-packed matmul
-    (GPT.packed_head). Default model, 2 CPU threads: compiling takes ~16 s the first time and ~2.5 s once
+    (GPT.packed_head). Default model, 2 CPU threads: compiling takes ~16 s the first time and ~3 s once
     inductor's on-disk cache holds it; then generate makes a bf16 token in ~0.9 ms against ~1.7 eager, fp32 in
     1.6 against 2.2 (bench/NOTES.md, seventh pass). The cache must be in the matmul dtype, the model's weights
     in fp32. Build it right after the cache, before the prompt fills it: the warm-up step (which compiles)
@@ -712,7 +712,7 @@ class GPT(nn.Module):
         n_positions tokens, which gives exactly what a forward pass over that window gives.
         vocab_limit: draw only ids below it (a tokenizer's size, where the model's vocabulary is larger).
         compile: on a CPU in fp32 or bf16 (autocast or not; float32 weights), one-token steps run CompiledDecode
-        (torch.compile: ~16 s at a process's first call with an empty inductor cache, ~2.5 s when its on-disk
+        (torch.compile: ~16 s at a process's first call with an empty inductor cache, ~3 s when its on-disk
         cache has the step, nothing at later calls in the process; then 1.4-1.8x the tokens/s); where compiling
         fails, a warning and eager steps (compiled_decoding_failure says why). Ignored elsewhere (a CUDA GPU
         replays a CUDA graph) and where no one-token step would run: fewer than PACK_MIN_NEW_TOKENS new tokens, or

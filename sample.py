@@ -112,7 +112,7 @@ def parse_args(argv):
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (autocast)")
     p.add_argument("--no_stream", action="store_true", help="print each sample when complete, not token by token")
     p.add_argument("--compile", action="store_true",
-                   help="on a CPU, compile generation's one-token steps (~16 s the first time, ~2.5 s later; "
+                   help="on a CPU, compile generation's one-token steps (~16 s the first time, ~3 s later; "
                         "then 1.4-1.8x the tokens/s): for long or many samples")
     p.error = fail
     args = p.parse_args(argv)
