@@ -727,18 +727,17 @@ class GPT(nn.Module):
             # One-token steps: CompiledDecode, a CUDA graph, or decode_step over weights packed once here, where
             # each is possible; else forward().
             step = None
-            fits = idx.size(1) < n_ctx  # else the window slides at once and one-token steps come only after
-            many = max_new_tokens >= PACK_MIN_NEW_TOKENS
-            if compile and many and fits and self.transformer.wte.weight.dtype == torch.float32:
+            prepare = self.prepares_one_token_steps(idx.size(1), max_new_tokens)
+            if compile and prepare and self.transformer.wte.weight.dtype == torch.float32:
                 head = self.packed_head(dtype, B)  # on a CPU in fp32 or bf16 only
                 if head is not None:
                     cache = KVCache(self.config, B, device, dtype, spare=1)
                     step = self._or_eager_steps("torch.compile", cache,
                                                 lambda: CompiledDecode(self, cache, dtype, B, head))
             if step is None:
-                packed = self.pack_for_decoding(dtype, B) if many else None
+                packed = self.pack_for_decoding(dtype, B) if prepare else None
                 cache = KVCache(self.config, B, device, torch.float32 if packed else dtype)
-                if packed is not None and device.type == "cuda" and fits:
+                if packed is not None and device.type == "cuda":
                     step = self._or_eager_steps("a CUDA graph", cache, lambda: DecodeGraph(self, cache, packed, B))
                 if packed is not None and step is None:
                     step = functools.partial(self.decode_step, cache=cache, packed=packed)
@@ -764,6 +763,12 @@ class GPT(nn.Module):
                 tokens = torch.cat([tokens, step_input], dim=1)
         finally:
             self.train(was_training)
+
+    def prepares_one_token_steps(self, prompt_tokens, max_new_tokens):
+        """Whether generate prepares its one-token steps (packed weights, a CUDA graph, CompiledDecode) for a prompt
+        of prompt_tokens and up to max_new_tokens: for at least PACK_MIN_NEW_TOKENS (preparing costs ~20 ms for the
+        default model), and a prompt shorter than the context (else every token is a forward() over the window)."""
+        return max_new_tokens >= PACK_MIN_NEW_TOKENS and prompt_tokens < self.config.n_positions
 
     @staticmethod
     def _or_eager_steps(what, cache, make):

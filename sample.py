@@ -150,7 +150,7 @@ def main(argv=None):
                       top_k=args.top_k or None, top_p=args.top_p, generator=generator, compile=plan.compile)
     try:
         # Compile before the timed samples (their speed is then generation's own), where the samples would use it.
-        if plan.compile and idx.size(1) < n_ctx and args.max_new_tokens >= PACK_MIN_NEW_TOKENS:
+        if plan.compile and model.prepares_one_token_steps(idx.size(1), args.max_new_tokens):
             t0 = time.perf_counter()
             with hardware.autocast(plan.device, plan.dtype):
                 model.generate(idx, PACK_MIN_NEW_TOKENS, temperature=0, compile=True)  # greedy: no random draws

@@ -193,23 +193,21 @@ def test_compiled_decoding_matches_decode_step(dtype, bias):
         eager, cache = KVCache(model.config, 2, "cpu", torch.float32), KVCache(model.config, 2, "cpu", dtype, spare=1)
         compiled = CompiledDecode(model, cache, dtype, 2, model.packed_head(dtype, 2))
         errors = []
-        no_recompiles = torch._dynamo.config.patch(error_on_recompile=True)  # one compilation, every position
-        no_recompiles.__enter__()
-        for start in (0, 4):
-            for c in (eager, cache):
-                c.length = 0
-                model(idx[:, start:start + 3], cache=c)
-            for t in range(start + 3, start + n):
-                expected = model.decode_step(idx[:, t:t + 1], eager, packed)
-                got = compiled(idx[:, t:t + 1])
-                assert got.dtype == expected.dtype == dtype and cache.length == eager.length == t - start + 1
-                if dtype == torch.float32:
-                    torch.testing.assert_close(got, expected)
-                else:
-                    with torch.autocast("cpu", enabled=False):
-                        exact = model(idx[:, start:t + 1])[0][:, -1]
-                    errors.append(((got.float() - exact).abs(), (expected.float() - exact).abs()))
-        no_recompiles.__exit__(None, None, None)
+        with torch._dynamo.config.patch(error_on_recompile=True):  # one compilation, every position
+            for start in (0, 4):
+                for c in (eager, cache):
+                    c.length = 0
+                    model(idx[:, start:start + 3], cache=c)
+                for t in range(start + 3, start + n):
+                    expected = model.decode_step(idx[:, t:t + 1], eager, packed)
+                    got = compiled(idx[:, t:t + 1])
+                    assert got.dtype == expected.dtype == dtype and cache.length == eager.length == t - start + 1
+                    if dtype == torch.float32:
+                        torch.testing.assert_close(got, expected)
+                    else:
+                        with torch.autocast("cpu", enabled=False):
+                            exact = model(idx[:, start:t + 1])[0][:, -1]
+                        errors.append(((got.float() - exact).abs(), (expected.float() - exact).abs()))
         torch.testing.assert_close(cache.k[:, :, :, :n].float(), eager.k, **({} if dtype == torch.float32 else BF16_TOL))
         with pytest.raises(ValueError, match="cache is full"):
             compiled(idx[:, :1])
