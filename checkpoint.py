@@ -135,13 +135,15 @@ def _fsync_dir(folder):
 
 def _save_error(path, err):
     reason = err.strerror or str(err)
+    is_checkpoint = Path(path).suffix == ".pt"
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free disk space or lower max_checkpoints"
+        fix = "free disk space or lower max_checkpoints" if is_checkpoint else "free disk space"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = f"make {Path(path).parent} writable or point checkpoint_dir/out_dir elsewhere"
     else:
         fix = "check the disk"
-    return CheckpointError(f"could not save {path}: {reason}; earlier checkpoints are intact; {fix}")
+    intact = "earlier checkpoints are intact" if is_checkpoint else f"the {Path(path).name} there before is intact"
+    return CheckpointError(f"could not save {path}: {reason}; {intact}; {fix}")
 
 
 def _atomic_write(path, write):
@@ -250,17 +252,29 @@ def rotate_checkpoints(checkpoint_dir, keep, protect=None):
     return [p for p in old if p.resolve() != protect and _delete(p)]
 
 
-def _make_room(checkpoint_dir):
-    """If free disk is below the size of the newest checkpoint, delete the oldest ones until it is not.
+def _same_disk(a, b):
+    try:
+        return os.stat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+def _make_room(checkpoint_dir, target=None):
+    """Before a save into `target` (default: checkpoint_dir): remove dead writers' temp files there, then, if
+    free disk is below the size of the newest rotated checkpoint, delete the oldest rotated ones until it is
+    not (only when they are on target's disk: elsewhere deleting frees nothing there).
 
     Never deletes the newest, so at least one checkpoint always survives.
     """
+    target = Path(target or checkpoint_dir)
+    for folder in {Path(checkpoint_dir), target}:
+        remove_stale_temps(folder)
     existing = list_checkpoints(checkpoint_dir)
-    if not existing:
+    if not existing or not _same_disk(checkpoint_dir, target):
         return
     need = existing[-1].stat().st_size
     for old in existing[:-1]:
-        free = shutil.disk_usage(checkpoint_dir).free
+        free = shutil.disk_usage(target).free
         if free >= need:
             break
         if _delete(old):
@@ -287,18 +301,33 @@ def save_checkpoint(state, checkpoint_dir, keep):
     return path
 
 
-def save_best(state, out_dir):
-    """Save `state` atomically as out_dir/best_model.pt (never rotated)."""
+def save_best(state, out_dir, checkpoint_dir=None):
+    """Save `state` atomically as out_dir/best_model.pt (never rotated). With checkpoint_dir, a disk too full
+    for it first loses the oldest rotated checkpoints there, as save_checkpoint does (never the newest)."""
     path = Path(out_dir) / BEST_NAME
+    if checkpoint_dir is not None:
+        _make_room(checkpoint_dir, out_dir)
     atomic_save(_stamped(state), path)
     return path
 
 
-def save_emergency(state, out_dir):
-    """Save `state` atomically as out_dir/emergency_checkpoint.pt."""
+def save_emergency(state, out_dir, checkpoint_dir=None):
+    """Save `state` atomically as out_dir/emergency_checkpoint.pt; checkpoint_dir: as for save_best."""
     path = Path(out_dir) / EMERGENCY_NAME
+    if checkpoint_dir is not None:
+        _make_room(checkpoint_dir, out_dir)
     atomic_save(_stamped(state), path)
     return path
+
+
+def newest_checkpoint(checkpoint_dir, out_dir):
+    """(stored step, path) of the readable checkpoint with the highest step, as 'latest' ranks them (its
+    checksums not verified), or None: what a resume would start from, for a message."""
+    found = _peek_steps(_candidates(checkpoint_dir, out_dir), warn=False)
+    if not found:
+        return None
+    step, _, path = max(found, key=lambda c: (c[0], c[1]))
+    return step, path
 
 
 # --- loading and discovery ---------------------------------------------------------------------

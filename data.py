@@ -826,11 +826,18 @@ class TokenBins:
             yield self._to_xy(self._windows[lo:hi], device)
 
     def state_dict(self):
-        """{"epoch", "position", "seed"} as plain ints: where the next batch comes from."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        """{"epoch", "position", "seed", "n_windows"} as plain ints: where the next batch comes from, and in how
+        many windows (a resume on other data is refused)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_windows": self.n_windows}
 
     def load_state_dict(self, state):
-        """Continue exactly where state_dict() was taken."""
+        """Continue exactly where state_dict() was taken; DataError if the bin is not the one it was taken on."""
+        saved = state.get("n_windows")  # checkpoints from before it was stored skip this check
+        if saved is not None and int(saved) != self.n_windows:
+            raise DataError(f"{self.path} has {self.n_windows} windows of {self.block_size + 1} tokens, but the "
+                            f"checkpoint was saved while training on {saved}: the data changed since. Resume with "
+                            f"the data_dir it was trained on, or start a new run from its weights in another "
+                            f"out_dir with --init_from=CHECKPOINT")
         self.seed = int(state["seed"])
         self.start_epoch(state["epoch"])
         if not 0 <= int(state["position"]) <= self.n_windows:

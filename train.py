@@ -16,9 +16,11 @@ import math
 import os
 import re
 import runpy
+import shlex
 import signal
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,7 +36,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import hardware
-from cli import plural, quiet_on_closed_pipe
+from cli import one_line, plural, quiet_on_closed_pipe
 from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 from tracking import Tracker
@@ -160,7 +162,15 @@ def load_config(argv):
             if not path.is_file():
                 raise ConfigError(f"config file '{arg}' not found; the shipped ones are in config/")
             # The file runs in its own namespace; its public, non-module names are settings.
-            namespace = runpy.run_path(str(path))
+            try:
+                namespace = runpy.run_path(str(path))
+            except Exception as e:  # a typo in the file: say where, in one line
+                line = e.lineno if isinstance(e, SyntaxError) else next(
+                    (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+                     if Path(f.filename).resolve() == path.resolve()), None)
+                detail = f"SyntaxError: {e.msg}" if isinstance(e, SyntaxError) else one_line(e)
+                raise ConfigError(f"config file '{arg}'{f' line {line}' if line else ''}: {detail}; fix the file "
+                                  f"(it is plain Python: name = value lines)") from None
             file_values.update({name: value for name, value in namespace.items()
                                 if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)})
     checked = {name: check_setting(name, value) for name, value in {**file_values, **cli_values}.items()}
@@ -210,6 +220,8 @@ def validate(cfg):
     for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    if cfg.max_steps == 0 and cfg.epochs < 1:
+        raise ConfigError(f"epochs must be at least 1 (or set max_steps), got {cfg.epochs}")
     if cfg.lr_decay not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {cfg.lr_decay!r}")
     parse_duration(cfg.max_runtime)
@@ -302,9 +314,14 @@ class Logger:
     """Lines to the terminal (above the progress bar) and to out_dir/train.log (rank 0 only)."""
 
     def __init__(self, path, enabled):
-        self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.enabled, self.path = enabled, path
+        try:
+            self.file = open(path, "a", encoding="utf-8") if enabled else None
+        except OSError as e:
+            raise ConfigError(f"cannot write {path}: {e.strerror}; point out_dir at a writable folder "
+                              f"(on Kaggle: under /kaggle/working)") from None
         self.bar = None
+        self.failing = False  # the last write to train.log failed (a full disk): warned once, retried each line
 
     def __call__(self, msg):
         if not self.enabled:
@@ -317,9 +334,20 @@ class Logger:
 
     def record(self, msg):
         """Write msg to train.log only (e.g. the error line main() prints to stderr)."""
-        if self.enabled:
+        if not self.enabled:
+            return
+        # A full disk must not stop training here (nor the emergency save after an error): the terminal has
+        # every line anyway, and the file catches up as soon as there is room.
+        try:
             self.file.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
             self.file.flush()
+        except OSError as e:
+            if not self.failing:
+                print(f"warning: could not write {self.path}: {e.strerror}; training goes on, lines are missing "
+                      f"from it until the disk has room", file=sys.stderr, flush=True)
+            self.failing = True
+        else:
+            self.failing = False
 
 
 def gpu_memory(device_type):
@@ -362,8 +390,12 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         self.checkpoint_dir = Path(cfg.checkpoint_dir or self.out_dir / "checkpoints")
         if ddp.master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for folder in (self.out_dir, self.checkpoint_dir):
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise ConfigError(f"cannot create {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
+                                      f"a writable folder (on Kaggle: under /kaggle/working)") from None
         self.log = Logger(self.out_dir / "train.log", ddp.master)
         self.stop = StopRequest()
         self.max_runtime = parse_duration(cfg.max_runtime)
@@ -574,8 +606,10 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch + 1})")
 
     # checkpoints -------------------------------------------------------------------------------
-    def state(self, data_state=None, rng_state=None):
-        return {
+    def state(self, data_state=None, rng_state=None, after_step_pending=False):
+        """The run as a checkpoint holds it. after_step_pending: the step is done but its evaluation, epoch
+        record and best-model save are not (a resume does them first)."""
+        state = {
             "format_version": ckpt.FORMAT_VERSION,
             "model_state_dict": ckpt.unwrapped_state_dict(self.model),
             "optimizer_state_dict": self.optimizer.state_dict(),
@@ -596,6 +630,9 @@ class Trainer:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accum * self.ddp.world_size,
         }
+        if after_step_pending:
+            state["after_step_pending"] = True
+        return state
 
     def save(self, kind, **state_parts):
         """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run.
@@ -614,9 +651,9 @@ class Trainer:
                 if kind == "rotated":
                     path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)
                 elif kind == "best":
-                    path = ckpt.save_best(state, self.out_dir)
+                    path = ckpt.save_best(state, self.out_dir, self.checkpoint_dir)
                 else:
-                    path = ckpt.save_emergency(state, self.out_dir)
+                    path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
                 self.log(f"saved {path}")
             except ckpt.CheckpointError as e:
                 self.log(f"warning: {e}")
@@ -913,9 +950,10 @@ class Trainer:
         return time.time() - PROCESS_START
 
     def resume_command(self):
-        args = " ".join(sys.argv[1:])
+        # Quoted for a shell: a --sample_prompt with spaces pastes back as one argument.
+        args = [a for a in sys.argv[1:] if not a.startswith("--resume_from_checkpoint=")]
         launcher = f"torchrun --nproc_per_node={self.ddp.world_size}" if self.ddp.enabled else "python"
-        return f"{launcher} train.py {args} --resume_from_checkpoint=latest".replace("  ", " ")
+        return " ".join([launcher, "train.py", *map(shlex.quote, args), "--resume_from_checkpoint=latest"])
 
     def save_emergency_local(self):
         """After an error: inside a step, the last completed step with the data and RNG state it left; after
@@ -924,10 +962,9 @@ class Trainer:
             if self.pending_after_step is None:
                 state = self.state(*self.step_start)
             else:
-                state = self.state()
+                state = self.state(after_step_pending=True)
                 state["epoch_loss_sum"], state["epoch_loss_count"] = self.pending_after_step
-                state["after_step_pending"] = True
-            path = ckpt.save_emergency(state, self.out_dir)
+            path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
             self.log(f"saved {path}")
         except Exception as e:  # the original error matters more
             self.log(f"warning: could not write the emergency checkpoint: {e}")
@@ -935,19 +972,33 @@ class Trainer:
     def emergency_exit(self, step_start=(None, None)):
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
-        self.log(f"interrupted at step {self.step}: {self.out_dir / 'emergency_checkpoint.pt'} holds the last completed "
-                 f"step. Resume with: {self.resume_command()}")
+        saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
+        self.log(f"interrupted at step {self.step}: {self.kept_note(saved)}. Resume with: {self.resume_command()}")
         signum = self.stop.signum or signal.SIGTERM
         return 128 + int(signum)
 
     def nonfinite_exit(self, count):
-        self.save("emergency")
+        # The step counts as done (its update was skipped, the weights are the last good ones); its evaluation,
+        # epoch record and best-model save are due, and a resume does them first.
+        saved = self.save("emergency", after_step_pending=True)
         hint = " fp16 runs are known to overflow after many steps: rerun with --dtype=float32 (or bfloat16 on an A100/L4/H100)." \
             if self.plan.dtype == "float16" else " lower learning_rate or raise warmup_steps."
-        self.log(f"error: {count} non-finite losses in a row at step {self.step}; stopped. The emergency checkpoint holds "
-                 f"the last good weights.{hint}")
+        self.log(f"error: {count} non-finite losses in a row at step {self.step}; stopped. "
+                 f"{self.kept_note(saved, 'the last good weights')}.{hint}")
         return 3
+
+    def kept_note(self, saved, what="the last completed step"):
+        """Where the run's progress is, for the message of a stopped run: the emergency checkpoint, or, when
+        that save failed, the newest checkpoint that is on disk."""
+        if saved:
+            return f"{self.out_dir / ckpt.EMERGENCY_NAME} holds {what}"
+        if not self.ddp.master:
+            return "the emergency checkpoint could not be written"
+        newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
+        if newest is None:
+            return "the emergency checkpoint could not be written and there is no other checkpoint: free disk space"
+        return (f"the emergency checkpoint could not be written; the newest on disk is {newest[1]} (step {newest[0]}), "
+                f"a resume repeats the steps after it")
 
     def finish(self):
         if not self.ddp.master or not self.cfg.export_final_model:

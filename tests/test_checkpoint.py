@@ -160,6 +160,11 @@ try:
     save_checkpoint(big, sys.argv[1], keep=1)  # 2 MiB of weights
 except CheckpointError as e:
     print(e)
+from checkpoint import atomic_write_json
+try:
+    atomic_write_json(sys.argv[1] + "/eval_history.json", [{"step": 1, "val_loss": 2.0}] * 40000)
+except CheckpointError as e:
+    print(e)
 """
 
 
@@ -170,9 +175,11 @@ def test_failed_write_is_one_line_removes_its_temp_and_keeps_old_checkpoints(tmp
     p = python(FSIZE_CHILD, ckdir)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert len(lines) == 1, p.stdout
+    assert len(lines) == 2, p.stdout
     assert lines[0].startswith(f"could not save {ckdir / 'checkpoint_epoch0_step2.pt'}: File too large;")
     assert "earlier checkpoints are intact" in lines[0] and "free disk space" in lines[0]
+    assert lines[1] == f"could not save {ckdir / 'eval_history.json'}: File too large; the eval_history.json " \
+                       f"there before is intact; free disk space"
     assert sorted(os.listdir(ckdir)) == [old.name]  # temp removed, old one not rotated away
     assert old.read_bytes() == before and assert_whole(old)["step"] == 1
     # Training goes on: the next save (here without the limit) succeeds and only then rotates.
@@ -253,6 +260,37 @@ def test_low_disk_rotates_oldest_first_before_saving(tmp_path, monkeypatch, caps
         p.unlink()
     ck.save_checkpoint(state(7, numel=1 << 16), ckdir, keep=4)
     assert [ck.load_checkpoint(p)["step"] for p in ck.list_checkpoints(ckdir)] == [6, 7]
+
+
+def test_low_disk_makes_room_for_best_and_emergency_saves_too(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    ckdir = out / "checkpoints"
+    for step in (1, 2, 3, 4):
+        ck.save_checkpoint(state(step, numel=1 << 16), ckdir, keep=4)
+    size = ck.list_checkpoints(ckdir)[-1].stat().st_size
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = out / f".best_model.pt.{ended.pid}.0123abcd.tmp"  # what a writer killed mid-save left: a whole checkpoint
+    dead.write_bytes(bytes(size))
+    # Half a checkpoint free: removing the dead writer's temp file is room enough, no checkpoint goes.
+    small_disk(monkeypatch, out, 5 * size + size // 2)
+    ck.save_best(state(4, numel=1 << 16), out, ckdir)
+    assert not dead.exists() and [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [1, 2, 3, 4]
+    assert "low disk" not in capsys.readouterr().err
+    # Half a checkpoint free again: the oldest rotated checkpoint makes room for each save.
+    ck.save_emergency(state(5, numel=1 << 16), out, ckdir)
+    ck.save_best(state(6, numel=1 << 16), out, ckdir)
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [3, 4]
+    assert "deleted checkpoint_epoch0_step1.pt" in capsys.readouterr().err
+    assert assert_whole(out / "emergency_checkpoint.pt")["step"] == 5 and assert_whole(out / "best_model.pt")["step"] == 6
+    # Never the newest rotated one, however full the disk.
+    small_disk(monkeypatch, out, 0)
+    ck.save_best(state(7, numel=1 << 16), out, ckdir)
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [4]
+    # Without checkpoint_dir (a caller that has none), nothing is deleted.
+    ck.save_checkpoint(state(8, numel=1 << 16), ckdir, keep=4)  # the newest before it, 4, stays
+    ck.save_best(state(9, numel=1 << 16), out)
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [4, 8]
 
 
 # --- loading

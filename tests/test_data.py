@@ -566,7 +566,7 @@ def test_batches_are_shifted_windows_of_the_file(bins):
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert all(x[r, 0] % 9 == 0 for r in range(4))  # every row starts on a window boundary
     assert torch.equal(x[:, :1] + torch.arange(8), x)
-    assert tb.state_dict() == {"epoch": 0, "position": 4, "seed": 1337}
+    assert tb.state_dict() == {"epoch": 0, "position": 4, "seed": 1337, "n_windows": 24}
 
 
 def test_epochs_shuffle_differently_and_deterministically(bins):
@@ -613,6 +613,12 @@ def test_state_dict_resumes_with_exactly_the_next_batch(bins):
     assert windows_of(batches[:2]) + windows_of(batches[2:])[:1] == windows_of([expected])
     with pytest.raises(DataError, match="past the 24 windows"):
         resumed.load_state_dict({"epoch": 0, "position": 25, "seed": 1})
+    # Other data (a bin of 30 windows) is refused, not read from the same position in another order.
+    other = TokenBins(write_bin(bins / "other", "train", np.arange(30 * 9) % 50257), "train", 8)
+    with pytest.raises(DataError, match=r"has 30 windows of 9 tokens, but the checkpoint was saved while training "
+                                        r"on 24: the data changed since.*--init_from="):
+        other.load_state_dict(state)
+    assert (other.epoch, other.position) == (0, 0)
 
 
 def test_eval_batches_cover_the_split_in_order(bins):

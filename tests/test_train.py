@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_help_lists_every_setting():
     (["--device=cuda"], "device='cuda' but no CUDA GPU is visible"),
     (["--dtype=float16"], "float16"),
     (["--max_grad_norm=-1"], "max_grad_norm must not be negative, got -1.0"),
+    (["--epochs=0"], "epochs must be at least 1 (or set max_steps), got 0"),
 ])
 def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_dir={bins}", *args],
@@ -112,6 +114,31 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     if "--data_dir=/nonexistent/bins" in args:  # found once the run has its out_dir: train.log says it too
         assert message in (tmp_path / "train.log").read_text()
+
+
+def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, bins):
+    for text, message in (("learning_rate = 1e-3 +\n", "line 1: SyntaxError: invalid syntax"),
+                          ("n_layer = 2\nlearning_rate = lr\n", "line 2: NameError: name 'lr' is not defined")):
+        config = tmp_path / "my_config.py"
+        config.write_text(text)
+        p = subprocess.run([sys.executable, "train.py", str(config), f"--out_dir={tmp_path / 'out'}"],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 2 and p.stderr == f"error: config file '{config}' {message}; fix the file (it is " \
+                                                 f"plain Python: name = value lines)\n"
+    (tmp_path / "a_file").write_text("")
+    p = run_train(tmp_path / "a_file" / "run", bins, check=False)  # no folder can be made under a file
+    assert p.returncode == 2 and p.stderr == f"error: cannot create {tmp_path / 'a_file' / 'run'}: Not a directory; " \
+        "point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under /kaggle/working)\n"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_train_log_does_not_stop_the_run(tmp_path, bins):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.log").symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
+    p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
+    assert p.stderr.count("warning: could not write") == 1 and "No space left on device" in p.stderr
+    assert [ckpt.load_checkpoint(c)["step"] for c in ckpt.list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
@@ -336,6 +363,56 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
     assert many.returncode == 3
     assert "3 non-finite losses in a row at step 4" in many.stdout
     assert ckpt.load_checkpoint(tmp_path / "many" / "emergency_checkpoint.pt")["step"] == 4
+
+
+def test_a_nonfinite_stop_at_an_epochs_end_keeps_its_evaluation_and_record(tmp_path, bins):
+    """Stopped by non-finite losses at step 11, an epoch's end, then resumed: the evaluation, epoch record and
+    weights are those of a run that skipped the same update and went on."""
+    common = ["--max_steps=22", "--eval_steps=5", "--save_steps=100"]
+    nan = {"GPT_TEST_NAN_AT_STEPS": "11"}
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run_train(straight, bins, *common, env=nan)
+    p = run_train(stopped, bins, *common, "--max_nonfinite=1", env=nan, check=False)
+    assert p.returncode == 3 and f"{stopped / 'emergency_checkpoint.pt'} holds the last good weights" in p.stdout
+    state = ckpt.load_checkpoint(stopped / "emergency_checkpoint.pt")
+    assert state["step"] == 11 and state["after_step_pending"]
+    p = run_train(stopped, bins, *common, env=nan)
+    assert "redoing the evaluation of step 11" in p.stdout
+    for name in ("training_history.json", "eval_history.json"):
+        a, b = (json.loads((d / name).read_text()) for d in (straight, stopped))
+        assert [(r.get("step"), r.get("epoch"), r["train_loss"], r["val_loss"]) for r in a] == \
+               [(r.get("step"), r.get("epoch"), r["train_loss"], r["val_loss"]) for r in b], name
+    assert [r["epoch"] for r in json.loads((stopped / "training_history.json").read_text())] == [1, 2]
+    assert_same_weights(final_state(straight)["model_state_dict"], final_state(stopped)["model_state_dict"])
+
+
+def test_a_failed_emergency_save_says_which_checkpoint_holds_the_run(tmp_path, bins):
+    out = tmp_path / "my run"  # a space: the printed resume command must quote it
+    (out / "emergency_checkpoint.pt" / "in the way").mkdir(parents=True)  # the save's rename cannot replace it
+    p = run_train(out, bins, "--max_steps=10", "--save_steps=2", "--eval_steps=100", "--max_nonfinite=1",
+                  env={"GPT_TEST_NAN_AT_STEPS": "5"}, check=False)
+    assert p.returncode == 3 and "warning: could not save" in p.stdout
+    newest = out / "checkpoints" / "checkpoint_epoch1_step4.pt"
+    assert f"the emergency checkpoint could not be written; the newest on disk is {newest} (step 4), a resume " \
+           "repeats the steps after it." in p.stdout
+    command = p.stdout.split("Resume with: ")[1].splitlines()[0] if "Resume with: " in p.stdout else None
+    assert command is None  # a non-finite stop asks for changed settings, not the same command
+    # An interruption prints the command to resume, quoted for a shell.
+    proc = subprocess.Popen(train_cmd(out, bins, "--max_steps=10", "--save_steps=2", "--eval_steps=100"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "GPT_TEST_STEP_DELAY": "0.3"})
+    deadline = time.time() + 120
+    while "step 6/10" not in (out / "train.log").read_text():
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "the emergency checkpoint could not be written; the newest on disk is" in stdout
+    command = stdout.split("Resume with: ")[1].splitlines()[0]
+    assert shlex.split(command) == ["python", "train.py", *train_cmd(out, bins)[2:],
+                                    "--max_steps=10", "--save_steps=2", "--eval_steps=100",
+                                    "--resume_from_checkpoint=latest"]
 
 
 def test_max_runtime_stops_cleanly_with_a_checkpoint(tmp_path, bins):
