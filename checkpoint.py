@@ -349,7 +349,9 @@ def _read(path, map_location, mmap):
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; check the path")
     if not path.is_file():
-        raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint")
+        hf = " (a HuggingFace folder: sample.py and evaluate.py take it as --model_dir)" \
+            if (Path(path) / "config.json").is_file() else ""
+        raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint{hf}")
     try:
         with open(path, "rb"):
             pass

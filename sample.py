@@ -120,7 +120,8 @@ def parse_args(argv):
                            ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
                            ("temperature", args.temperature >= 0, ">= 0"),
                            ("top_k", args.top_k >= 0, ">= 0"),
-                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):
+                           ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                           ("seed", -2**63 <= args.seed < 2**64, "a 64-bit integer")):
         if not ok:
             raise SampleError(f"--{name} must be {rule}, got {getattr(args, name)}")
     if args.checkpoint and args.model_dir:

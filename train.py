@@ -553,7 +553,7 @@ class Trainer:
             hint = (f" (its run was started from init_from={started!r}: add --init_from={started!r})"
                     if not _same_source(started, self.cfg.init_from) else "")
             raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}){hint}; "
-                              f"use the same model settings or resume_from_checkpoint=''")
+                              f"use the same model settings, or start afresh in another out_dir")
         cfg, saved_cfg = self.cfg, state["config"]
         windows = (state["batch_size"] * state["gradient_accumulation_steps"], saved_cfg.get("max_length"))
         per_step = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -562,8 +562,8 @@ class Trainer:
                 f"checkpoint {path} was trained with {windows[0]} sequences of {windows[1]} tokens per step "
                 f"(batch_size x gradient_accumulation_steps); this run has {per_step} "
                 f"of {cfg.max_length}: the data position and the epochs count in those steps, so keep the product "
-                f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh with "
-                f"resume_from_checkpoint=''")
+                f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh in another "
+                f"out_dir")
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         # The optimizer's saved hyper-parameters give way to this run's settings (the same on a plain resume):
@@ -1001,15 +1001,16 @@ class Trainer:
                 f"a resume repeats the steps after it")
 
     def finish(self):
-        if not self.ddp.master or not self.cfg.export_final_model:
+        if not self.ddp.master:
             return
-        import export_hf
-        best = self.out_dir / "best_model.pt"
-        try:
-            export_hf.export_hf(best if best.exists() else self.state(), self.out_dir / "final_model")
-            self.log(f"exported {self.out_dir / 'final_model'} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
-        except Exception as e:
-            self.log(f"warning: could not export final_model/: {e}")
+        if self.cfg.export_final_model:
+            import export_hf
+            best = self.out_dir / "best_model.pt"
+            try:
+                export_hf.export_hf(best if best.exists() else self.state(), self.out_dir / "final_model")
+                self.log(f"exported {self.out_dir / 'final_model'} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
+            except Exception as e:
+                self.log(f"warning: could not export final_model/: {e}")
         self.log(f"done: {self.step} steps, best val loss {self.best_val_loss:.4f} in {fmt_duration(self.elapsed())}")
 
 

@@ -348,6 +348,15 @@ def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
     with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte at offset 30000\)"):
         data.prepare_wikitext("wikitext2", tmp_path / "out", source=not_utf8, num_workers=2)
     assert list((tmp_path / "out").iterdir()) == []  # train/val were done, yet no bin, .tmp or meta.json remains
+    damaged = tmp_path / "damaged.zip"  # a readable directory, but compressed bytes that do not inflate
+    with zipfile.ZipFile(damaged, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for member in data.WIKITEXT_SPLITS:
+            z.writestr(f"wikitext-2-raw/{member}", "".join(f" = T{i} = \n words {i * i} here \n" for i in range(3000)))
+    raw = bytearray(damaged.read_bytes())
+    raw[200:260] = bytes(60)
+    damaged.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"damaged.zip is corrupt \(.*\): delete it and run again"):
+        data.prepare_wikitext("wikitext2", tmp_path / "out2", source=damaged, num_workers=1)
 
 
 # --- your own text -----------------------------------------------------------------------------------
@@ -404,6 +413,25 @@ def test_text_input_errors(tmp_path):
     with pytest.raises(DataError, match="val split came out empty"):
         data.prepare_text([tmp_path / "tiny.txt"], tmp_path / "o", num_workers=1)
     assert not list((tmp_path / "o").iterdir())
+    (tmp_path / "u16.txt").write_text("what Windows PowerShell 5 writes\n", encoding="utf-16")
+    with pytest.raises(DataError, match=r"u16.txt is UTF-16 text \(bad byte at offset 0\): convert it, e.g. "
+                                        r"`iconv -f utf-16 -t utf-8`"):
+        data.prepare_text([tmp_path / "u16.txt"], tmp_path / "o", num_workers=1)
+
+
+def test_a_utf8_byte_order_mark_is_not_tokenized(tmp_path):
+    text = "Saved by Notepad, with a byte-order mark.\n" * 200
+    (tmp_path / "bom.txt").write_text(text, encoding="utf-8-sig")
+    data.prepare_text([tmp_path / "bom.txt"], tmp_path / "o", num_workers=1)
+    assert (text_of(tokens_of(tmp_path / "o" / "train.bin")) + text_of(tokens_of(tmp_path / "o" / "val.bin"))).decode() == text
+
+
+def test_preparing_a_folder_again_removes_splits_it_does_not_write(tmp_path):
+    out = tmp_path / "out"
+    write_bin(out, "test", [1, 2, 3])  # an earlier dataset's test split
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
+    data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
 
 
 
@@ -514,11 +542,13 @@ def test_hf_dataset_without_validation_holds_out_the_end_of_train(tmp_path):
 @pytest.mark.parametrize("case, needles", [
     ("no_such_column", ["has no column 'body'", "content", "--text_field"]),
     ("no_such_dataset", ["could not load dataset", "check --name"]),
+    ("not_text", ["column 'id' holds int values, not text", "--text_field"]),
 ])
 def test_hf_errors_are_one_line(tmp_path, case, needles):
     write_hf_records(tmp_path / "mydata", {"train": 5})
-    args = ["--name", tmp_path / "mydata", "--text_field", "body"] if case == "no_such_column" else \
-        ["--name", tmp_path / "missing"]
+    args = {"no_such_column": ["--name", tmp_path / "mydata", "--text_field", "body"],
+            "no_such_dataset": ["--name", tmp_path / "missing"],
+            "not_text": ["--name", tmp_path / "mydata", "--text_field", "id"]}[case]
     assert_one_line_error(run_hf(tmp_path, *args, "--out_dir", tmp_path / "out"), *needles)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
@@ -551,7 +581,8 @@ def test_bins_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="odd.bin has 21 bytes"):
         TokenBins(tmp_path, "odd", 8)
     write_bin(tmp_path, "big", [1, 2, 50300, 4] * 10)
-    with pytest.raises(DataError, match=r"big.bin holds token id 50300 \(first at token 2\).*vocab_size is 50257"):
+    with pytest.raises(DataError, match=r"big.bin holds token ids up to 50300 \(the first too large: 50300, at token "
+                                        r"2\).*vocab_size is 50257"):
         TokenBins(tmp_path, "big", 8, vocab_size=50257)
     assert TokenBins(tmp_path, "big", 8, vocab_size=50304).n_windows == 4
     with pytest.raises(DataError, match="big.bin has 40 tokens, less than one window"):

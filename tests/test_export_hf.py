@@ -210,10 +210,10 @@ def test_untied_head_is_refused():
 
 def test_existing_model_folder_is_replaced_and_no_temp_is_left(tmp_path):
     export(randomized(SMALL, seed=1), tmp_path / "m")
-    (tmp_path / "m" / "stale.txt").write_text("from an older export")
+    (tmp_path / "m" / "pytorch_model.bin").write_text("from an older save_pretrained: would shadow nothing, goes")
     model = randomized(SMALL, seed=2)
     export(model, tmp_path / "m")
-    assert not (tmp_path / "m" / "stale.txt").exists()
+    assert not (tmp_path / "m" / "pytorch_model.bin").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
 
@@ -276,9 +276,88 @@ def test_an_export_killed_mid_way_leaves_nothing_behind_after_the_next(tmp_path)
 def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "best_model.pt").write_text("precious")
-    with pytest.raises(ExportError, match="is not an exported model folder"):
+    with pytest.raises(ExportError, match="out holds best_model.pt, which an export does not write: pick a new OUT_DIR"):
         export(randomized(SMALL), tmp_path / "out")
     assert (tmp_path / "out" / "best_model.pt").read_text() == "precious"
+    # A clone of a Hub model repository: its config.json does not make .git and the README an export's.
+    hub = export(randomized(SMALL, seed=1), tmp_path / "hub")
+    (hub / ".git").mkdir()
+    (hub / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (hub / "README.md").write_text("# my model")
+    with pytest.raises(ExportError, match=r"hub holds \.git, README\.md, which an export does not write"):
+        export(randomized(SMALL, seed=2), hub)
+    assert (hub / ".git" / "HEAD").exists() and (hub / "README.md").exists()
+    with pytest.raises(ExportError, match="exists and is not a folder"):
+        export(randomized(SMALL), tmp_path / "out" / "best_model.pt")
+
+
+def test_export_into_the_current_folder(tmp_path, monkeypatch):
+    export(randomized(SMALL, seed=1), tmp_path / "m")
+    monkeypatch.chdir(tmp_path / "m")
+    model = randomized(SMALL, seed=2)
+    export(model, ".")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
+
+
+def test_a_model_smaller_than_the_gpt2_vocabulary_is_not_exported(tmp_path):
+    with pytest.raises(ExportError, match="vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257"):
+        export(GPT(GPTConfig(**dict(SMALL.to_dict(), vocab_size=1000))), tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_never_overwrites_a_file_it_did_not_write(tmp_path):
+    hf = export(randomized(SMALL), tmp_path / "hf")
+    trained = tmp_path / "best_model.pt"
+    write_checkpoint(trained, randomized(SMALL, seed=3), optimizer_state_dict={})
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for dst, fragment in ((trained, "is not a checkpoint an import wrote"), (notes, "is not a checkpoint an import"),
+                          (hf / "config.json", "is not a checkpoint an import"), (tmp_path, "is a folder")):
+        before = dst.read_bytes() if dst.is_file() else None
+        result = run_cli("--import", hf, dst)
+        assert result.returncode == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert before is None or dst.read_bytes() == before
+    # An earlier import's file is replaced (running the same command twice works).
+    for _ in range(2):
+        assert run_cli("--import", hf, tmp_path / "gpt2.pt").returncode == 0
+    assert load_checkpoint(tmp_path / "gpt2.pt")["step"] == 0
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("truncate_safetensors", "model.safetensors is truncated or not a model file"),
+    ("empty_safetensors", "model.safetensors is truncated or not a model file"),
+    ("truncate_bin", "pytorch_model.bin is truncated or not a model file"),
+    ("config_list", "config.json holds a JSON list, not a GPT-2 config object"),
+    ("config_not_utf8", "config.json is not a readable JSON file"),
+    ("config_bad_heads", "config.json holds an invalid GPT-2 config: GPTConfig.n_embd (64) must be divisible"),
+])
+def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, damage, fragment):
+    hf = export(randomized(SMALL), tmp_path / "hf")
+    weights = hf / "model.safetensors"
+    if damage == "truncate_safetensors":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "empty_safetensors":
+        weights.write_bytes(b"")
+    elif damage == "truncate_bin":
+        from safetensors.torch import load_file
+        torch.save(load_file(weights), hf / "pytorch_model.bin")
+        weights.unlink()
+        data = (hf / "pytorch_model.bin").read_bytes()
+        (hf / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "config_list":
+        (hf / "config.json").write_text("[1, 2]")
+    elif damage == "config_not_utf8":
+        (hf / "config.json").write_bytes(b"\xff\xfe{}")
+    else:
+        config = json.loads((hf / "config.json").read_text())
+        (hf / "config.json").write_text(json.dumps({**config, "n_head": 3}))
+    result = run_cli("--import", hf, tmp_path / "x.pt")
+    assert result.returncode == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    for script in ("sample.py", "evaluate.py"):
+        p = subprocess.run([sys.executable, script, "--model_dir", str(hf), "--device", "cpu"], cwd=REPO,
+                           capture_output=True, text=True, env={**os.environ, **HF_ENV}, timeout=120)
+        assert p.returncode == 2 and fragment in p.stderr and p.stderr.count("\n") == 1, (script, p.stderr)
 
 
 # --- CLI

@@ -47,6 +47,10 @@ def randomized(config, seed=0):
     (dict(n_positions=512.0), "n_positions must be a positive integer"),
     (dict(n_head=True), "n_head must be a positive integer"),
     (dict(dropout=1.0), "dropout must be in [0, 1)"),
+    (dict(dropout="0.1"), "dropout must be in [0, 1)"),
+    (dict(layer_norm_epsilon="x"), "layer_norm_epsilon must be a positive number"),
+    (dict(layer_norm_epsilon=0.0), "layer_norm_epsilon must be a positive number"),
+    (dict(bias="yes"), "bias must be True or False"),
 ])
 def test_config_validation(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

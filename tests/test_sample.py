@@ -211,6 +211,9 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     (["--top_p", "0", "--out_dir", "{run}/out"], "--top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--max_new_tokens", "ten"], "argument --max_new_tokens: invalid int value"),
+    (["--seed", str(10 ** 23)], "--seed must be a 64-bit integer"),
+    (["--checkpoint", "{run}/out/final_model"], "is not a file; give the path of a .pt checkpoint (a HuggingFace "
+                                                "folder: sample.py and evaluate.py take it as --model_dir)"),
 ])
 def test_errors_are_one_line(tmp_path, run_dir, args, fragment):
     result = run_sample(*[a.format(run=run_dir) for a in args], *CPU, cwd=tmp_path)

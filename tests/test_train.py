@@ -138,6 +138,7 @@ def test_a_full_disk_under_train_log_does_not_stop_the_run(tmp_path, bins):
     (out / "train.log").symlink_to("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
     p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
     assert p.stderr.count("warning: could not write") == 1 and "No space left on device" in p.stderr
+    assert "done: 4 steps, best val loss" in p.stdout  # also without final_model/ (export_final_model=False)
     assert [ckpt.load_checkpoint(c)["step"] for c in ckpt.list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
