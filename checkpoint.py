@@ -142,7 +142,10 @@ def _save_error(path, err):
         fix = f"make {Path(path).parent} writable or point checkpoint_dir/out_dir elsewhere"
     else:
         fix = "check the disk"
-    intact = "earlier checkpoints are intact" if is_checkpoint else f"the {Path(path).name} there before is intact"
+    if is_checkpoint:
+        intact = "earlier checkpoints are intact"
+    else:
+        intact = f"the {Path(path).name} there before is intact" if Path(path).exists() else "nothing was written"
     return CheckpointError(f"could not save {path}: {reason}; {intact}; {fix}")
 
 
@@ -321,13 +324,12 @@ def save_emergency(state, out_dir, checkpoint_dir=None):
 
 
 def newest_checkpoint(checkpoint_dir, out_dir):
-    """(stored step, path) of the readable checkpoint with the highest step, as 'latest' ranks them (its
-    checksums not verified), or None: what a resume would start from, for a message."""
-    found = _peek_steps(_candidates(checkpoint_dir, out_dir), warn=False)
-    if not found:
+    """(stored step, path) of the checkpoint a resume ('auto') would start from, or None: for a message."""
+    try:
+        path = find_checkpoint("auto", checkpoint_dir, out_dir)
+    except CheckpointError:
         return None
-    step, _, path = max(found, key=lambda c: (c[0], c[1]))
-    return step, path
+    return None if path is None else (_read(path, "cpu", mmap=True)["step"], path)
 
 
 # --- loading and discovery ---------------------------------------------------------------------
@@ -349,7 +351,7 @@ def _read(path, map_location, mmap):
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; check the path")
     if not path.is_file():
-        hf = " (a HuggingFace folder: sample.py and evaluate.py take it as --model_dir)" \
+        hf = " (a HuggingFace folder: train.py takes it as --init_from, sample.py and evaluate.py as --model_dir)" \
             if (Path(path) / "config.json").is_file() else ""
         raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint{hf}")
     try:

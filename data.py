@@ -82,6 +82,13 @@ def gpt2_bpe_files():
 
 
 @lru_cache(maxsize=1)
+def check_tokenizer_fits(vocab_size):
+    """DataError unless a model of `vocab_size` ids has one for every GPT-2 token: a smaller one would be fed
+    (or would be asked to decode) ids it does not have."""
+    if vocab_size < N_VOCAB:
+        raise DataError(f"the model's vocabulary has {vocab_size} ids, fewer than the GPT-2 tokenizer's {N_VOCAB}")
+
+
 def get_tokenizer():
     """The GPT-2 BPE as a tiktoken Encoding, built offline from the verified GPT-2 files.
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes, remove_stale_temps,
                         atomic_write_json, load_checkpoint, unwrapped_state_dict)
-from data import EOT_TOKEN, N_VOCAB, gpt2_bpe_files
+from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
 from cli import fail, one_line
 
@@ -36,7 +36,9 @@ HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # holding nothing else may be replaced by an export.
 EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
                 "special_tokens_map.json", "tokenizer_config.json")
-REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("pytorch_model.bin", "tokenizer.json", "added_tokens.json"))
+REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("pytorch_model.bin", "tokenizer.json", "added_tokens.json")
+                              # what file browsers and Jupyter leave in any folder they show
+                              + (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"))
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -167,9 +169,9 @@ def load_hf(hf_dir):
     except Exception as e:  # safetensors' own error, an unpickling error, EOF, an OSError from a short read
         raise ExportError(f"{source} is truncated or not a model file ({one_line(e)}): export or download it "
                           f"again") from None
-    if not isinstance(weights, dict):
-        raise ExportError(f"{source} holds a {type(weights).__name__}, not a dict of weights: export or download "
-                          f"it again")
+    if not (isinstance(weights, dict) and all(isinstance(v, torch.Tensor) for v in weights.values())):
+        raise ExportError(f"{source} does not hold a dict of weight tensors (is it one of our checkpoints? "
+                          f"`python export_hf.py CHECKPOINT OUT_DIR` makes a folder of it): export or download it again")
     model = GPT(config)
     _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source)
     return model.eval()
@@ -250,10 +252,11 @@ def export_hf(source, out_dir):
     wipes a run directory and a Hub clone's .git is never deleted.
     """
     config, state_dict = _config_and_state(source)
-    if config.vocab_size < N_VOCAB:
-        raise ExportError(f"the model's vocabulary has {config.vocab_size} ids, fewer than the GPT-2 tokenizer's "
-                          f"{N_VOCAB} that the export ships with it: GPT2Tokenizer would give ids the model does not "
-                          f"have")
+    try:
+        check_tokenizer_fits(config.vocab_size)
+    except DataError as e:
+        raise ExportError(f"{e}, which the export ships with it: such a model is not exported (in train.py: "
+                          f"export_final_model=False)") from None
     if not config.bias:
         raise ExportError("a model trained with bias=False cannot be exported: HF GPT-2 has biases in every "
                           "Linear and LayerNorm (train with bias=True)")
@@ -274,7 +277,12 @@ def export_hf(source, out_dir):
             raise ExportError(f"{out_dir} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, "
                               f"which an export does not write: pick a new OUT_DIR (an existing folder is replaced "
                               f"whole, so only an earlier export's is)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in [out_dir.parent, *out_dir.parent.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else e.strerror
+        raise ExportError(f"cannot create {out_dir.parent}: {reason}; pick another OUT_DIR") from None
     _remove_stale_exports(out_dir)
     # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -296,6 +304,11 @@ def export_hf(source, out_dir):
                 "single_word": False, "special": True}},
         })
         _replace_dir(tmp, out_dir)
+    except CheckpointError as e:  # a file of the export could not be written (a full disk): say it of out_dir
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(e.__cause__, "strerror", None) or str(e)
+        left = f"{out_dir} is as it was" if out_dir.exists() else "nothing was written"
+        raise ExportError(f"could not write the export to {out_dir}: {reason}; {left}; free disk space") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

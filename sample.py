@@ -19,7 +19,7 @@ import torch
 
 import hardware
 from checkpoint import CheckpointError, find_model_checkpoint
-from data import EOT_TOKEN, N_VOCAB, get_tokenizer
+from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
 from cli import fail, plural, quiet_on_closed_pipe
@@ -35,9 +35,10 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
     resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
     model = load_hf(model_dir) if model_dir else load_checkpoint_model(find_model_checkpoint(checkpoint, out_dir))
-    if model.config.vocab_size < N_VOCAB:
-        raise SampleError(f"the model's vocabulary has {model.config.vocab_size} ids, fewer than the GPT-2 "
-                          f"tokenizer's {N_VOCAB}: sample.py needs a model of the GPT-2 vocabulary")
+    try:
+        check_tokenizer_fits(model.config.vocab_size)
+    except DataError as e:
+        raise SampleError(f"{e}: sample.py needs a model of the GPT-2 vocabulary") from None
     return model
 
 

@@ -316,7 +316,7 @@ class Logger:
     def __init__(self, path, enabled):
         self.enabled, self.path = enabled, path
         try:
-            self.file = open(path, "a", encoding="utf-8") if enabled else None
+            self.file = open(path, "a", encoding="utf-8", errors="backslashreplace") if enabled else None
         except OSError as e:
             raise ConfigError(f"cannot write {path}: {e.strerror}; point out_dir at a writable folder "
                               f"(on Kaggle: under /kaggle/working)") from None
@@ -326,6 +326,9 @@ class Logger:
     def __call__(self, msg):
         if not self.enabled:
             return
+        # A path or prompt with bytes the locale could not decode (surrogate escapes) cannot be printed or
+        # written as UTF-8: shown escaped instead of stopping the run.
+        msg = msg.encode("utf-8", "backslashreplace").decode("utf-8")
         if self.bar is not None and not self.bar.disable:
             self.bar.write(msg)
         else:
@@ -500,7 +503,7 @@ class Trainer:
                 return None
             raise ConfigError(f"checkpoint {resume} is of a run started from init_from={started!r}, not {src!r}: to "
                               f"resume that run use --init_from={started!r} (its source need not exist any more); to "
-                              f"start a new run from {src}, use another out_dir or resume_from_checkpoint=''")
+                              f"start a new run from {src}, use another out_dir")
         import export_hf
         try:
             source = export_hf.load_hf(src) if Path(src).is_dir() else export_hf.load_checkpoint_model(src)
@@ -967,7 +970,7 @@ class Trainer:
             path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
             self.log(f"saved {path}")
         except Exception as e:  # the original error matters more
-            self.log(f"warning: could not write the emergency checkpoint: {e}")
+            self.log(f"warning: could not write the emergency checkpoint: {e}; {self.newest_note()}")
 
     def emergency_exit(self, step_start=(None, None)):
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
@@ -992,13 +995,14 @@ class Trainer:
         that save failed, the newest checkpoint that is on disk."""
         if saved:
             return f"{self.out_dir / ckpt.EMERGENCY_NAME} holds {what}"
-        if not self.ddp.master:
-            return "the emergency checkpoint could not be written"
-        newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
+        return f"the emergency checkpoint could not be written; {self.newest_note()}"
+
+    def newest_note(self):
+        """Which checkpoint a resume would start from, as a message says it (rank 0 looks)."""
+        newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir) if self.ddp.master else None
         if newest is None:
-            return "the emergency checkpoint could not be written and there is no other checkpoint: free disk space"
-        return (f"the emergency checkpoint could not be written; the newest on disk is {newest[1]} (step {newest[0]}), "
-                f"a resume repeats the steps after it")
+            return "there is no other checkpoint: free disk space"
+        return f"the newest on disk is {newest[1]} (step {newest[0]}), a resume repeats the steps after it"
 
     def finish(self):
         if not self.ddp.master:

@@ -3,12 +3,14 @@ load errors, discovery for resume, read-only sources, RNG state and a realistic 
 
 import fractions
 import hashlib
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -161,6 +163,7 @@ try:
 except CheckpointError as e:
     print(e)
 from checkpoint import atomic_write_json
+atomic_write_json(sys.argv[1] + "/eval_history.json", [{"step": 1, "val_loss": 2.0}])  # small: written
 try:
     atomic_write_json(sys.argv[1] + "/eval_history.json", [{"step": 1, "val_loss": 2.0}] * 40000)
 except CheckpointError as e:
@@ -180,7 +183,8 @@ def test_failed_write_is_one_line_removes_its_temp_and_keeps_old_checkpoints(tmp
     assert "earlier checkpoints are intact" in lines[0] and "free disk space" in lines[0]
     assert lines[1] == f"could not save {ckdir / 'eval_history.json'}: File too large; the eval_history.json " \
                        f"there before is intact; free disk space"
-    assert sorted(os.listdir(ckdir)) == [old.name]  # temp removed, old one not rotated away
+    assert sorted(os.listdir(ckdir)) == sorted([old.name, "eval_history.json"])  # temps removed, old one kept
+    assert json.loads((ckdir / "eval_history.json").read_text()) == [{"step": 1, "val_loss": 2.0}]
     assert old.read_bytes() == before and assert_whole(old)["step"] == 1
     # Training goes on: the next save (here without the limit) succeeds and only then rotates.
     new = ck.save_checkpoint(state(2, numel=1 << 19), ckdir, keep=1)
@@ -291,6 +295,25 @@ def test_low_disk_makes_room_for_best_and_emergency_saves_too(tmp_path, monkeypa
     ck.save_checkpoint(state(8, numel=1 << 16), ckdir, keep=4)  # the newest before it, 4, stays
     ck.save_best(state(9, numel=1 << 16), out)
     assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [4, 8]
+
+
+def test_low_disk_deletes_nothing_on_another_disk(tmp_path, monkeypatch):
+    """Rotated checkpoints on one filesystem are not deleted for a save on another: that frees nothing there."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a /dev/shm on another filesystem than the tests' temp folder")
+    ckdir = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        ck.save_checkpoint(state(step, numel=1 << 16), ckdir, keep=4)
+    out = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        small_disk(monkeypatch, tmp_path, 0)
+        ck.save_best(state(3, numel=1 << 16), out, ckdir)
+        assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [1, 2, 3]
+        ck.save_best(state(3, numel=1 << 16), tmp_path, ckdir)  # the same disk: the oldest go
+        assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [3]
+    finally:
+        shutil.rmtree(out)
 
 
 # --- loading

@@ -16,7 +16,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, GPT2Tokenizer, GPT2TokenizerFast
 
 import export_hf
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import load_checkpoint
 from data import EOT_TOKEN, get_tokenizer, gpt2_bpe_files
 from export_hf import ExportError, export_hf as export, from_hf_state_dict, load_hf, to_hf_state_dict
 from model import GPT, GPTConfig
@@ -211,9 +211,11 @@ def test_untied_head_is_refused():
 def test_existing_model_folder_is_replaced_and_no_temp_is_left(tmp_path):
     export(randomized(SMALL, seed=1), tmp_path / "m")
     (tmp_path / "m" / "pytorch_model.bin").write_text("from an older save_pretrained: would shadow nothing, goes")
+    (tmp_path / "m" / ".DS_Store").write_text("what macOS's Finder leaves")
+    (tmp_path / "m" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves
     model = randomized(SMALL, seed=2)
     export(model, tmp_path / "m")
-    assert not (tmp_path / "m" / "pytorch_model.bin").exists()
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(export_hf.EXPORT_FILES)
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
     assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
 
@@ -225,19 +227,28 @@ def test_a_compiled_model_exports_its_plain_weights(tmp_path):
     assert torch.equal(hf.transformer.wpe.weight, model.transformer.wpe.weight)
 
 
-def test_a_failed_export_leaves_the_old_folder_intact(tmp_path, monkeypatch):
+EXPORT_FSIZE_CHILD = """
+import resource, signal, sys
+from export_hf import ExportError, export_hf
+from model import GPT, GPTConfig
+model = GPT(GPTConfig(n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=160))
+# A real failed write: past 1 MiB a write fails with EFBIG (the 13 MB of weights do), as on a full disk.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    export_hf(model, sys.argv[1])
+except ExportError as e:
+    print(e)
+"""
+
+
+def test_a_failed_export_leaves_the_old_folder_intact(tmp_path):
     export(randomized(SMALL, seed=1), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
-    real_write = export_hf.atomic_write_bytes
-
-    def disk_full_at_merges(path, data):
-        if Path(path).name == "merges.txt":
-            raise CheckpointError(f"could not save {path}: No space left on device")
-        real_write(path, data)
-
-    monkeypatch.setattr(export_hf, "atomic_write_bytes", disk_full_at_merges)
-    with pytest.raises(CheckpointError, match="No space left"):
-        export(randomized(SMALL, seed=2), tmp_path / "m")
+    p = subprocess.run([sys.executable, "-c", EXPORT_FSIZE_CHILD, str(tmp_path / "m")], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == f"could not write the export to {tmp_path / 'm'}: File too large; " \
+                                             f"{tmp_path / 'm'} is as it was; free disk space\n", (p.stdout, p.stderr)
     assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
@@ -289,6 +300,8 @@ def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
     assert (hub / ".git" / "HEAD").exists() and (hub / "README.md").exists()
     with pytest.raises(ExportError, match="exists and is not a folder"):
         export(randomized(SMALL), tmp_path / "out" / "best_model.pt")
+    with pytest.raises(ExportError, match=r"cannot create .*best_model.pt: .*best_model.pt is a file; pick another OUT_DIR"):
+        export(randomized(SMALL), tmp_path / "out" / "best_model.pt" / "hf")
 
 
 def test_export_into_the_current_folder(tmp_path, monkeypatch):
@@ -301,7 +314,9 @@ def test_export_into_the_current_folder(tmp_path, monkeypatch):
 
 
 def test_a_model_smaller_than_the_gpt2_vocabulary_is_not_exported(tmp_path):
-    with pytest.raises(ExportError, match="vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257"):
+    with pytest.raises(ExportError, match="vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257, which the "
+                                          r"export ships with it: such a model is not exported \(in train.py: "
+                                          r"export_final_model=False\)"):
         export(GPT(GPTConfig(**dict(SMALL.to_dict(), vocab_size=1000))), tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
@@ -328,6 +343,7 @@ def test_import_never_overwrites_a_file_it_did_not_write(tmp_path):
     ("truncate_safetensors", "model.safetensors is truncated or not a model file"),
     ("empty_safetensors", "model.safetensors is truncated or not a model file"),
     ("truncate_bin", "pytorch_model.bin is truncated or not a model file"),
+    ("checkpoint_as_bin", "pytorch_model.bin does not hold a dict of weight tensors (is it one of our checkpoints?"),
     ("config_list", "config.json holds a JSON list, not a GPT-2 config object"),
     ("config_not_utf8", "config.json is not a readable JSON file"),
     ("config_bad_heads", "config.json holds an invalid GPT-2 config: GPTConfig.n_embd (64) must be divisible"),
@@ -345,6 +361,9 @@ def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, damage, fragment):
         weights.unlink()
         data = (hf / "pytorch_model.bin").read_bytes()
         (hf / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    elif damage == "checkpoint_as_bin":  # best_model.pt copied in as the weights
+        weights.unlink()
+        torch.save({"model_state_dict": {}, "step": 10, "config": {}}, hf / "pytorch_model.bin")
     elif damage == "config_list":
         (hf / "config.json").write_text("[1, 2]")
     elif damage == "config_not_utf8":

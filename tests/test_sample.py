@@ -1,6 +1,7 @@
 """sample.py, run as a real subprocess on tiny checkpoints made here."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import export_hf
@@ -182,7 +184,13 @@ def test_ids_beyond_the_tokenizer_are_never_drawn(tmp_path):
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_is_refused(tmp_path):
-    export_hf(GPT(GPTConfig(**dict(TINY.to_dict(), vocab_size=1000))), tmp_path / "hf")
+    # A HuggingFace folder of such a model (export_hf refuses to write one: transformers' save_pretrained would).
+    export_hf(GPT(TINY), tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["transformer.wte.weight"] = weights["transformer.wte.weight"][:1000].contiguous()
+    save_file(weights, tmp_path / "hf" / "model.safetensors")
     result = run_sample("--model_dir", tmp_path / "hf", *CPU)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "error: the model's vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257" in result.stderr
@@ -213,7 +221,8 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     (["--max_new_tokens", "ten"], "argument --max_new_tokens: invalid int value"),
     (["--seed", str(10 ** 23)], "--seed must be a 64-bit integer"),
     (["--checkpoint", "{run}/out/final_model"], "is not a file; give the path of a .pt checkpoint (a HuggingFace "
-                                                "folder: sample.py and evaluate.py take it as --model_dir)"),
+                                                "folder: train.py takes it as --init_from, sample.py and evaluate.py "
+                                                "as --model_dir)"),
 ])
 def test_errors_are_one_line(tmp_path, run_dir, args, fragment):
     result = run_sample(*[a.format(run=run_dir) for a in args], *CPU, cwd=tmp_path)

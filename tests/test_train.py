@@ -142,6 +142,13 @@ def test_a_full_disk_under_train_log_does_not_stop_the_run(tmp_path, bins):
     assert [ckpt.load_checkpoint(c)["step"] for c in ckpt.list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
+def test_train_log_takes_undecodable_text(tmp_path, capsys):
+    """A path or prompt with bytes the locale could not decode (surrogate escapes) is written escaped, not raised."""
+    log = train.Logger(tmp_path / "train.log", True)
+    log("out_dir=/data/caf" + b"\xe9".decode("utf-8", "surrogateescape"))
+    assert (tmp_path / "train.log").read_text().endswith(" out_dir=/data/caf\\udce9\n")
+
+
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
     p = run_train(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3", "--max_checkpoints=2",
@@ -345,6 +352,19 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     groups = state["optimizer_state_dict"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100")
+    history = (out / "training_history.json").read_text()
+    other = write_bins(tmp_path / "other", train_tokens=5000)
+    p = run_train(out, other, "--max_steps=8", check=False)
+    assert p.returncode == 2 and p.stderr == (
+        f"error: {other / 'train.bin'} has 151 windows of 33 tokens, but the checkpoint was saved while training on "
+        f"90: the data changed since. Resume with the data_dir it was trained on, or start a new run from its "
+        f"weights in another out_dir with --init_from=CHECKPOINT\n")
+    assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
 
 
 def test_text_settings_keep_what_was_typed():
