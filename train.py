@@ -292,10 +292,14 @@ def lr_lambda(cfg, total_steps):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks at each micro-step; a second signal exits at once."""
+    """SIGINT/SIGTERM set a flag the loop checks at each micro-step; a second signal exits at once, unless it
+    comes within REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the signal it
+    gets to every worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user."""
 
-    def __init__(self):
-        self.signum = None
+    REPEAT_GRACE_S = 2.0
+
+    def __init__(self, verbose=True):
+        self.signum, self.first_at, self.verbose = None, None, verbose
 
     def install(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -303,11 +307,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
+            if time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
+                return
             print(f"\nsecond signal ({signal.Signals(signum).name}): exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: stopping at the next micro-step, saving an emergency "
-              f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
+        self.signum, self.first_at = signum, time.monotonic()
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name} received: stopping at the next micro-step, saving an emergency "
+                  f"checkpoint (send it again to exit at once)", file=sys.stderr, flush=True)
 
 
 class Logger:
@@ -400,14 +407,17 @@ class Trainer:
                     raise ConfigError(f"cannot create {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
                                       f"a writable folder (on Kaggle: under /kaggle/working)") from None
         self.log = Logger(self.out_dir / "train.log", ddp.master)
-        self.stop = StopRequest()
+        self.stop = StopRequest(verbose=ddp.master)
         self.max_runtime = parse_duration(cfg.max_runtime)
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank
-        # only, if given), a NaN loss at given steps, an error in the evaluation of a step, and a pause per
-        # micro-step so that signals land mid-run.
+        # only, if given; or in the last micro-batch's backward on a given rank), a NaN loss at given steps, an
+        # error in the evaluation of a step or after a step's
+        # saves (where a lost peer shows under DDP), and a pause per micro-step so that signals land mid-run.
         oom_above, oom_rank = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH"), os.environ.get("GPT_TEST_OOM_RANK")
         self.test_oom_above = int(oom_above) if oom_above and oom_rank in (None, str(ddp.rank)) else None
         self.test_error_at_eval = int(os.environ.get("GPT_TEST_ERROR_AT_EVAL_STEP", "0"))
+        self.test_error_after = int(os.environ.get("GPT_TEST_ERROR_AFTER_STEP", "0"))
+        self.test_oom_last_backward = os.environ.get("GPT_TEST_OOM_LAST_BACKWARD_RANK") == str(ddp.rank)
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
 
@@ -461,6 +471,9 @@ class Trainer:
         # (epoch loss sums) from a completed step until its evaluation is done: an error in between
         # writes an emergency checkpoint that has resume redo that evaluation.
         self.pending_after_step = None
+        # (data state, RNG state) at the start of the step in progress; (None, None) between steps, where a
+        # checkpoint takes the state as it is.
+        self.step_start = (None, None)
 
         if resume is not None:
             self.restore(resume)
@@ -711,10 +724,20 @@ class Trainer:
             if oom:
                 continue
             try:
+                if last and self.test_oom_last_backward:
+                    raise torch.OutOfMemoryError("injected: in the last micro-batch's backward")
                 self.scaler.scale(loss / self.accum).backward()
             except torch.OutOfMemoryError:
-                if last or not self.ddp.enabled:
+                if not self.ddp.enabled:
                     raise
+                if last:  # the other ranks are inside the gradient all-reduce: no collective can agree a back-off
+                    half = self.halved_micro_batch()
+                    fix = (f"resume with --batch_size={half} --gradient_accumulation_steps="
+                           f"{self.batch_size * self.accum // half * self.ddp.world_size}" if half else
+                           "lower max_length or the model size")
+                    raise hardware.HardwareError(
+                        f"out of memory in the last micro-batch's backward pass on rank {self.ddp.rank}, while the "
+                        f"other processes exchange gradients: they cannot back off together from there; {fix}") from None
                 oom = True
                 continue
             total += loss.detach()
@@ -744,15 +767,18 @@ class Trainer:
         self.grad_norm = norm.item()
         return loss if finite else float("nan")
 
+    def halved_micro_batch(self):
+        """The largest micro-batch of at most half the size that divides this process's sequences per step, so that
+        the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation); 0 below batch_size 2."""
+        per_step = self.batch_size * self.accum
+        return max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
+
     def back_off_oom(self):
         self.optimizer.zero_grad(set_to_none=True)
         if self.device_type == "cuda":
             torch.cuda.empty_cache()
-        # The largest micro-batch of at most half the size that divides this process's sequences per step,
-        # so that the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation).
         per_step = self.batch_size * self.accum
-        new_batch = max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
-        new_batch = min_over_ranks(new_batch, self.ddp, self.device)
+        new_batch = min_over_ranks(self.halved_micro_batch(), self.ddp, self.device)
         if new_batch < 1:
             raise hardware.HardwareError("out of memory even at batch_size=1; lower max_length or the model size, "
                                          "or use a GPU with more memory")
@@ -886,7 +912,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
                    dynamic_ncols=True, unit="step")
         self.log.bar = bar
-        nonfinite, session_start, session_steps = 0, time.time(), 0
+        nonfinite, session_start, session_steps, final_saved = 0, time.time(), 0, True
         try:
             if self.pending_after_step is not None:
                 self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
@@ -898,6 +924,7 @@ class Trainer:
                 loss = self.train_step()
                 if loss is None:  # stopped inside the step: it is redone on resume
                     return self.emergency_exit(self.step_start)
+                self.step_start = (None, None)  # the step is done: an error from here on keeps it
                 self.step += 1
                 session_steps += 1
                 self.tokens_seen += self.tokens_per_step
@@ -929,7 +956,9 @@ class Trainer:
                 self.after_step(lr)
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
-                    self.save("rotated")
+                    final_saved = self.save("rotated")
+                if self.step == self.test_error_after:
+                    raise RuntimeError(f"injected: an error after step {self.step}")
                 if out_of_time and not last:
                     self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
                              f"Resume with: {self.resume_command()}")
@@ -946,6 +975,12 @@ class Trainer:
             bar.close()
             self.tracker.close()
         self.finish()
+        if not final_saved and self.ddp.master:  # the last step may be on disk all the same (best_model.pt)
+            newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
+            if newest is None or newest[0] < self.step:  # not a success to a script or a notebook
+                self.log(f"error: the last checkpoint (step {self.step}) could not be saved (see the warning above); "
+                         f"{self.newest_note()}. Free disk space and run the same command again to redo those steps")
+                return 1
         return 0
 
     def elapsed_session(self):
@@ -1039,7 +1074,9 @@ def main(argv):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Under torchrun every process reads the same settings: a mistake in them is said once, by rank 0.
+        if not isinstance(e, ConfigError) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too
         if ddp.enabled:

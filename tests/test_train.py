@@ -149,6 +149,25 @@ def test_train_log_takes_undecodable_text(tmp_path, capsys):
     assert (tmp_path / "train.log").read_text().endswith(" out_dir=/data/caf\\udce9\n")
 
 
+def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, bins):
+    out = tmp_path / "out"
+    for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt"):  # the step-4 saves fail
+        (out / blocked / "in the way").mkdir(parents=True)
+    p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
+    assert p.returncode == 1, p.stderr
+    newest = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
+    assert p.stdout.splitlines()[-1] == (
+        f"error: the last checkpoint (step 4) could not be saved (see the warning above); the newest on disk is "
+        f"{newest} (step 2), a resume repeats the steps after it. Free disk space and run the same command again "
+        f"to redo those steps")
+    # Where best_model.pt holds the last step after all, the run is whole: a success.
+    again = tmp_path / "again"
+    (again / "checkpoints" / "checkpoint_epoch1_step4.pt" / "in the way").mkdir(parents=True)
+    p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
+    assert p.returncode == 0 and "warning: could not save" in p.stdout
+    assert ckpt.load_checkpoint(again / "best_model.pt")["step"] == 4
+
+
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
     p = run_train(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3", "--max_checkpoints=2",
@@ -206,6 +225,39 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins,
     assert_same_weights(final_state(straight)["model_state_dict"], final_state(interrupted)["model_state_dict"])
     assert step_losses(interrupted) == step_losses(straight)
     assert f"dtype: {dtype}" in (interrupted / "train.log").read_text()  # the run really was in that dtype
+
+
+def start_and_wait_for(out, bins, needle, delay, *extra):
+    """train.py started in the background (GPT_TEST_STEP_DELAY=delay s a step), once its log has `needle`."""
+    proc = subprocess.Popen(train_cmd(out, bins, *extra), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "GPT_TEST_STEP_DELAY": str(delay)})
+    deadline = time.time() + 120
+    while not ((out / "train.log").exists() and needle in (out / "train.log").read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
+    # Twice at once (torchrun passing on the signal it got, Ctrl-C reaching a whole process group): one stop.
+    out = tmp_path / "twice"
+    proc = start_and_wait_for(out, bins, "step 2/", 0.3, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
+    assert stderr.count("SIGTERM received") == 1 and ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 2
+    # Again after the grace period: the user means it, and the run exits at once, without waiting for the step.
+    out = tmp_path / "later"
+    proc = start_and_wait_for(out, bins, "config:", 20, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
+    time.sleep(0.5)  # inside the first micro-step's 10 s pause
+    proc.send_signal(signal.SIGINT)
+    time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "second signal (SIGTERM): exiting now" in stderr, stderr
+    assert not (out / "emergency_checkpoint.pt").exists()
 
 
 def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common):
@@ -307,6 +359,22 @@ def test_an_error_after_a_step_has_its_evaluation_redone_on_resume(tmp_path, bin
                [(r.get("step"), r["train_loss"], r["val_loss"]) for r in b], name
     assert_same_weights(weights(straight / "checkpoints" / "checkpoint_epoch2_step22.pt"),
                         weights(failed / "checkpoints" / "checkpoint_epoch2_step22.pt"))
+
+
+def test_an_error_between_steps_keeps_the_step_it_follows(tmp_path, bins):
+    """An error after a step's evaluation and saves (under DDP: a lost peer, noticed in the next collective) keeps
+    that step with the data position after it: the resume does not train its batches twice."""
+    common = ["--max_steps=8", "--eval_steps=100", "--save_steps=100"]
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    run_train(straight, bins, *common)
+    p = run_train(failed, bins, *common, env={"GPT_TEST_ERROR_AFTER_STEP": "3"}, check=False)
+    assert p.returncode != 0 and "injected: an error after step 3" in p.stderr
+    state = ckpt.load_checkpoint(failed / "emergency_checkpoint.pt")
+    assert state["step"] == 3 and not state.get("after_step_pending")
+    assert state["data_state"]["position"] == 3 * 8  # three steps of 8 windows read, not two
+    run_train(failed, bins, *common)
+    assert_same_weights(final_state(straight)["model_state_dict"], final_state(failed)["model_state_dict"])
+    assert step_losses(failed) == step_losses(straight)
 
 
 @pytest.mark.parametrize("stop", [11, 15])
