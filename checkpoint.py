@@ -329,7 +329,7 @@ def newest_checkpoint(checkpoint_dir, out_dir):
         path = find_checkpoint("auto", checkpoint_dir, out_dir)
     except CheckpointError:
         return None
-    return None if path is None else (_read(path, "cpu", mmap=True)["step"], path)
+    return None if path is None else (peek_step(path), path)
 
 
 # --- loading and discovery ---------------------------------------------------------------------
@@ -407,6 +407,11 @@ def load_checkpoint(path, map_location="cpu"):
     ckpt = _read(path, map_location, mmap=False)
     _verify_checksums(path)
     return ckpt
+
+
+def peek_step(path):
+    """The step stored in checkpoint `path`, read without loading its tensors (mmap)."""
+    return int(_read(path, "cpu", mmap=True)["step"])
 
 
 def peek_config(path):
@@ -490,6 +495,9 @@ def find_model_checkpoint(spec, out_dir):
         path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / "checkpoints", out_dir)
     if path is None or not path.is_file():
         where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
+        if not spec and _candidates(Path(out_dir) / "checkpoints", out_dir):  # a run without a best model yet
+            raise CheckpointError(f"no model at {where}, but {out_dir} holds checkpoints of a run: use "
+                                  f"--checkpoint latest (the newest of them)")
         raise CheckpointError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
                               f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
                               f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")

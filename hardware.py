@@ -141,12 +141,23 @@ def probe_facts(device="cpu"):
 # Device choice and preflight
 
 
+def device_request(requested):
+    """A --device value as the rules read it: 'CUDA:1 ' is 'cuda:1'."""
+    return str(requested).strip().lower()
+
+
+def device_for(requested, device_type):
+    """The device to put tensors on: 'cuda:N' when GPU N was asked for, else the chosen type."""
+    req = device_request(requested)
+    return req if req.startswith("cuda:") else device_type
+
+
 def resolve_device(requested, cuda_count, mps_available, cuda_version):
     """Pure: the device type ('cuda'|'mps'|'cpu') for `requested` ('auto'|'cuda'|'cuda:N'|'mps'|'cpu').
 
     auto picks cuda > mps > cpu; for 'cuda:N' the index is checked against `cuda_count` and the type
     returned (the caller keeps the index). `cuda_version` is torch.version.cuda (None: CPU-only build)."""
-    req = str(requested).strip().lower()
+    req = device_request(requested)
     if req == "auto":
         return "cuda" if cuda_count else "mps" if mps_available else "cpu"
     if req == "cpu":
@@ -172,7 +183,7 @@ def resolve_device(requested, cuda_count, mps_available, cuda_version):
 def choose_device(requested="auto"):
     """The device type to train on, 'cuda'|'mps'|'cpu': 'auto' picks cuda > mps > cpu; HardwareError if the
     asked one is absent (for 'cuda:N', if there is no GPU N)."""
-    req = str(requested).strip().lower()
+    req = device_request(requested)
     # Only probe CUDA when it may be used: a CPU run never initialises the CUDA driver.
     cuda_count = torch.cuda.device_count() if req != "cpu" and req != "mps" and torch.cuda.is_available() else 0
     mps_available = req in ("auto", "mps") and torch.backends.mps.is_available()
@@ -330,6 +341,8 @@ def cpu_compile_saving_s(planned_tokens, dtype, cpu_threads):
 
 
 def _tokens(n):
+    if n < 1000:
+        return f"{n}"
     return f"{n / 1e6:.1f}M" if round(n / 1e3) >= 1000 else f"{n / 1e3:.0f}k"  # 999,680: 1.0M, not 1000k
 
 
@@ -429,7 +442,7 @@ def generation_compile(facts, compile):
 def inference_plan(device="auto", dtype="auto", compile=None):
     """(facts, plan) for sampling or evaluation on `device`, preflight-checked; compile: see generation_compile."""
     device_type = choose_device(device)
-    facts = probe_facts(device if device.startswith("cuda:") else device_type)
+    facts = probe_facts(device_for(device, device_type))
     preflight(facts)
     plan = decide(facts, dtype=dtype, compile=False)
     compile, why = generation_compile(facts, compile)

@@ -33,18 +33,35 @@ def matplotlib_available():
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def read_records(path):
-    """The list of records in a history JSON file; [] when the file does not exist."""
+# Fields a history record may hold as numbers (or null); `required`, below, must be there.
+NUMERIC_FIELDS = ("step", "epoch", "tokens", "train_loss", "val_loss", "val_perplexity", "lr")
+
+
+def read_records(path, required):
+    """The list of records in a history JSON file; [] when the file does not exist. PlotError when it is not
+    train.py's: each record a dict with a number under `required` ('step' for evaluations, 'epoch' for epochs)."""
     path = Path(path)
     if not path.exists():
         return []
     try:
-        records = json.loads(path.read_text())
+        records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise PlotError(f"cannot read {path} ({e}): it is not a history file written by train.py") from None
     if not isinstance(records, list):
         raise PlotError(f"{path} is not a list of records: it is not a history file written by train.py")
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not _is_number(r.get(required)):
+            raise PlotError(f"{path} record {i} has no number {required!r}: it is not a history file written by "
+                            f"train.py")
+        odd = next((k for k in NUMERIC_FIELDS if r.get(k) is not None and not _is_number(r[k])), None)
+        if odd:
+            raise PlotError(f"{path} record {i} holds {odd}={r[odd]!r:.40}, not a number: it is not a history "
+                            f"file written by train.py")
     return records
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _number(v):
@@ -109,7 +126,7 @@ def draw(evals, epochs=(), title=""):
 
     # Tokens on the top axis, mapped from (step, tokens) of the records: exact even if a resumed run
     # changed the batch.
-    tokens = [int(r.get("tokens", 0)) for r in records]
+    tokens = [int(r.get("tokens") or 0) for r in records]
     xp, fp = ([0] + steps, [0] + tokens) if steps[0] > 0 else (steps, tokens)
     for ax in (ax_loss, ax_lr):
         ax.set_xlabel("step")
@@ -133,11 +150,11 @@ def plot_history(out_dir, output=None):
     if not (out_dir / "eval_history.json").exists():
         raise PlotError(f"{out_dir} has no eval_history.json: give train.py's out_dir (it writes that file at the "
                         f"first evaluation)")
-    evals = read_records(out_dir / "eval_history.json")
+    evals = read_records(out_dir / "eval_history.json", "step")
     if not evals:
         raise PlotError(f"no evaluations in {out_dir / 'eval_history.json'} yet: train.py writes one record "
                         f"per evaluation (every eval_steps steps)")
-    fig = draw(evals, read_records(out_dir / "training_history.json"), title=out_dir.resolve().name)
+    fig = draw(evals, read_records(out_dir / "training_history.json", "epoch"), title=out_dir.resolve().name)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     path = Path(output) if output else out_dir / PNG_NAME

@@ -13,10 +13,13 @@ continues the same W&B run.
 """
 
 import json
+import os
+import re
 import secrets
 import sys
 from pathlib import Path
 
+from checkpoint import CheckpointError, atomic_write_text
 from cli import one_line
 
 TENSORBOARD_DIR = "tensorboard"
@@ -47,10 +50,14 @@ class Tracker:
                 _warn("tensorboard=True but the tensorboard package is not installed (`pip install tensorboard`); "
                       "training goes on without TensorBoard logs")
             else:
-                self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
-                if config:
-                    self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=1, default=str) + "\n```",
-                                              global_step=start_step)
+                try:
+                    self.tensorboard = SummaryWriter(str(out_dir / TENSORBOARD_DIR), purge_step=start_step + 1)
+                    if config:
+                        self.tensorboard.add_text("config", "```\n" + json.dumps(config, indent=1, default=str)
+                                                  + "\n```", global_step=start_step)
+                except OSError as e:  # out_dir/tensorboard is a file, a full disk: logs must not stop training
+                    _warn(f"TensorBoard did not start ({one_line(e)}); training goes on without TensorBoard logs")
+                    self.tensorboard = None
         if wandb_project:
             self.wandb = self._start_wandb(out_dir, wandb_project, config)
 
@@ -63,16 +70,35 @@ class Tracker:
                   "training goes on without W&B")
             return None
         id_file = out_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         try:
+            run_id = id_file.read_text().strip() if id_file.is_file() else ""
+        except (OSError, UnicodeDecodeError):
+            run_id = ""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            if id_file.exists():
+                _warn(f"{id_file} does not hold a W&B run id: this run gets a new one")
+            run_id = secrets.token_hex(4)
+        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+        try:
+            try:  # without a key, wandb.init would stop at an interactive login prompt
+                has_key = offline or wandb.login(prompt=False, verify=False)
+            except TypeError:  # a wandb older than login(prompt=...): init decides
+                has_key = True
+            if not has_key:
+                _warn("W&B not started: no API key; run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
+                      "to log locally; training goes on without W&B")
+                return None
             out_dir.mkdir(parents=True, exist_ok=True)
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
-                             name=out_dir.resolve().name)
-        except Exception as e:  # no API key, no network, a bad project name: tracking must not stop training
+                             name=out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
+        except Exception as e:  # no network, a bad project name: tracking must not stop training
             _warn(f"W&B did not start ({one_line(e)}); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
                   "to log locally; training goes on without W&B")
             return None
-        id_file.write_text(run_id + "\n")
+        try:
+            atomic_write_text(id_file, run_id + "\n")
+        except CheckpointError as e:
+            _warn(f"{e}: a resumed run will start a new W&B run")
         return run
 
     def log(self, step, metrics):

@@ -379,14 +379,30 @@ def fmt_duration(seconds):
 
 
 def read_history(path, keep):
-    """Records of a JSON list file that `keep` accepts (a resumed run drops what came after its checkpoint)."""
+    """Records of a JSON list file that `keep` accepts (a resumed run drops what came after its checkpoint).
+    A file that is not such a list (damaged, edited) is moved aside to NAME.unreadable-TIME with a warning,
+    never silently overwritten by the run's next write."""
     import json
     if not path.exists():
         return []
     try:
-        return [r for r in json.loads(path.read_text()) if keep(r)]
-    except (ValueError, TypeError):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise ValueError(f"a JSON {type(records).__name__}, not a list of records")
+        odd = next((r for r in records if not isinstance(r, dict)), None)
+        if odd is not None:
+            raise ValueError(f"it holds {odd!r:.40}, not a record")
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        aside = path.with_name(f"{path.name}.unreadable-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        try:
+            path.rename(aside)
+            where = f"moved to {aside.name}"
+        except OSError:
+            where = "left as it is"
+        print(f"warning: {path} is not a list of records ({one_line(e)}): {where}; the run starts a new one",
+              file=sys.stderr, flush=True)
         return []
+    return [r for r in records if keep(r)]
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -426,7 +442,7 @@ class Trainer:
         cfg, ddp = self.cfg, self.ddp
         device_type = hardware.choose_device(cfg.device)
         self.device = f"cuda:{ddp.local_rank}" if device_type == "cuda" and ddp.enabled else (
-            cfg.device if cfg.device.startswith("cuda:") else device_type)
+            hardware.device_for(cfg.device, device_type))
         self.device_type = device_type
         self.facts = facts = hardware.probe_facts(self.device)
         hardware.preflight(facts)
@@ -456,9 +472,11 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.tokens_per_step = windows_per_step * cfg.max_length
 
-        # Each process compiles for itself and trains its share of the tokens: that share decides (CPU).
-        self.plan = hardware.decide(facts, cfg.dtype, cfg.compile,
-                                    planned_tokens=self.total_steps * self.tokens_per_step // ddp.world_size)
+        # Each process compiles for itself and trains its share of the tokens this session has left: that decides
+        # (CPU; a resume with a few steps to go does not compile for them).
+        done = ckpt.peek_step(resume) if resume is not None else 0
+        self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=max(
+            0, self.total_steps - done) * self.tokens_per_step // ddp.world_size)
         torch.manual_seed(cfg.seed + ddp.rank)
         self.model = GPT(model_config(cfg)).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -904,8 +922,11 @@ class Trainer:
         self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
         self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
         done_epochs = self.step // self.steps_per_epoch
-        self.history = read_history(self.out_dir / "training_history.json", lambda r: r.get("epoch", 0) <= done_epochs)
-        self.eval_history = read_history(self.out_dir / "eval_history.json", lambda r: r.get("step", 0) <= self.step)
+        # The histories are rank 0's to read and write (one warning, one file moved aside if it is damaged).
+        self.history = read_history(self.out_dir / "training_history.json",
+                                    lambda r: r.get("epoch", 0) <= done_epochs) if ddp.master else []
+        self.eval_history = read_history(self.out_dir / "eval_history.json",
+                                         lambda r: r.get("step", 0) <= self.step) if ddp.master else []
         self.stop.install()
         self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
                                start_step=self.step, enabled=ddp.master)

@@ -600,3 +600,13 @@ def test_realistic_checkpoint_loads_with_weights_only_and_resumes_exactly(tmp_pa
     assert sched2.get_last_lr() == scheduler.get_last_lr()
     for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_run_without_a_best_model_yet_points_at_its_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match="no model at .*best_model.pt: train one with `python train.py`"):
+        ck.find_model_checkpoint(None, tmp_path)
+    ck.save_checkpoint(state(40), tmp_path / "checkpoints", keep=4)
+    with pytest.raises(CheckpointError, match=r"best_model.pt, but .* holds checkpoints of a run: use --checkpoint "
+                                              r"latest \(the newest of them\)"):
+        ck.find_model_checkpoint(None, tmp_path)
+    assert ck.find_model_checkpoint("latest", tmp_path) == ck.checkpoint_path(tmp_path / "checkpoints", 0, 40)

@@ -265,6 +265,14 @@ def test_resolve_device(args, expected):
     assert resolve_device(*args) == expected
 
 
+@pytest.mark.parametrize("requested, device_type, expected", [
+    ("cuda:1", "cuda", "cuda:1"), ("CUDA:1", "cuda", "cuda:1"), (" cuda:1", "cuda", "cuda:1"),  # GPU 1, not 0
+    ("cuda", "cuda", "cuda"), ("auto", "cpu", "cpu"), ("CPU", "cpu", "cpu"),
+])
+def test_the_device_keeps_the_gpu_index_however_it_is_written(requested, device_type, expected):
+    assert hardware.device_for(requested, device_type) == expected
+
+
 @pytest.mark.parametrize("args, needle", [
     (("cuda", 0, False, None), "device='cuda' but no CUDA GPU is visible (this torch is a CPU-only build)"),
     (("cuda", 0, False, "12.8"), "built for CUDA 12.8"),

@@ -136,3 +136,26 @@ def test_cli_errors_are_one_line(tmp_path, case, message):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
     assert not (run / "loss_curve.png").exists()
+
+
+@pytest.mark.parametrize("name, records, message", [
+    ("eval_history.json", [{"epoch": 0.1, "val_loss": 3.0}], "record 1 has no number 'step'"),
+    ("eval_history.json", [1, 2, 3], "record 1 has no number 'step'"),
+    ("eval_history.json", [{"step": 10, "val_loss": "abc"}], "record 1 holds val_loss='abc', not a number"),
+    ("training_history.json", [{"train_loss": 3}], "record 1 has no number 'epoch'"),
+    ("training_history.json", [1], "record 1 has no number 'epoch'"),
+])
+def test_history_records_of_another_shape_are_one_line(tmp_path, name, records, message):
+    run = write_run(tmp_path / "out")
+    (run / name).write_text(json.dumps(records))
+    with pytest.raises(PlotError, match=message.replace("(", r"\(")):
+        plot_history(run)
+    assert not (run / "loss_curve.png").exists()
+
+
+def test_a_null_token_count_still_draws(tmp_path):
+    run = write_run(tmp_path / "out")
+    evals = json.loads((run / "eval_history.json").read_text())
+    evals[0]["tokens"] = None
+    (run / "eval_history.json").write_text(json.dumps(evals))
+    assert plot_history(run).exists()

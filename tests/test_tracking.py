@@ -1,13 +1,18 @@
 """tracking.py: TensorBoard events read back, a resumed run's re-logged steps replace the old ones, a
 missing package is one warning and a no-op; W&B offline when wandb is installed."""
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from tracking import TENSORBOARD_DIR, WANDB_ID_FILE, Tracker
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tensorboard_scalars(folder):
@@ -85,3 +90,62 @@ def test_wandb_offline_run_is_continued_after_a_resume(tmp_path, monkeypatch):
     assert (tmp_path / WANDB_ID_FILE).read_text().strip() == run_id
     assert len(runs) in (1, 2)  # one folder per session, both under the same run id (same second: one)
     assert all((run / f"run-{run_id}.wandb").stat().st_size > 0 for run in runs)
+
+
+def test_tensorboard_that_cannot_start_is_a_warning(tmp_path, capsys):
+    pytest.importorskip("torch.utils.tensorboard")
+    (tmp_path / TENSORBOARD_DIR).write_text("a file where its folder goes")
+    t = Tracker(tmp_path, tensorboard=True)
+    t.log(1, {"train/loss": 1.0})
+    t.close()
+    err = capsys.readouterr().err
+    assert err.startswith("warning: TensorBoard did not start (FileExistsError") and err.count("\n") == 1
+
+
+WANDB_NO_KEY_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from tracking import Tracker
+t0 = time.time()
+t = Tracker(sys.argv[1], wandb_project="gpt2-test")
+print("wandb:", t.wandb, "in %.0f s" % (time.time() - t0), flush=True)
+"""
+
+
+def test_wandb_without_a_key_on_a_terminal_does_not_wait_for_a_login(tmp_path):
+    """On a terminal wandb.init would stop at its interactive login menu: the tracker checks for a key first."""
+    pytest.importorskip("wandb")
+    import pty
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env.update(HOME=str(tmp_path / "home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"))
+    proc = subprocess.Popen([sys.executable, "-c", WANDB_NO_KEY_CHILD, str(tmp_path / "out"), str(ROOT)],
+                            stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    try:
+        proc.wait(timeout=60)  # a login prompt would wait for input until this kills it
+    finally:
+        proc.kill()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert "warning: W&B not started: no API key" in text and "wandb: None" in text, text
+
+
+def test_a_bad_wandb_run_id_file_gets_a_new_id(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / WANDB_ID_FILE).write_text("\n")
+    t = Tracker(tmp_path, wandb_project="gpt2-test")
+    t.close()
+    assert f"{tmp_path / WANDB_ID_FILE} does not hold a W&B run id: this run gets a new one" in capsys.readouterr().err
+    assert len((tmp_path / WANDB_ID_FILE).read_text().strip()) == 8

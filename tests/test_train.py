@@ -407,6 +407,13 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
 
 
+def test_compile_auto_counts_the_tokens_a_resume_has_left(tmp_path, bins):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=4", "--save_steps=4", "--eval_steps=100")
+    p = run_train(out, bins, "--max_steps=6", "--compile=auto", "--eval_steps=100")
+    assert "compile: off (a 512-token run:" in p.stdout  # the 2 steps left of 8 x 32 tokens, not all 6
+
+
 def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch(tmp_path, bins):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100")
@@ -433,6 +440,21 @@ def test_a_resume_on_other_data_is_refused(tmp_path, bins):
         f"90: the data changed since. Resume with the data_dir it was trained on, or start a new run from its "
         f"weights in another out_dir with --init_from=CHECKPOINT\n")
     assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_list"])
+def test_a_damaged_history_file_is_kept_aside_not_overwritten(tmp_path, bins, damage):
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
+    history = out / "eval_history.json"
+    damaged = history.read_bytes()[:-3] if damage == "truncated" else b"[1, 2]"
+    history.write_bytes(damaged)
+    p = run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=2")
+    aside = list(out.glob("eval_history.json.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+    assert p.stderr.count(f"warning: {history} is not a list of records") == 1
+    assert f"moved to {aside[0].name}; the run starts a new one" in p.stderr
+    assert [r["step"] for r in json.loads(history.read_text())] == [6]
 
 
 def test_text_settings_keep_what_was_typed():
