@@ -122,7 +122,8 @@ def draw(evals, epochs=(), title=""):
     ax_loss.legend()
     ax_lr.plot(steps, lr, ".-", color="tab:purple", label="learning rate")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}"))  # no offset text under the top axis
+    # No offset text under the top axis; 3 digits, so that close values (a flat schedule) get distinct labels.
+    ax_lr.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
 
     # Tokens on the top axis, mapped from (step, tokens) of the records: exact even if a resumed run
     # changed the batch.
@@ -170,6 +171,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not Path(args.out_dir).is_dir():
         fail(f"{args.out_dir} is not a folder: give train.py's out_dir")
+    if args.output and Path(args.output).suffix.lower() != ".png":
+        fail(f"--output {args.output}: plot.py writes a PNG, so give a name ending in .png")
     try:
         print(f"wrote {plot_history(args.out_dir, args.output)}")
     except (PlotError, CheckpointError) as e:

@@ -121,6 +121,7 @@ def test_cli_writes_the_png(tmp_path):
     ("no_matplotlib", "matplotlib is not installed: `pip install matplotlib`"),
     ("not_a_folder", "is not a folder"),
     ("bad_json", "is not a history file written by train.py"),
+    ("svg_output", "--output curve.svg: plot.py writes a PNG, so give a name ending in .png"),
 ])
 def test_cli_errors_are_one_line(tmp_path, case, message):
     run = write_run(tmp_path / "out")
@@ -129,9 +130,9 @@ def test_cli_errors_are_one_line(tmp_path, case, message):
         pre = "import sys; sys.modules['matplotlib'] = None  # as if it were not installed"
     elif case == "not_a_folder":
         run = tmp_path / "nowhere"
-    else:
+    elif case == "bad_json":
         (run / "eval_history.json").write_text("{not json")
-    result = run_plot(run, pre=pre)
+    result = run_plot(run, *(["--output", "curve.svg"] if case == "svg_output" else []), pre=pre)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr

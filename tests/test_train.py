@@ -442,12 +442,22 @@ def test_a_resume_on_other_data_is_refused(tmp_path, bins):
     assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_a_list"])
-def test_a_damaged_history_file_is_kept_aside_not_overwritten(tmp_path, bins, damage):
+def test_a_history_that_is_not_a_list_of_records_is_moved_aside(tmp_path, capsys):
+    for content in (b"[1, 2]", b'{"step": 1}', b"\xff\xfe"):
+        path = tmp_path / "eval_history.json"
+        path.write_bytes(content)
+        assert train.read_history(path, lambda r: True) == []
+        aside = list(tmp_path.glob("eval_history.json.unreadable-*"))
+        assert len(aside) == 1 and aside[0].read_bytes() == content and not path.exists()
+        assert capsys.readouterr().err.startswith(f"warning: {path} is not a list of records (")
+        aside[0].unlink()
+
+
+def test_a_damaged_history_file_is_kept_aside_not_overwritten(tmp_path, bins):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
     history = out / "eval_history.json"
-    damaged = history.read_bytes()[:-3] if damage == "truncated" else b"[1, 2]"
+    damaged = history.read_bytes()[:-3]  # cut short
     history.write_bytes(damaged)
     p = run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=2")
     aside = list(out.glob("eval_history.json.unreadable-*"))
@@ -479,7 +489,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
 def test_a_nonfinite_stop_at_an_epochs_end_keeps_its_evaluation_and_record(tmp_path, bins):
     """Stopped by non-finite losses at step 11, an epoch's end, then resumed: the evaluation, epoch record and
     weights are those of a run that skipped the same update and went on."""
-    common = ["--max_steps=22", "--eval_steps=5", "--save_steps=100"]
+    common = ["--max_steps=13", "--eval_steps=5", "--save_steps=100"]
     nan = {"GPT_TEST_NAN_AT_STEPS": "11"}
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_train(straight, bins, *common, env=nan)
