@@ -78,10 +78,11 @@ class Tracker:
             if id_file.exists():
                 _warn(f"{id_file} does not hold a W&B run id: this run gets a new one")
             run_id = secrets.token_hex(4)
-        offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
         try:
             try:  # without a key, wandb.init would stop at an interactive login prompt
-                has_key = offline or wandb.login(prompt=False, verify=False)
+                # Offline (WANDB_MODE, or `wandb offline`, which writes wandb/settings) needs no key.
+                mode = str(getattr(wandb.setup().settings, "mode", "") or os.environ.get("WANDB_MODE", "")).lower()
+                has_key = mode in ("offline", "disabled", "dryrun") or wandb.login(prompt=False, verify=False)
             except TypeError:  # a wandb older than login(prompt=...): init decides
                 has_key = True
             if not has_key:

@@ -207,7 +207,17 @@ def model_config(cfg):
     return GPTConfig.from_dict(dataclasses.asdict(cfg))
 
 
-def validate(cfg):
+def check_accumulation(cfg, world_size):
+    """Each of world_size processes takes an equal share of the accumulation steps."""
+    if cfg.gradient_accumulation_steps % world_size:
+        fit = -(-cfg.gradient_accumulation_steps // world_size) * world_size
+        raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
+                          f"the number of processes ({world_size}): use --gradient_accumulation_steps={fit}")
+
+
+def validate(cfg, world_size=1):
+    """ConfigError for settings no run can use; world_size: the processes the run is launched with."""
+    check_accumulation(cfg, world_size)
     try:
         model_config(cfg)
     except ValueError as e:
@@ -392,7 +402,8 @@ def read_history(path, keep):
         odd = next((r for r in records if not isinstance(r, dict)), None)
         if odd is not None:
             raise ValueError(f"it holds {odd!r:.40}, not a record")
-    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        kept = [r for r in records if keep(r)]  # TypeError: an edited record, e.g. {"step": "4"}
+    except (ValueError, OSError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         aside = path.with_name(f"{path.name}.unreadable-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
         try:
             path.rename(aside)
@@ -402,7 +413,7 @@ def read_history(path, keep):
         print(f"warning: {path} is not a list of records ({one_line(e)}): {where}; the run starts a new one",
               file=sys.stderr, flush=True)
         return []
-    return [r for r in records if keep(r)]
+    return kept
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -426,14 +437,15 @@ class Trainer:
         self.stop = StopRequest(verbose=ddp.master)
         self.max_runtime = parse_duration(cfg.max_runtime)
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank
-        # only, if given; or in the last micro-batch's backward on a given rank), a NaN loss at given steps, an
+        # only, if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
+        # steps, an
         # error in the evaluation of a step or after a step's
         # saves (where a lost peer shows under DDP), and a pause per micro-step so that signals land mid-run.
         oom_above, oom_rank = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH"), os.environ.get("GPT_TEST_OOM_RANK")
         self.test_oom_above = int(oom_above) if oom_above and oom_rank in (None, str(ddp.rank)) else None
         self.test_error_at_eval = int(os.environ.get("GPT_TEST_ERROR_AT_EVAL_STEP", "0"))
         self.test_error_after = int(os.environ.get("GPT_TEST_ERROR_AFTER_STEP", "0"))
-        self.test_oom_last_backward = os.environ.get("GPT_TEST_OOM_LAST_BACKWARD_RANK") == str(ddp.rank)
+        self.test_oom_in_last_backward = os.environ.get("GPT_TEST_OOM_IN_LAST_BACKWARD") == "1"
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
 
@@ -449,10 +461,7 @@ class Trainer:
         hardware.decide(facts, cfg.dtype, cfg.compile)  # a dtype this device cannot run fails before any data work
         if ddp.enabled:
             hardware.nccl_check()  # before any other collective: it is the one with a timeout
-        if cfg.gradient_accumulation_steps % ddp.world_size:
-            fit = -(-cfg.gradient_accumulation_steps // ddp.world_size) * ddp.world_size
-            raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
-                              f"the number of processes ({ddp.world_size}): use --gradient_accumulation_steps={fit}")
+        check_accumulation(cfg, ddp.world_size)
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         init_source = self.load_init_source(resume)
@@ -730,7 +739,8 @@ class Trainer:
             if not oom:
                 try:
                     with sync, self.autocast:
-                        if self.test_oom_above is not None and self.batch_size > self.test_oom_above:
+                        if (self.test_oom_above is not None and self.batch_size > self.test_oom_above
+                                and not self.test_oom_in_last_backward):
                             raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
                         _, loss = self.train_model(x, y, return_logits=False)
                 except torch.OutOfMemoryError:
@@ -742,20 +752,15 @@ class Trainer:
             if oom:
                 continue
             try:
-                if last and self.test_oom_last_backward:
-                    raise torch.OutOfMemoryError("injected: in the last micro-batch's backward")
+                if (last and self.test_oom_in_last_backward and self.test_oom_above is not None
+                        and self.batch_size > self.test_oom_above):
+                    raise torch.OutOfMemoryError(f"injected: in the last backward, micro-batch {self.batch_size}")
                 self.scaler.scale(loss / self.accum).backward()
             except torch.OutOfMemoryError:
-                if not self.ddp.enabled:
+                # In the last backward the other ranks may be in the gradient all-reduce: the back-off's own
+                # collective then works only if they ran out of memory too (the usual case: the same shapes).
+                if last or not self.ddp.enabled:
                     raise
-                if last:  # the other ranks are inside the gradient all-reduce: no collective can agree a back-off
-                    half = self.halved_micro_batch()
-                    fix = (f"resume with --batch_size={half} --gradient_accumulation_steps="
-                           f"{self.batch_size * self.accum // half * self.ddp.world_size}" if half else
-                           "lower max_length or the model size")
-                    raise hardware.HardwareError(
-                        f"out of memory in the last micro-batch's backward pass on rank {self.ddp.rank}, while the "
-                        f"other processes exchange gradients: they cannot back off together from there; {fix}") from None
                 oom = True
                 continue
             total += loss.detach()
@@ -981,8 +986,9 @@ class Trainer:
                 if self.step == self.test_error_after:
                     raise RuntimeError(f"injected: an error after step {self.step}")
                 if out_of_time and not last:
-                    self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
-                             f"Resume with: {self.resume_command()}")
+                    if final_saved:  # else the error line below says what is on disk
+                        self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
+                                 f"Resume with: {self.resume_command()}")
                     break
                 if any_rank(self.stop.signum is not None, ddp, self.device) and not last:
                     return self.emergency_exit()
@@ -1082,7 +1088,7 @@ def main(argv):
     ddp, trainer = Dist(), None
     try:
         cfg, given = load_config(argv)
-        validate(cfg)
+        validate(cfg, int(os.environ.get("WORLD_SIZE") or 1))  # torchrun sets it: checked before connecting
         ddp = init_distributed(hardware.choose_device(cfg.device))
         trainer = Trainer(cfg, ddp, given)
         trainer.setup()
@@ -1095,8 +1101,10 @@ def main(argv):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
-        # Under torchrun every process reads the same settings: a mistake in them is said once, by rank 0.
-        if not isinstance(e, ConfigError) or int(os.environ.get("RANK", "0")) == 0:
+        # Under torchrun every process reads the same settings: a mistake in them, found before the processes
+        # connect, is said once, by rank 0 (after that, each process says what it found).
+        launched = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and not ddp.enabled
+        if not (isinstance(e, ConfigError) and launched and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too

@@ -149,3 +149,20 @@ def test_a_bad_wandb_run_id_file_gets_a_new_id(tmp_path, monkeypatch, capsys):
     t.close()
     assert f"{tmp_path / WANDB_ID_FILE} does not hold a W&B run id: this run gets a new one" in capsys.readouterr().err
     assert len((tmp_path / WANDB_ID_FILE).read_text().strip()) == 8
+
+
+def test_wandb_offline_set_by_its_own_command_needs_no_key(tmp_path, monkeypatch, capsys):
+    """`wandb offline` writes wandb/settings in the working folder instead of setting WANDB_MODE."""
+    pytest.importorskip("wandb")
+    for name in [k for k in os.environ if k.startswith("WANDB")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "wandb", "offline"], check=True, capture_output=True, timeout=120)
+    t = Tracker(tmp_path / "out", wandb_project="gpt2-test")
+    try:
+        assert t.wandb is not None, capsys.readouterr().err
+    finally:
+        t.close()
