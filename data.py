@@ -81,7 +81,6 @@ def gpt2_bpe_files():
     return paths["encoder.json"], paths["vocab.bpe"]
 
 
-@lru_cache(maxsize=1)
 def check_tokenizer_fits(vocab_size):
     """DataError unless a model of `vocab_size` ids has one for every GPT-2 token: a smaller one would be fed
     (or would be asked to decode) ids it does not have."""
@@ -89,6 +88,7 @@ def check_tokenizer_fits(vocab_size):
         raise DataError(f"the model's vocabulary has {vocab_size} ids, fewer than the GPT-2 tokenizer's {N_VOCAB}")
 
 
+@lru_cache(maxsize=1)
 def get_tokenizer():
     """The GPT-2 BPE as a tiktoken Encoding, built offline from the verified GPT-2 files.
 
