@@ -16,6 +16,11 @@ def plural(n, word, many=None):
     return word if n == 1 else many or word + "s"
 
 
+def is_number(v):
+    """An int or float from a file or a config, not a bool (True is an int to Python)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def one_line(e, limit=200):
     """An exception for a one-line message: "TypeName: its first line", at most `limit` characters of that line."""
     first = (str(e).strip().splitlines() or [""])[0][:limit]

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from cli import one_line
+from cli import is_number, one_line
 
 # The embedding matrix is padded to a multiple of this internally: matmuls with a width that is a
 # multiple of 64 run markedly faster. The padding never appears in a state_dict or a config.
@@ -42,11 +42,9 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"pick n_head from {[h for h in range(1, 33) if self.n_embd % h == 0]}")
-        def number(x):
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
-        if not (number(self.dropout) and 0.0 <= self.dropout < 1.0):
+        if not (is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not (number(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
+        if not (is_number(self.layer_norm_epsilon) and self.layer_norm_epsilon > 0):
             raise ValueError(f"GPTConfig.layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"GPTConfig.bias must be True or False, got {self.bias!r}")

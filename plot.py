@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import CheckpointError, atomic_write_bytes
-from cli import fail
+from cli import fail, is_number
 
 PNG_NAME = "loss_curve.png"
 
@@ -50,18 +50,14 @@ def read_records(path, required):
     if not isinstance(records, list):
         raise PlotError(f"{path} is not a list of records: it is not a history file written by train.py")
     for i, r in enumerate(records, 1):
-        if not isinstance(r, dict) or not _is_number(r.get(required)):
+        if not isinstance(r, dict) or not is_number(r.get(required)):
             raise PlotError(f"{path} record {i} has no number {required!r}: it is not a history file written by "
                             f"train.py")
-        odd = next((k for k in NUMERIC_FIELDS if r.get(k) is not None and not _is_number(r[k])), None)
+        odd = next((k for k in NUMERIC_FIELDS if r.get(k) is not None and not is_number(r[k])), None)
         if odd:
             raise PlotError(f"{path} record {i} holds {odd}={r[odd]!r:.40}, not a number: it is not a history "
                             f"file written by train.py")
     return records
-
-
-def _is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _number(v):

@@ -24,6 +24,7 @@ from cli import one_line
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
+WANDB_FIX = "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log locally; training goes on without W&B"
 
 
 def _warn(message):
@@ -86,15 +87,13 @@ class Tracker:
             except TypeError:  # a wandb older than login(prompt=...): init decides
                 has_key = True
             if not has_key:
-                _warn("W&B not started: no API key; run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
-                      "to log locally; training goes on without W&B")
+                _warn(f"W&B not started: no API key; {WANDB_FIX}")
                 return None
             out_dir.mkdir(parents=True, exist_ok=True)
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
                              name=out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
         except Exception as e:  # no network, a bad project name: tracking must not stop training
-            _warn(f"W&B did not start ({one_line(e)}); run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline "
-                  "to log locally; training goes on without W&B")
+            _warn(f"W&B did not start ({one_line(e)}); {WANDB_FIX}")
             return None
         try:
             atomic_write_text(id_file, run_id + "\n")

@@ -436,11 +436,10 @@ class Trainer:
         self.log = Logger(self.out_dir / "train.log", ddp.master)
         self.stop = StopRequest(verbose=ddp.master)
         self.max_runtime = parse_duration(cfg.max_runtime)
-        # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank
-        # only, if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
-        # steps, an
-        # error in the evaluation of a step or after a step's
-        # saves (where a lost peer shows under DDP), and a pause per micro-step so that signals land mid-run.
+        # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank only,
+        # if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
+        # steps, an error in the evaluation of a step or after a step's saves (where a lost peer shows under DDP),
+        # and a pause per micro-step so that signals land mid-run.
         oom_above, oom_rank = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH"), os.environ.get("GPT_TEST_OOM_RANK")
         self.test_oom_above = int(oom_above) if oom_above and oom_rank in (None, str(ddp.rank)) else None
         self.test_error_at_eval = int(os.environ.get("GPT_TEST_ERROR_AT_EVAL_STEP", "0"))
@@ -739,9 +738,7 @@ class Trainer:
             if not oom:
                 try:
                     with sync, self.autocast:
-                        if (self.test_oom_above is not None and self.batch_size > self.test_oom_above
-                                and not self.test_oom_in_last_backward):
-                            raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
+                        self.inject_oom(in_last_backward=False)
                         _, loss = self.train_model(x, y, return_logits=False)
                 except torch.OutOfMemoryError:
                     oom = True
@@ -752,9 +749,8 @@ class Trainer:
             if oom:
                 continue
             try:
-                if (last and self.test_oom_in_last_backward and self.test_oom_above is not None
-                        and self.batch_size > self.test_oom_above):
-                    raise torch.OutOfMemoryError(f"injected: in the last backward, micro-batch {self.batch_size}")
+                if last:
+                    self.inject_oom(in_last_backward=True)
                 self.scaler.scale(loss / self.accum).backward()
             except torch.OutOfMemoryError:
                 # In the last backward the other ranks may be in the gradient all-reduce: the back-off's own
@@ -773,6 +769,13 @@ class Trainer:
                 "out of memory in the optimizer update (AdamW keeps two fp32 copies of the parameters): use a "
                 "smaller model, or a smaller batch_size to leave it room") from None
 
+    def inject_oom(self, in_last_backward):
+        """Test hook: a real OutOfMemoryError above GPT_TEST_OOM_ABOVE_BATCH, in the forward or (if asked) the
+        last micro-batch's backward."""
+        if (self.test_oom_above is not None and self.batch_size > self.test_oom_above
+                and in_last_backward == self.test_oom_in_last_backward):
+            raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
+
     def _update(self, total):
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
@@ -790,18 +793,15 @@ class Trainer:
         self.grad_norm = norm.item()
         return loss if finite else float("nan")
 
-    def halved_micro_batch(self):
-        """The largest micro-batch of at most half the size that divides this process's sequences per step, so that
-        the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation); 0 below batch_size 2."""
-        per_step = self.batch_size * self.accum
-        return max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
-
     def back_off_oom(self):
         self.optimizer.zero_grad(set_to_none=True)
         if self.device_type == "cuda":
             torch.cuda.empty_cache()
+        # The largest micro-batch of at most half the size that divides this process's sequences per step,
+        # so that the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation).
         per_step = self.batch_size * self.accum
-        new_batch = min_over_ranks(self.halved_micro_batch(), self.ddp, self.device)
+        new_batch = max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
+        new_batch = min_over_ranks(new_batch, self.ddp, self.device)
         if new_batch < 1:
             raise hardware.HardwareError("out of memory even at batch_size=1; lower max_length or the model size, "
                                          "or use a GPU with more memory")
@@ -1006,7 +1006,8 @@ class Trainer:
             newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
             if newest is None or newest[0] < self.step:  # not a success to a script or a notebook
                 self.log(f"error: the last checkpoint (step {self.step}) could not be saved (see the warning above); "
-                         f"{self.newest_note()}. Free disk space and run the same command again to redo those steps")
+                         f"{self.newest_note(newest)}. Free disk space and run the same command again to redo those "
+                         f"steps")
                 return 1
         return 0
 
@@ -1059,9 +1060,11 @@ class Trainer:
             return f"{self.out_dir / ckpt.EMERGENCY_NAME} holds {what}"
         return f"the emergency checkpoint could not be written; {self.newest_note()}"
 
-    def newest_note(self):
-        """Which checkpoint a resume would start from, as a message says it (rank 0 looks)."""
-        newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir) if self.ddp.master else None
+    def newest_note(self, newest=()):
+        """Which checkpoint a resume would start from, as a message says it (rank 0 looks, unless `newest`, what
+        checkpoint.newest_checkpoint returned, is given)."""
+        if newest == ():
+            newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir) if self.ddp.master else None
         if newest is None:
             return "there is no other checkpoint: free disk space"
         return f"the newest on disk is {newest[1]} (step {newest[0]}), a resume repeats the steps after it"
@@ -1086,9 +1089,10 @@ def main(argv):
         print_help()
         return 0
     ddp, trainer = Dist(), None
+    launched_world = int(os.environ.get("WORLD_SIZE") or 1)  # torchrun's processes, known before they connect
     try:
         cfg, given = load_config(argv)
-        validate(cfg, int(os.environ.get("WORLD_SIZE") or 1))  # torchrun sets it: checked before connecting
+        validate(cfg, launched_world)
         ddp = init_distributed(hardware.choose_device(cfg.device))
         trainer = Trainer(cfg, ddp, given)
         trainer.setup()
@@ -1103,8 +1107,8 @@ def main(argv):
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).
-        launched = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and not ddp.enabled
-        if not (isinstance(e, ConfigError) and launched and os.environ.get("RANK", "0") != "0"):
+        before_connecting = launched_world > 1 and not ddp.enabled
+        if not (isinstance(e, ConfigError) and before_connecting and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli
 from cli import one_line
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +35,8 @@ def test_one_line_names_the_exception_and_keeps_its_first_line():
     assert one_line(RuntimeError("CUDA error: no kernel image\nmore detail\n")) == "RuntimeError: CUDA error: no kernel image"
     assert one_line(ValueError("  x" * 200), limit=10) == "ValueError: x  x  x  x"
     assert one_line(KeyError()) == "KeyError"
+
+
+def test_is_number_takes_ints_and_floats_not_bools_or_text():
+    assert cli.is_number(3) and cli.is_number(0.5) and cli.is_number(float("nan"))
+    assert not any(cli.is_number(v) for v in (True, False, "3", None, [1]))
