@@ -17,6 +17,7 @@ matmuls in bf16/fp16, so a checkpoint resumes on another machine with another dt
 """
 
 import contextlib
+import functools
 import os
 import platform
 import re
@@ -90,15 +91,29 @@ def cpu_bf16_flag(flags):
 
 
 def _read_cpuinfo():
-    """(model name, set of flags) from /proc/cpuinfo; ('', None) where there is no such file."""
+    """(model name, vendor id, set of flags) from /proc/cpuinfo; ('', '', None) where there is no such file."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return "", None
+        return "", "", None
     name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)  # x86: 'GenuineIntel', 'AuthenticAMD'
     flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)  # x86; ARM has 'Features' and no bf16 we use
-    return (name.group(1).strip() if name else ""), set(flags.group(1).split() if flags else ())
+    return ((name.group(1).strip() if name else ""), (vendor.group(1) if vendor else ""),
+            set(flags.group(1).split() if flags else ()))
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_fp32_matmuls():
+    """Whether this CPU's fp32 matmuls should run on oneDNN rather than torch's default, MKL: on AMD CPUs MKL
+    runs its AVX2 code even where the CPU has AVX-512, and oneDNN's kernels are ~2x faster for the model's
+    matmuls (2 cores of an AMD EPYC: a 2048^2 fp32 product 210 vs 467 GFLOP/s; bench/NOTES.md, ninth pass).
+    Elsewhere (Intel, ARM, no oneDNN in the build) MKL or the platform's BLAS stays."""
+    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    vendor = _read_cpuinfo()[1] or platform.processor()  # Windows: '... AuthenticAMD'
+    return "AuthenticAMD" in vendor
 
 
 def _ram_bytes():
@@ -126,7 +141,7 @@ def probe_facts(device="cpu"):
         return DeviceFacts(type="mps", name="Apple GPU (MPS)", memory_bytes=_ram_bytes(), **common)
     if device_type != "cpu":
         raise HardwareError(f"unknown device {device!r}: use auto, cuda, cuda:N, mps or cpu")
-    name, flags = _read_cpuinfo()
+    name, _, flags = _read_cpuinfo()
     flag, source = "", ""
     if flags is not None:
         flag, source = cpu_bf16_flag(flags), "/proc/cpuinfo"

@@ -9,11 +9,13 @@ import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import hardware
 from cli import is_number, one_line
 
 # The embedding matrix is padded to a multiple of this internally: matmuls with a width that is a
@@ -84,6 +86,78 @@ def matmul_dtype(t):
     """The dtype matmuls on t's device run in here: autocast's when it is on, else t's own."""
     device = t.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else t.dtype
+
+
+# fp32 matmuls on a CPU whose MKL runs slow code (AMD: AVX2 kernels despite AVX-512) go through oneDNN, ~2x
+# faster there (hardware.onednn_fp32_matmuls). Read at every call, so a test or a benchmark can switch it.
+ONEDNN_FP32 = hardware.onednn_fp32_matmuls()
+
+
+@torch.library.custom_op("gpt::onednn_linear", mutates_args=())
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T (+ bias) by oneDNN, for 2-D x (M, K) and weight (N, K) of any strides. A custom op so that
+    torch.compile calls it as it is (inductor's own lowering of the oneDNN op expects prepacked weights)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@_onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(x.size(0), weight.size(0))
+
+
+def _on_onednn(a, b):
+    return (ONEDNN_FP32 and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def mm_nt(a, b, bias=None):
+    """a @ b.T (+ bias) for 2-D a (M, K), b (N, K): oneDNN for fp32 on CPUs where it is the faster engine."""
+    if _on_onednn(a, b):
+        return _onednn_linear(a, b, bias)
+    return F.linear(a, b, bias)
+
+
+def mm_tn(a, b):
+    """a.T @ b for 2-D a (M, N), b (M, K): a weight gradient. On oneDNN the wider of N and K is put on the
+    kernel's weight side, which runs these long reductions ~1.5x faster (bench/NOTES.md, ninth pass)."""
+    if not _on_onednn(a, b):
+        return a.t() @ b
+    if a.size(1) >= b.size(1):
+        return _onednn_linear(b.t(), a.t(), None).t().contiguous()
+    return _onednn_linear(a.t(), b.t(), None)
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear with its forward and both gradients on oneDNN (fp32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.size(-1))
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.size(-1))
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _onednn_linear(g2, weight.t(), None).view(*grad.shape[:-1], weight.size(1))
+        if ctx.needs_input_grad[1]:
+            dw = mm_tn(g2, x2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = g2.sum(0)
+        return dx, dw, db
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose fp32 CPU matmuls run on oneDNN where that is faster."""
+
+    def forward(self, x):
+        if _on_onednn(x, self.weight):
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 # generate prepares the weights for one-token steps (pack_for_decoding) only for at least this many new
@@ -363,13 +437,13 @@ def chunked_cross_entropy(h, weight, targets, vocab_size, dtype, chunk_rows, gra
     for s in range(0, h.size(0), chunk_rows):
         hc, tc = h[s:s + chunk_rows].to(dtype), targets[s:s + chunk_rows]
         scale = ((tc != -1) / n)[:, None]  # (rows, 1): d(mean loss) / d(row loss)
-        row_loss, g = _rows_cross_entropy(hc @ w.t(), tc.clamp(min=0)[:, None], vocab_size, grads)
+        row_loss, g = _rows_cross_entropy(mm_nt(hc, w), tc.clamp(min=0)[:, None], vocab_size, grads)
         loss += (row_loss * scale).sum()
         if grads:
             g = g.to(dtype)
             # The row scale is applied to the (rows, C) factors rather than to the (rows, Vp) g.
-            dh.append((g @ w) * scale)
-            dw += g.t() @ (hc * scale).to(dtype)
+            dh.append(mm_nt(g, w.t()) * scale)
+            dw += mm_tn(g, (hc * scale).to(dtype))
     if not grads:
         return loss
     return loss, torch.cat(dh).to(h.dtype), dw.to(weight.dtype)
@@ -446,8 +520,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
@@ -482,8 +556,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.n_inner, bias=config.bias)
+        self.c_proj = Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -515,7 +589,7 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        self.lm_head = Linear(config.n_embd, self.padded_vocab, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block).

@@ -423,6 +423,78 @@ def test_evaluation_loss_is_chunked_and_equals_the_plain_loss(dtype, monkeypatch
     torch.testing.assert_close(chunked, plain, **tol)
 
 
+def onednn_calls(fn):
+    """(fn()'s result, how many products ran through the oneDNN custom op), counted by torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "gpt::onednn_linear")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("n_in, n_out, bias", [(24, 40, True), (40, 24, False), (32, 32, True)])
+def test_onednn_linear_equals_f_linear(monkeypatch, n_in, n_out, bias, compiled):
+    """With fp32 matmuls on oneDNN a Linear's output and its three gradients (both orientations of the weight
+    gradient) equal F.linear's to fp32 reordering, eagerly and compiled, and all three products ran on oneDNN."""
+    monkeypatch.setattr(model_module, "ONEDNN_FP32", True)
+    torch.manual_seed(0)
+    lin = model_module.Linear(n_in, n_out, bias=bias)
+    x = torch.randn(3, 50, n_in, requires_grad=True)
+    g = torch.randn(3, 50, n_out)
+    params = [x, *lin.parameters()]
+    f = torch.compile(lin, fullgraph=True) if compiled else lin
+    step = lambda: (lambda y: (y, torch.autograd.grad(y, params, g)))(f(x))  # noqa: E731
+    step()  # compiles forward and backward outside the profiled call
+    (y, grads), calls = onednn_calls(step)
+    assert calls == 3
+    y_ref = F.linear(x, lin.weight, lin.bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(y_ref, params, g)):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_only_for_fp32_on_a_cpu_with_the_switch_on(monkeypatch):
+    """oneDNN takes a Linear's products only in fp32 on a CPU without autocast, and only with ONEDNN_FP32 on
+    (hardware.onednn_fp32_matmuls: AMD CPUs); bf16 autocast keeps F.linear (oneDNN's bf16 kernels anyway)."""
+    lin = model_module.Linear(16, 16)
+    x = torch.randn(4, 16)
+    if torch.backends.mkldnn.is_available():
+        monkeypatch.setattr(model_module, "ONEDNN_FP32", True)
+        assert onednn_calls(lambda: lin(x))[1] == 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert onednn_calls(lambda: lin(x))[1] == 0
+        assert onednn_calls(lambda: lin.double()(x.double()))[1] == 0
+    monkeypatch.setattr(model_module, "ONEDNN_FP32", False)
+    assert onednn_calls(lambda: lin.float()(x))[1] == 0
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_training_step_on_onednn_equals_the_default_engine(monkeypatch, compiled):
+    """A whole fp32 training step (blocks, the tied head, the chunked loss in several chunks) with its matmuls
+    on oneDNN gives the default engine's loss and gradients to fp32 reordering."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
+    model = randomized(GPTConfig(**TINY)).train()
+    model.before_compile()
+    idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(onednn):
+        monkeypatch.setattr(model_module, "ONEDNN_FP32", onednn)
+        m = torch.compile(model) if compiled else model
+        model.zero_grad()
+        (_, loss), calls = onednn_calls(lambda: m(idx, idx, return_logits=False))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], calls
+
+    loss, grads, calls = loss_and_grads(True)
+    ref_loss, ref_grads, ref_calls = loss_and_grads(False)
+    assert calls > 0 and ref_calls == 0
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("T, rows", [(1, 128), (5, 2), (64, 16), (200, 64), (300, 128)])
 def test_blocked_causal_attention_equals_sdpa(T, rows):
     """Blocks of query rows (a short last one too) give causal SDPA's output and gradients."""
