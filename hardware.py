@@ -111,8 +111,11 @@ def onednn_fp32_matmuls():
     """Whether this CPU's fp32 matmuls should run on oneDNN rather than torch's default, MKL: on AMD CPUs MKL
     runs its AVX2 code even where the CPU has AVX-512, and oneDNN's kernels are ~2x faster for the model's
     matmuls (2 cores of an AMD EPYC: a 2048^2 fp32 product 210 vs 467 GFLOP/s; bench/NOTES.md, ninth pass).
-    Elsewhere (Intel, ARM, no oneDNN in the build) MKL or the platform's BLAS stays."""
+    Elsewhere (Intel, AMD without AVX-512, where both run AVX2 code, ARM, no oneDNN in the build) MKL or the
+    platform's BLAS stays."""
     if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False
     vendor = _read_cpuinfo()[1] or platform.processor()  # Windows: '... AuthenticAMD'
     return "AuthenticAMD" in vendor
