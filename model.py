@@ -97,6 +97,8 @@ ONEDNN_FP32 = hardware.onednn_fp32_matmuls()
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ weight.T (+ bias) by oneDNN, for 2-D x (M, K) and weight (N, K) of any strides. A custom op so that
     torch.compile calls it as it is (inductor's own lowering of the oneDNN op expects prepacked weights)."""
+    if not x.numel() or not weight.numel():  # no rows, or a weight gradient over no rows: oneDNN refuses
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 

@@ -454,6 +454,19 @@ def test_onednn_linear_equals_f_linear(monkeypatch, n_in, n_out, bias, compiled)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_onednn_linear_takes_no_rows(monkeypatch):
+    """A batch of no rows (oneDNN refuses to build a product over zero rows) gives F.linear's empty output and
+    zero weight gradients, not an error."""
+    monkeypatch.setattr(model_module, "ONEDNN_FP32", True)
+    lin = model_module.Linear(8, 4)
+    x = torch.randn(0, 3, 8, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.shape == (0, 3, 4) and x.grad.shape == x.shape
+    assert not lin.weight.grad.any() and not lin.bias.grad.any()
+
+
 def test_onednn_only_for_fp32_on_a_cpu_with_the_switch_on(monkeypatch):
     """oneDNN takes a Linear's products only in fp32 on a CPU without autocast, and only with ONEDNN_FP32 on
     (hardware.onednn_fp32_matmuls: AMD CPUs); bf16 autocast keeps F.linear (oneDNN's bf16 kernels anyway)."""
