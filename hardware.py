@@ -44,8 +44,9 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # torch 2.13, default model shape, batch 8 x 512, train.py's training step (bench/train_throughput.py,
 # quiet machine, 2026-11-26): eager tokens/s per CPU thread, and the speed-up once compiled (fp32, matmuls on
 # oneDNN (onednn_fp32_matmuls), 1799 -> 2458; bf16, with the blocked attention and fused loss compiled runs use,
-# 2709 -> 4145-4250 tokens/s). fp32 on MKL (what Intel CPUs keep) measured here before: 1159 -> 1413, slower and
-# a smaller speed-up, the same expected saving per token within 4%, so one figure serves both engines.
+# 2709 -> 4145-4250 tokens/s). fp32 on MKL (what Intel and AVX2-only AMD CPUs keep) measured here before:
+# 1159 -> 1413, slower and a smaller speed-up, the same expected saving per token within 4%, so one figure
+# serves both engines.
 # Compiling costs 20-60 s on the first step.
 CPU_EAGER_TOKENS_PER_S_PER_THREAD = {"float32": 900, "bfloat16": 1355}
 CPU_COMPILE_SPEEDUP = {"float32": 1.37, "bfloat16": 1.54}
@@ -108,12 +109,18 @@ def _read_cpuinfo():
 
 @functools.lru_cache(maxsize=None)
 def onednn_fp32_matmuls():
-    """Whether this CPU's fp32 matmuls should run on oneDNN rather than torch's default, MKL: on AMD CPUs MKL
-    runs its AVX2 code even where the CPU has AVX-512, and oneDNN's kernels are ~2x faster for the model's
-    matmuls (2 cores of an AMD EPYC: a 2048^2 fp32 product 210 vs 467 GFLOP/s; bench/NOTES.md, ninth pass).
-    Elsewhere (Intel, AMD without AVX-512, where both run AVX2 code, ARM, no oneDNN in the build) MKL or the
-    platform's BLAS stays."""
-    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in ("x86_64", "amd64"):
+    """Whether this CPU's fp32 matmuls should run on oneDNN rather than torch's default, MKL. On AMD CPUs with
+    AVX-512 MKL runs its AVX2 code, and on the 2-core AMD EPYC (Zen 5) this project measures on, oneDNN's kernels
+    are ~2x faster for the model's matmuls (a 2048^2 fp32 product 210 vs 467 GFLOP/s; bench/NOTES.md, ninth
+    pass); on AMD CPUs whose AVX-512 units are 256 bits wide (Zen 4, Zen 5 laptops) the gain should be smaller
+    (not measured). Elsewhere (Intel, AMD with AVX2 only, where both libraries run AVX2 code, ARM, builds without
+    oneDNN) MKL or the platform's BLAS stays. GPT_ONEDNN_FP32=1 / =0 in the environment overrides the rule."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    forced = os.environ.get("GPT_ONEDNN_FP32", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return False

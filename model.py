@@ -97,7 +97,7 @@ ONEDNN_FP32 = hardware.onednn_fp32_matmuls()
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x @ weight.T (+ bias) by oneDNN, for 2-D x (M, K) and weight (N, K) of any strides. A custom op so that
     torch.compile calls it as it is (inductor's own lowering of the oneDNN op expects prepacked weights)."""
-    if not x.numel() or not weight.numel():  # no rows, or a weight gradient over no rows: oneDNN refuses
+    if not x.size(1):  # an empty sum (a weight gradient over no rows): oneDNN refuses to build it
         return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
@@ -107,58 +107,67 @@ def _(x, weight, bias):
     return x.new_empty(x.size(0), weight.size(0))
 
 
-def _on_onednn(a, b):
-    return (ONEDNN_FP32 and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu"))
+def _onednn_tn(a, b):
+    """a.T @ b on oneDNN, 2-D a (M, N), b (M, K): a weight gradient. The wider of N and K is put on the kernel's
+    weight side, which runs these long sums ~1.5x faster (bench/NOTES.md, ninth pass). The result may be a
+    transposed view."""
+    if a.size(1) >= b.size(1):
+        return _onednn_linear(b.t(), a.t(), None).t()
+    return _onednn_linear(a.t(), b.t(), None)
+
+
+def _setup_onednn_linear(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    dx = _onednn_linear(grad, weight.t(), None) if ctx.needs_input_grad[0] else None
+    dw = _onednn_tn(grad, x).contiguous() if ctx.needs_input_grad[1] else None
+    db = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return dx, dw, db
+
+
+_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_setup_onednn_linear)
+
+
+def _on_onednn(*tensors):
+    """Whether products of these tensors (None: no bias) go to oneDNN: the switch on, all of them fp32 on the
+    CPU, no autocast (bf16 autocast runs oneDNN's bf16 kernels through F.linear anyway)."""
+    if not ONEDNN_FP32 or torch.is_autocast_enabled("cpu"):
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or t.device.type != "cpu"):
+            return False
+    return True
 
 
 def mm_nt(a, b, bias=None):
-    """a @ b.T (+ bias) for 2-D a (M, K), b (N, K): oneDNN for fp32 on CPUs where it is the faster engine."""
-    if _on_onednn(a, b):
+    """a @ b.T (+ bias) for 2-D a (M, K), b (N, K): oneDNN for fp32 on CPUs where it is the faster engine, else
+    (and for shapes that do not fit, so that the error is F.linear's) F.linear."""
+    if a.dim() == b.dim() == 2 and a.size(1) == b.size(1) and _on_onednn(a, b, bias):
         return _onednn_linear(a, b, bias)
     return F.linear(a, b, bias)
 
 
 def mm_tn(a, b):
-    """a.T @ b for 2-D a (M, N), b (M, K): a weight gradient. On oneDNN the wider of N and K is put on the
-    kernel's weight side, which runs these long reductions ~1.5x faster (bench/NOTES.md, ninth pass)."""
-    if not _on_onednn(a, b):
-        return a.t() @ b
-    if a.size(1) >= b.size(1):
-        return _onednn_linear(b.t(), a.t(), None).t().contiguous()
-    return _onednn_linear(a.t(), b.t(), None)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """F.linear with its forward and both gradients on oneDNN (fp32, CPU)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        x2 = x.reshape(-1, x.size(-1))
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
-        return _onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.size(-1))
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _onednn_linear(g2, weight.t(), None).view(*grad.shape[:-1], weight.size(1))
-        if ctx.needs_input_grad[1]:
-            dw = mm_tn(g2, x2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = g2.sum(0)
-        return dx, dw, db
+    """a.T @ b for 2-D a (M, N), b (M, K), a weight gradient: on oneDNN as mm_nt (then possibly a transposed
+    view), else torch.matmul."""
+    if a.dim() == b.dim() == 2 and a.size(0) == b.size(0) and _on_onednn(a, b):
+        return _onednn_tn(a, b)
+    return a.t() @ b
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state_dict) whose fp32 CPU matmuls run on oneDNN where that is faster."""
+    """nn.Linear (same parameters and state_dict) whose fp32 CPU matmuls, forward and gradients, run on oneDNN
+    where that is faster (ONEDNN_FP32)."""
 
     def forward(self, x):
-        if _on_onednn(x, self.weight):
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        if x.dim() and x.size(-1) == self.in_features and _on_onednn(x, self.weight, self.bias):
+            rows = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+            return _onednn_linear(rows, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

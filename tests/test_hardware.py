@@ -3,10 +3,13 @@ the preflight, compile fallback with real torch.compile failures, and the all_re
 real 2-process gloo group."""
 
 import datetime
+import os
+import platform
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,6 +254,31 @@ def test_probe_cpu_reads_proc_cpuinfo_without_touching_cuda():
     assert out[-1] == "False"  # no CUDA context was created
     facts = hardware.probe_facts("cpu")
     assert facts.type == "cpu" and facts.device == "cpu" and facts.name and facts.torch_version == torch.__version__
+
+
+def test_onednn_fp32_rule_reads_the_cpu_and_the_override():
+    """fp32 matmuls go to oneDNN on x86 AMD CPUs with AVX-512 (MKL runs AVX2 code there), and model.py follows
+    the rule; GPT_ONEDNN_FP32=0/1 overrides it either way (1 only where the build has oneDNN)."""
+    def rule(value):
+        env = {k: v for k, v in os.environ.items() if k != "GPT_ONEDNN_FP32"}
+        if value is not None:
+            env["GPT_ONEDNN_FP32"] = value
+        code = "import hardware, model; print(hardware.onednn_fp32_matmuls(), model.ONEDNN_FP32)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                             cwd=Path(hardware.__file__).parent).stdout.split()
+        assert out[0] == out[1]
+        return out[0] == "True"
+
+    available = torch.backends.mkldnn.is_available()
+    assert rule("0") is False
+    assert rule("1") is available
+    try:
+        vendor_amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    expected = (available and vendor_amd and platform.machine() == "x86_64"
+                and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
+    assert rule(None) is expected
 
 
 @pytest.mark.parametrize("args, expected", [

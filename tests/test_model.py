@@ -455,16 +455,47 @@ def test_onednn_linear_equals_f_linear(monkeypatch, n_in, n_out, bias, compiled)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-def test_onednn_linear_takes_no_rows(monkeypatch):
-    """A batch of no rows (oneDNN refuses to build a product over zero rows) gives F.linear's empty output and
-    zero weight gradients, not an error."""
+def test_onednn_linear_behaves_as_nn_linear_in_the_corners(monkeypatch):
+    """On oneDNN a Linear still is an nn.Linear to its callers: no rows and no input features (oneDNN refuses an
+    empty sum) work, its output may be changed in place, it has a second derivative (so do mm_nt and mm_tn), and
+    bad shapes or devices get F.linear's one-line errors."""
     monkeypatch.setattr(model_module, "ONEDNN_FP32", True)
-    lin = model_module.Linear(8, 4)
+    torch.manual_seed(0)
+    lin, ref = model_module.Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(lin.state_dict())
     x = torch.randn(0, 3, 8, requires_grad=True)
     y = lin(x)
     y.sum().backward()
     assert y.shape == (0, 3, 4) and x.grad.shape == x.shape
     assert not lin.weight.grad.any() and not lin.bias.grad.any()
+    assert model_module.Linear(0, 4)(torch.randn(3, 0)).shape == (3, 4)
+
+    def second_order(m, x):
+        y = torch.relu_(m(x))  # in place on the output
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        gx.sum().backward()
+        return gx.detach(), m.weight.grad.clone()
+
+    lin.zero_grad()
+    x = torch.randn(5, 8)
+    (gx, gw), calls = onednn_calls(lambda: second_order(lin, x.clone().requires_grad_()))
+    assert calls >= 3
+    gx_ref, gw_ref = second_order(ref, x.clone().requires_grad_())
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+
+    a, b = torch.randn(6, 5, requires_grad=True), torch.randn(6, 3, requires_grad=True)
+    for product, reference in ((model_module.mm_nt, lambda a, b: a @ b.t()), (model_module.mm_tn, lambda a, b: a.t() @ b)):
+        args = (a, b) if product is model_module.mm_tn else (a.t(), b.t())
+        got = torch.autograd.grad(product(*args).square().sum(), (a, b))
+        want = torch.autograd.grad(reference(*args).square().sum(), (a, b))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        model_module.Linear(64, 96)(torch.randn(5, 32))
+    with pytest.raises(RuntimeError, match="device"):
+        model_module.Linear(4, 3, device="meta")(torch.ones(2, 4))
 
 
 def test_onednn_only_for_fp32_on_a_cpu_with_the_switch_on(monkeypatch):
