@@ -689,7 +689,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)[..., :V]  # the padded columns are never seen
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=-1)
         return (logits if return_logits else None), loss
 
     def _loss_without_logits(self, x, targets):
@@ -699,7 +699,7 @@ class GPT(nn.Module):
         if compiling and (x.device.type != "cpu" or not torch.is_grad_enabled()):
             return None  # measured on CPUs only; compiled evaluation keeps inductor's fused plain path
         dtype = matmul_dtype(x)
-        args = (x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1), self.config.vocab_size, dtype)
+        args = (x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.vocab_size, dtype)
         if not torch.is_grad_enabled():  # evaluation: the loss alone, in a chunk's memory
             return chunked_cross_entropy(*args, EVAL_CHUNK_ROWS)
         # Not under fp16: its gradients there would be formed before GradScaler's factor is applied (in

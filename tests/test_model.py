@@ -374,6 +374,18 @@ def test_return_logits_false_gives_only_the_loss():
     torch.testing.assert_close(loss, same)  # training: the chunked loss, equal up to summation order
 
 
+def test_inputs_and_targets_may_be_slices_of_one_window():
+    """idx and targets cut from one (B, T + 1) window, as nanoGPT-style loaders do, are not contiguous: both loss
+    paths take them (a view(-1) of the targets failed)."""
+    model = randomized(GPTConfig(**TINY)).train()
+    window = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(0))
+    _, chunked = model(window[:, :-1], window[:, 1:], return_logits=False)
+    _, plain = model(window[:, :-1], window[:, 1:])
+    _, ref = model(window[:, :-1].contiguous(), window[:, 1:].contiguous())
+    torch.testing.assert_close(chunked, ref)
+    torch.testing.assert_close(plain, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_loss_equals_plain_cross_entropy(dtype, monkeypatch):
     """The eager training loss (LinearCrossEntropy) gives the plain path's loss and gradients: padded
