@@ -23,6 +23,7 @@ import platform
 import re
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -115,9 +116,13 @@ def onednn_fp32_matmuls():
     pass); on AMD CPUs whose AVX-512 units are 256 bits wide (Zen 4, Zen 5 laptops) the gain should be smaller
     (not measured). Elsewhere (Intel, AMD with AVX2 only, where both libraries run AVX2 code, ARM, builds without
     oneDNN) MKL or the platform's BLAS stays. GPT_ONEDNN_FP32=1 / =0 in the environment overrides the rule."""
-    if not torch.backends.mkldnn.is_available():
-        return False
     forced = os.environ.get("GPT_ONEDNN_FP32", "").strip()
+    if forced not in ("", "0", "1"):
+        warnings.warn(f"GPT_ONEDNN_FP32={forced!r} ignored: use 0 (torch's default engine) or 1 (oneDNN)", stacklevel=2)
+    if not torch.backends.mkldnn.is_available():
+        if forced == "1":
+            warnings.warn("GPT_ONEDNN_FP32=1 ignored: this PyTorch build has no oneDNN", stacklevel=2)
+        return False
     if forced in ("0", "1"):
         return forced == "1"
     if platform.machine().lower() not in ("x86_64", "amd64"):

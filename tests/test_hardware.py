@@ -264,21 +264,25 @@ def test_onednn_fp32_rule_reads_the_cpu_and_the_override():
         if value is not None:
             env["GPT_ONEDNN_FP32"] = value
         code = "import hardware, model; print(hardware.onednn_fp32_matmuls(), model.ONEDNN_FP32)"
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                             cwd=Path(hardware.__file__).parent).stdout.split()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                              cwd=Path(hardware.__file__).parent)
+        out = proc.stdout.split()
         assert out[0] == out[1]
-        return out[0] == "True"
+        return out[0] == "True", proc.stderr
 
     available = torch.backends.mkldnn.is_available()
-    assert rule("0") is False
-    assert rule("1") is available
+    assert rule("0") == (False, "")
+    assert rule("1")[0] is available
+    auto, _ = rule(None)
+    yes, warning = rule("yes")  # not a value: the rule decides, and a warning names the two values
+    assert yes is auto and "GPT_ONEDNN_FP32='yes' ignored: use 0" in warning
     try:
         vendor_amd = "AuthenticAMD" in open("/proc/cpuinfo").read()
     except OSError:
         pytest.skip("no /proc/cpuinfo")
     expected = (available and vendor_amd and platform.machine() == "x86_64"
                 and torch.backends.cpu.get_cpu_capability().startswith("AVX512"))
-    assert rule(None) is expected
+    assert auto is expected
 
 
 @pytest.mark.parametrize("args, expected", [
