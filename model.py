@@ -819,6 +819,9 @@ class GPT(nn.Module):
             prepare = self.prepares_one_token_steps(idx.size(1), max_new_tokens)
             if compile and prepare and self.transformer.wte.weight.dtype == torch.float32:
                 head = self.packed_head(dtype, B)  # on a CPU in fp32 or bf16 only
+                if head is None and device.type == "cpu":
+                    warnings.warn(f"generation runs without torch.compile (its head needs oneDNN in {dtype}, which "
+                                  "this PyTorch lacks)", stacklevel=3)
                 if head is not None:
                     cache = KVCache(self.config, B, device, dtype, spare=1)
                     step = self._or_eager_steps("torch.compile", cache,

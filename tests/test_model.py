@@ -106,6 +106,21 @@ def test_kv_cache_generate_equals_no_cache_loop_past_the_context():
     assert torch.equal(model.generate(idx, n, temperature=0), expected)
 
 
+def test_compile_without_onednn_says_so_and_decodes_eagerly(monkeypatch):
+    """generate(compile=True) on a CPU whose PyTorch has no oneDNN (the compiled step's head needs it; macOS arm64
+    builds, say) warns once that it runs without torch.compile and gives the eager tokens."""
+    model = randomized(GPTConfig(**TINY))
+    idx = torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(0))
+    eager = model.generate(idx, 20, temperature=0)  # one-token steps from 16 new tokens on
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = model.generate(idx, 20, temperature=0, compile=True)
+    assert torch.equal(tokens, eager)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and messages[0].startswith("generation runs without torch.compile (its head needs oneDNN")
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="packed decoding needs oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_equals_forward(dtype):
