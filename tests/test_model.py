@@ -107,8 +107,8 @@ def test_kv_cache_generate_equals_no_cache_loop_past_the_context():
 
 
 def test_compile_without_onednn_says_so_and_decodes_eagerly(monkeypatch):
-    """generate(compile=True) on a CPU whose PyTorch has no oneDNN (the compiled step's head needs it; macOS arm64
-    builds, say) warns once that it runs without torch.compile and gives the eager tokens."""
+    """generate(compile=True) on a CPU whose PyTorch has no oneDNN (the compiled step's head needs it; some ARM
+    builds) warns once that it runs without torch.compile and gives the eager tokens."""
     model = randomized(GPTConfig(**TINY))
     idx = torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(0))
     eager = model.generate(idx, 20, temperature=0)  # one-token steps from 16 new tokens on
