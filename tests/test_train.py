@@ -275,10 +275,12 @@ def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common):
     return p, a, b
 
 
-def test_a_compiled_run_resumes_bit_identically(tmp_path, bins):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_compiled_run_resumes_bit_identically(tmp_path, bins, dtype):
     """Compiled, the embedding's backward would add rows' gradients with atomics in an order that varies from
-    run to run (the weights differed at 1e-9); the embedding stays out of the compiled graph."""
-    p, _, _ = assert_resumed_run_is_bit_identical(run_train, tmp_path, bins, "--compile=True", "--dtype=bfloat16")
+    run to run (the weights differed at 1e-9); the embedding stays out of the compiled graph. fp32 too, whose
+    products run on oneDNN's custom op on AMD CPUs (model.ONEDNN_FP32)."""
+    p, _, _ = assert_resumed_run_is_bit_identical(run_train, tmp_path, bins, "--compile=True", f"--dtype={dtype}")
     assert "compile: on" in p.stdout and "torch.compile failed" not in p.stderr
 
 
