@@ -418,21 +418,31 @@ def read_history(path, keep):
 
 # --- the run -----------------------------------------------------------------------------------
 
+def run_folders(cfg):
+    """(out_dir, checkpoint_dir) of a run."""
+    out_dir = Path(cfg.out_dir)
+    return out_dir, Path(cfg.checkpoint_dir or out_dir / "checkpoints")
+
+
+def make_run_folders(cfg):
+    """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix."""
+    for folder in run_folders(cfg):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
+                              f"a writable folder (on Kaggle: under /kaggle/working)") from None
+
+
 class Trainer:
     """Holds the run's state; `run()` is the loop, the methods are its named pieces."""
 
     def __init__(self, cfg, ddp, given=()):
         self.cfg, self.ddp = cfg, ddp
         self.given = set(given)  # settings named on the command line: init_from must not silently override them
-        self.out_dir = Path(cfg.out_dir)
-        self.checkpoint_dir = Path(cfg.checkpoint_dir or self.out_dir / "checkpoints")
+        self.out_dir, self.checkpoint_dir = run_folders(cfg)
         if ddp.master:
-            for folder in (self.out_dir, self.checkpoint_dir):
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise ConfigError(f"cannot create {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
-                                      f"a writable folder (on Kaggle: under /kaggle/working)") from None
+            make_run_folders(cfg)
         self.log = Logger(self.out_dir / "train.log", ddp.master)
         self.stop = StopRequest(verbose=ddp.master)
         self.max_runtime = parse_duration(cfg.max_runtime)
@@ -1093,6 +1103,10 @@ def main(argv):
     try:
         cfg, given = load_config(argv)
         validate(cfg, launched_world)
+        if os.environ.get("RANK", "0") == "0":
+            # Before the processes connect: a folder rank 0 can't create then stops the run with one line, where
+            # after connecting the other ranks would lose their peer mid-collective (a traceback each).
+            make_run_folders(cfg)
         ddp = init_distributed(hardware.choose_device(cfg.device))
         trainer = Trainer(cfg, ddp, given)
         trainer.setup()

@@ -102,6 +102,21 @@ def test_accumulation_must_divide_by_world_size(tmp_path, bins):
                                        "processes (2): use --gradient_accumulation_steps=4") == 1  # once, not per rank
 
 
+def test_an_out_dir_that_cannot_be_created_is_said_once_before_connecting(tmp_path, bins):
+    """Under torchrun an out_dir rank 0 can't create (here: under a file) stops the run before the processes
+    connect: one line from rank 0, no other rank's lost-peer traceback, nothing written."""
+    (tmp_path / "a_file").write_text("x")
+    out_dir = tmp_path / "a_file" / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *COMMON, f"--data_dir={bins}", f"--out_dir={out_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = p.stdout + p.stderr
+    assert p.returncode != 0
+    assert out.count(f"error: cannot create {out_dir}: Not a directory; point out_dir") == 1
+    assert "gloo" not in out.lower() and "Connection" not in out  # no rank lost its peer mid-collective
+
+
 def worker_pids(launcher_pid):
     out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
