@@ -298,7 +298,8 @@ class Plan:
     dtype: str  # autocast dtype: 'float32' (no autocast) | 'bfloat16' | 'float16'
     use_scaler: bool  # GradScaler: float16 only
     compile: bool
-    reasons: dict = field(default_factory=dict)  # {'dtype': str, 'compile': str}, shown by describe()
+    reasons: dict = field(default_factory=dict)  # {'dtype': str, 'compile': str[, 'cuda_graphs': str]}: describe()
+    cuda_graphs: bool = False  # the compiled training step replayed as CUDA graphs (train.py's cuda_graphs)
 
     @property
     def device_type(self):
@@ -403,7 +404,7 @@ def _auto_compile(facts, dtype, planned_tokens):
                    f"the {_duration(CPU_COMPILE_MIN_SAVING_S)} it needs to pay)")
 
 
-def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
+def decide(facts, dtype="auto", compile="auto", planned_tokens=None, cuda_graphs=False, world_size=1):
     """Pure: the Plan (dtype, GradScaler, compile, with reasons) for a device. The tested decision table.
 
     dtype='auto':
@@ -424,6 +425,10 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
         Unknown planned_tokens: off.
       MPS and Windows: off.
     compile=True on a GPU below 7.0 is a HardwareError; elsewhere True/False are obeyed.
+
+    cuda_graphs=True (train.py's setting; off by default): on for a compiled run on one CUDA GPU, else off with
+      the reason (no CUDA, not compiled, or world_size > 1: DDP's gradient all-reduce runs between the
+      backward's pieces, outside any graph).
     """
     dtype = normalize_dtype(dtype)
     compile = normalize_compile(compile)
@@ -448,8 +453,22 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None):
                             "Triton (torch.compile on GPUs) requires; use --compile=False (or auto)")
     else:
         compile_reason = f"{'on' if compile else 'off'} (set by compile)"
+    reasons = {"dtype": dtype_reason, "compile": compile_reason}
+    if cuda_graphs:
+        cuda_graphs, reasons["cuda_graphs"] = _training_cuda_graphs(facts, compile, world_size)
     return Plan(device=facts.device, dtype=dtype, use_scaler=dtype == "float16", compile=compile,
-                reasons={"dtype": dtype_reason, "compile": compile_reason})
+                reasons=reasons, cuda_graphs=cuda_graphs)
+
+
+def _training_cuda_graphs(facts, compile, world_size):
+    """(on, reason) when cuda_graphs=True is asked for."""
+    if facts.type != "cuda":
+        return False, f"off (CUDA GPUs only, not {facts.type})"
+    if not compile:
+        return False, "off (they replay the compiled step: needs compile on)"
+    if world_size > 1:
+        return False, f"off (not with {world_size} processes: DDP all-reduces gradients between graph pieces)"
+    return True, "on (set by cuda_graphs: the compiled forward and backward replayed, a launch each)"
 
 
 def generation_compile(facts, compile):
@@ -494,8 +513,9 @@ def describe(facts, plan):
         what = f"{facts.device} {facts.name} ({gib} shared)"
     if facts.torch_version:
         what += f", torch {facts.torch_version}"
+    graphs = f" | cuda graphs: {plan.reasons['cuda_graphs']}" if "cuda_graphs" in plan.reasons else ""
     return (f"device: {what} | dtype: {plan.reasons['dtype']} | "
-            f"compile: {plan.reasons['compile']}")
+            f"compile: {plan.reasons['compile']}{graphs}")
 
 
 def multi_gpu_hint(facts, world_size):
@@ -611,6 +631,16 @@ def compile_or_eager(model, enabled, **compile_kwargs):
         _compile_failed(e)
         return model
     return CompiledWithFallback(model, compiled)
+
+
+def cuda_graph_skips():
+    """How many compiled graphs inductor has run without CUDA graphs in this process (torch's own count; 0 where
+    this torch does not keep it). A graph is skipped for a reason torch logs with TORCH_LOGS=perf_hints."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return counters["inductor"].get("cudagraph_skips", 0)
 
 
 # ---------------------------------------------------------------------------------------------

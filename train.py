@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto' (cuda > mps > cpu), 'cuda', 'cuda:1', 'mps', 'cpu'
     dtype: str = "auto"  # 'auto', 'float32', 'bfloat16', 'float16'
     compile: object = "auto"  # torch.compile: 'auto', True or False
+    cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (one CUDA GPU; experimental)
     seed: int = 1337  # seed for init, data order and dropout
     max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds)
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
@@ -449,7 +450,8 @@ class Trainer:
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank only,
         # if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
         # steps, an error in the evaluation of a step or after a step's saves (where a lost peer shows under DDP),
-        # and a pause per micro-step so that signals land mid-run.
+        # a pause per micro-step so that signals land mid-run, and cuda_graphs' bookkeeping on a CPU (where inductor
+        # runs the compiled step without graphs and counts it skipped).
         oom_above, oom_rank = os.environ.get("GPT_TEST_OOM_ABOVE_BATCH"), os.environ.get("GPT_TEST_OOM_RANK")
         self.test_oom_above = int(oom_above) if oom_above and oom_rank in (None, str(ddp.rank)) else None
         self.test_error_at_eval = int(os.environ.get("GPT_TEST_ERROR_AT_EVAL_STEP", "0"))
@@ -457,6 +459,7 @@ class Trainer:
         self.test_oom_in_last_backward = os.environ.get("GPT_TEST_OOM_IN_LAST_BACKWARD") == "1"
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
+        self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
 
     # setup -------------------------------------------------------------------------------------
     def setup(self):
@@ -494,7 +497,10 @@ class Trainer:
         # (CPU; a resume with a few steps to go does not compile for them).
         done = ckpt.peek_step(resume) if resume is not None else 0
         self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=max(
-            0, self.total_steps - done) * self.tokens_per_step // ddp.world_size)
+            0, self.total_steps - done) * self.tokens_per_step // ddp.world_size, cuda_graphs=cfg.cuda_graphs,
+            world_size=ddp.world_size)
+        if self.test_graphs_on_cpu and self.plan.compile:
+            self.plan = dataclasses.replace(self.plan, cuda_graphs=True)
         torch.manual_seed(cfg.seed + ddp.rank)
         self.model = GPT(model_config(cfg)).to(self.device)
         self.optimizer = configure_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -507,6 +513,7 @@ class Trainer:
         # (epoch loss sums) from a completed step until its evaluation is done: an error in between
         # writes an emergency checkpoint that has resume redo that evaluation.
         self.pending_after_step = None
+        self.graph_skips_checked = False
         # (data state, RNG state) at the start of the step in progress; (None, None) between steps, where a
         # checkpoint takes the state as it is.
         self.step_start = (None, None)
@@ -524,7 +531,10 @@ class Trainer:
                 self.log(f"initialised weights from {cfg.init_from}")
             self.train_bins.start_epoch(0)
         del init_source
-        self.train_model = hardware.compile_or_eager(self.model, True) if self.plan.compile else self.model
+        self.train_model = self.model
+        if self.plan.compile:
+            self.train_model = hardware.compile_or_eager(
+                self.model, True, **({"mode": "reduce-overhead"} if self.plan.cuda_graphs else {}))
         if ddp.enabled:
             self.train_model = self.wrap_ddp(self.train_model)
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
@@ -726,7 +736,10 @@ class Trainer:
         self.step_start = (self.train_bins.state_dict(), ckpt.capture_rng_state())
         while True:
             try:
-                return self._accumulate_and_update()
+                loss = self._accumulate_and_update()
+                if self.plan.cuda_graphs and not self.graph_skips_checked:
+                    self.check_graph_skips()
+                return loss
             except torch.OutOfMemoryError:
                 pass
             # Outside the except block: the exception's traceback no longer holds the failed step's tensors,
@@ -736,6 +749,14 @@ class Trainer:
     def _accumulate_and_update(self):
         total = torch.zeros((), device=self.device)
         oom = False
+        if self.plan.cuda_graphs:
+            # The backward graph's gradients live in the graphs' memory, which the next replay writes over: a
+            # parameter without .grad would take the first micro-batch's gradient tensor itself as its .grad,
+            # and the next micro-batch would overwrite it (pytorch/pytorch#96693). Gradients allocated once
+            # and zeroed in place (_update) are added into instead: the same sums, bit for bit.
+            for p in self.model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for micro in range(self.accum):
             if self.stop.signum is not None and not self.ddp.enabled:
                 return None
@@ -747,6 +768,8 @@ class Trainer:
             loss = None
             if not oom:
                 try:
+                    if self.plan.cuda_graphs:  # each micro-batch's replay may reuse the last one's memory
+                        torch.compiler.cudagraph_mark_step_begin()
                     with sync, self.autocast:
                         self.inject_oom(in_last_backward=False)
                         _, loss = self.train_model(x, y, return_logits=False)
@@ -798,13 +821,29 @@ class Trainer:
         if finite:
             self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.plan.cuda_graphs)
         self.scheduler.step()
         self.grad_norm = norm.item()
         return loss if finite else float("nan")
 
+    def check_graph_skips(self):
+        """After the first step with cuda_graphs: say so if inductor ran any of the step's graphs without them."""
+        self.graph_skips_checked = True
+        skipped = hardware.cuda_graph_skips()
+        if skipped:
+            self.log(f"warning: cuda_graphs: inductor runs {skipped} compiled {plural(skipped, 'graph')} of the step "
+                     f"without CUDA graphs (TORCH_LOGS=perf_hints says why)")
+
     def back_off_oom(self):
         self.optimizer.zero_grad(set_to_none=True)
+        if self.plan.cuda_graphs:
+            # A graph recorded for the old micro-batch is of no use for the new one, and an error while one was
+            # being recorded may have left PyTorch's graph bookkeeping half done: drop them all (and the memory
+            # they hold), and go on compiled without graphs.
+            self.plan = dataclasses.replace(self.plan, cuda_graphs=False)
+            torch._dynamo.reset()
+            self.train_model = hardware.compile_or_eager(self.model, True)
+            self.log("out of memory: cuda_graphs off for the rest of this session (their memory is freed)")
         if self.device_type == "cuda":
             torch.cuda.empty_cache()
         # The largest micro-batch of at most half the size that divides this process's sequences per step,

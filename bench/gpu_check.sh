@@ -34,7 +34,8 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 # First run (H100, 2026-11-25): the benches took 27-64 s each, the four resume tests over 300 s.
 T="$PY -m pytest -q -s -p no:cacheprovider -rfE --tb=short --durations=0"
 ALL="tests_generation bench_generate_auto bench_generate_fp32 tests_resume_compiled tests_samples
-  bench_train_auto bench_train_cudagraphs bench_train_fp16 bench_train_b32 tests_resume_eager tests_oom"
+  bench_train_auto tests_cudagraphs bench_train_cudagraphs bench_train_fp16 bench_train_b32 tests_resume_eager
+  tests_oom"
 PARTS=${*:2}
 for name in ${PARTS:-$ALL}; do
   case $name in
@@ -44,12 +45,14 @@ for name in ${PARTS:-$ALL}; do
     tests_resume_compiled) part $name 220 $T tests/test_cuda.py -k "resumed and compiled" ;;
     tests_resume_eager) part $name 150 $T tests/test_cuda.py -k "resumed and eager" ;;
     tests_samples) part $name 90 $T tests/test_cuda.py -k "samples" ;;
-    tests_oom) part $name 90 $T tests/test_cuda.py tests/test_checkpoint.py -k "out_of_memory or cuda_rng" ;;
+    tests_oom) part $name 90 $T tests/test_cuda.py tests/test_checkpoint.py -k "(out_of_memory and not cuda_graphs) or cuda_rng" ;;
+    # train.py's cuda_graphs=True: accumulation and resume against the default compiled run; out of memory
+    tests_cudagraphs) part $name 240 $T tests/test_cuda.py -k "cuda_graph_training or with_cuda_graphs" ;;
     bench_train_auto) part $name 150 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 \
       --profile 3 --json ;;
-    # CUDA graphs for the launch-bound training step (an experiment: train.py does not use them)
-    bench_train_cudagraphs) part $name 120 $PY bench/train_throughput.py --device "$DEVICE" \
-      --compile_mode reduce-overhead --rounds "$ROUNDS" --warmup 3 --json ;;
+    # CUDA graphs for the launch-bound training step (train.py's cuda_graphs=True; off by default until measured)
+    bench_train_cudagraphs) part $name 120 $PY bench/train_throughput.py --device "$DEVICE" --cuda_graphs \
+      --rounds "$ROUNDS" --warmup 3 --json ;;
     bench_train_fp16) part $name 100 $PY bench/train_throughput.py --device "$DEVICE" --dtype float16 \
       --rounds "$ROUNDS" --warmup 3 --json ;;
     bench_train_b32) part $name 100 $PY bench/train_throughput.py --device "$DEVICE" --batch_size 32 \

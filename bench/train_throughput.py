@@ -7,7 +7,8 @@
 Ours: train.py's Trainer itself (setup(), then train_step(): autocast forward, scaled backward, unscale,
 clip_grad_norm_, fused AdamW step, zero_grad, LR schedule, with its data reader) on token bins of
 random ids, with gradient_accumulation_steps=1 and the dtype and compile hardware.decide picks for a
-full training run (the guide's 3 epochs of WikiText-103), or as forced by --dtype/--compile.
+full training run (the guide's 3 epochs of WikiText-103), or as forced by --dtype/--compile
+(--cuda_graphs: train.py's cuda_graphs=True, on a CUDA GPU).
 Peer: GPT2LMHeadModel(attn_implementation="sdpa") with the same config and initial weights,
 torch.optim.AdamW (its default implementation; train.py's lr, betas and weight decay), the same
 step under the same autocast, never compiled (the guide's setup), reading the same batches. Under
@@ -87,6 +88,8 @@ def main(argv=None):
     p.add_argument("--compile_mode", default="",
                    help="ours only, an experiment: torch.compile(mode=...) instead of train.py's default, e.g. "
                         "reduce-overhead (CUDA graphs) or max-autotune-no-cudagraphs")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="ours: train.py's cuda_graphs=True (the compiled step replayed as CUDA graphs; CUDA only)")
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many of our steps (torch.profiler) and print the top ops")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -108,7 +111,8 @@ def main(argv=None):
     cfg = train.TrainConfig(**config.to_dict(), data_dir=work.name, out_dir=str(Path(work.name) / "out"),
                             max_length=T, batch_size=B, gradient_accumulation_steps=1, max_steps=10 ** 6,
                             device=plan.device, dtype=plan.dtype, compile=plan.compile, seed=args.seed,
-                            resume_from_checkpoint="", sample_prompt="", export_final_model=False)
+                            resume_from_checkpoint="", sample_prompt="", export_final_model=False,
+                            cuda_graphs=args.cuda_graphs)
     train.validate(cfg)
     trainer = train.Trainer(cfg, train.Dist())
     trainer.setup()
@@ -164,7 +168,8 @@ def main(argv=None):
 
     result = {
         "bench": "train_throughput", "device": plan.device, "device_name": facts.name, "dtype": plan.dtype,
-        "compile": compiled, "compile_mode": args.compile_mode or "default", "config": args.config,
+        "compile": compiled, "compile_mode": args.compile_mode or "default", "cuda_graphs": trainer.plan.cuda_graphs,
+        "config": args.config,
         "batch": [B, T], "rounds": args.rounds,
         "quiet_rounds": len(quiet) if is_quiet else 0, "threads": threads,
         "ours": round(tps["ours"], 1), "peer": round(tps["peer"], 1),

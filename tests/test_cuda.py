@@ -1,7 +1,7 @@
 """train.py and sample.py on a real CUDA GPU: what a Kaggle T4 (fp16 + GradScaler, compiled), a P100 (fp16,
 eager) and an A100/H100 (bf16, compiled and eager) run, interrupted and resumed; a real CUDA out-of-memory
 error (the allocator capped with set_per_process_memory_fraction) backed off; a checkpoint trained on the GPU
-sampled and exported. Skipped where no GPU is visible (CI); run on one with `python -m pytest -q tests/test_cuda.py`.
+sampled and exported; cuda_graphs' training step (accumulated, resumed, out of memory). Skipped where no GPU is visible (CI); run on one with `python -m pytest -q tests/test_cuda.py`.
 """
 
 import os
@@ -70,6 +70,41 @@ def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins
     p = run(capped, bins, *common, "--batch_size=64", "--gradient_accumulation_steps=1",
             prelude=f"import torch; torch.cuda.set_per_process_memory_fraction({cap!r})")
     assert "out of memory: micro-batch now 32 x 2 accumulation steps" in p.stdout
+    state = final_state(capped)
+    batch, accum = state["batch_size"], state["gradient_accumulation_steps"]
+    assert batch * accum == 64 and batch <= 32
+    run(tmp_path / "ref", bins, *common, f"--batch_size={batch}", f"--gradient_accumulation_steps={accum}")
+    ref = final_state(tmp_path / "ref")
+    for k, v in ref["model_state_dict"].items():
+        torch.testing.assert_close(state["model_state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+
+
+def test_cuda_graph_training_accumulates_and_resumes_as_the_default_compiled_run(tmp_path, bins):
+    """cuda_graphs with 4 micro-batches a step: PyTorch's graphs hand the backward's gradient buffers, which the
+    next replay overwrites, to any parameter whose .grad is None (pytorch/pytorch#96693); train.py keeps the
+    gradients allocated so that they are added into. A lost or doubled micro-batch would move these weights by
+    ~1e-3 (learning rate 3e-3): they must match the default compiled run's, and resume bit-identically."""
+    dtype = "bfloat16" if bf16_capable() else "float16"
+    common = [f"--dtype={dtype}", "--compile=True", "--gradient_accumulation_steps=4"]
+    p, graphs, _ = assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common, "--cuda_graphs=True")
+    assert "cuda graphs: on" in p.stdout and "warning: cuda_graphs" not in p.stdout, p.stdout
+    run(tmp_path / "default", bins, *common, "--lr_decay=constant", "--save_steps=4", "--eval_steps=4",
+        "--max_steps=8")
+    default = final_state(tmp_path / "default")
+    for k, v in default["model_state_dict"].items():
+        torch.testing.assert_close(graphs["model_state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_real_cuda_out_of_memory_with_cuda_graphs_drops_them_and_goes_on(tmp_path, bins):
+    """Out of memory (the allocator capped) while the graphs' step runs: they are dropped with their memory, the
+    micro-batch backs off, and the run ends where a compiled run without graphs at that micro-batch ends."""
+    common = ["--n_positions=512", "--max_length=512", "--n_embd=256", "--n_head=8", "--n_inner=1024",
+              "--n_layer=8", "--dtype=float32", "--compile=True", "--max_steps=2", "--save_steps=2"]
+    capped = tmp_path / "capped"
+    cap = (1.5 * 2**30) / torch.cuda.get_device_properties(0).total_memory
+    p = run(capped, bins, *common, "--cuda_graphs=True", "--batch_size=64", "--gradient_accumulation_steps=1",
+            prelude=f"import torch; torch.cuda.set_per_process_memory_fraction({cap!r})")
+    assert "out of memory: cuda_graphs off for the rest of this session" in p.stdout, p.stdout
     state = final_state(capped)
     batch, accum = state["batch_size"], state["gradient_accumulation_steps"]
     assert batch * accum == 64 and batch <= 32

@@ -164,6 +164,23 @@ def test_explicit_compile():
     assert "--compile=False" in one_line(e)
 
 
+def test_cuda_graphs_only_for_a_compiled_run_on_one_cuda_gpu():
+    assert decide(H100).cuda_graphs is False and "cuda_graphs" not in decide(H100).reasons  # off unless asked
+    assert "cuda graphs" not in describe(H100, decide(H100))
+    for facts, kwargs, on, why in [
+        (H100, {}, True, "on (set by cuda_graphs"),
+        (T4, {}, True, "on (set by cuda_graphs"),
+        (T4X2, dict(world_size=2), False, "off (not with 2 processes"),
+        (H100, dict(compile=False), False, "off (they replay the compiled step: needs compile on)"),
+        (CPU_FP32, dict(compile=True), False, "off (CUDA GPUs only, not cpu)"),
+        (MPS, dict(compile=True), False, "off (CUDA GPUs only, not mps)"),
+    ]:
+        plan = decide(facts, cuda_graphs=True, **kwargs)
+        assert plan.cuda_graphs is on and plan.reasons["cuda_graphs"].startswith(why), (facts.name, plan)
+        assert f"| cuda graphs: {why}" in describe(facts, plan)
+    assert decide(P100, cuda_graphs=True).cuda_graphs is False  # compile='auto' is off below capability 7.0
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(dtype="int8"), "unknown dtype"),
     (dict(dtype="half"), "unknown dtype"),

@@ -284,6 +284,20 @@ def test_a_compiled_run_resumes_bit_identically(tmp_path, bins, dtype):
     assert "compile: on" in p.stdout and "torch.compile failed" not in p.stderr
 
 
+def test_cuda_graphs_bookkeeping_keeps_accumulated_steps_bit_identical(tmp_path, bins):
+    """cuda_graphs keeps gradients allocated and zeroes them in place, so that a replay cannot overwrite the
+    .grad of an earlier micro-batch; the sums must be the default path's, bit for bit. On a CPU (hook) inductor
+    compiles the step in reduce-overhead mode without graphs and counts it skipped, which train.py reports.
+    The graphs themselves: tests/test_cuda.py."""
+    common = ["--compile=True", "--max_steps=3", "--save_steps=3", "--gradient_accumulation_steps=3"]
+    p = run_train(tmp_path / "graphs", bins, *common, env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"})
+    assert "warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs" in p.stdout
+    run_train(tmp_path / "default", bins, *common)
+    a, b = final_state(tmp_path / "graphs"), final_state(tmp_path / "default")
+    assert a["train_loss"] == b["train_loss"]
+    assert_same_weights(a["model_state_dict"], b["model_state_dict"])
+
+
 def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, bins):
     straight = tmp_path / "straight"
     run_train(straight, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")
