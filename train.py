@@ -11,6 +11,7 @@ handling and the time budget keep a run safe: see README.md, "Training".
 import ast
 import dataclasses
 import difflib
+import gc
 import inspect
 import math
 import os
@@ -286,6 +287,17 @@ def min_over_ranks(value, ddp, device):
 
 # --- small pieces of the loop ------------------------------------------------------------------
 
+def raised_by_oom(e):
+    """Whether an OutOfMemoryError is e, or what e was raised from or while handling (not `from None`)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, torch.OutOfMemoryError):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return False
+
+
 def lr_lambda(cfg, total_steps):
     """Multiplier of learning_rate at a step: linear warmup, then decay to min_lr."""
     floor = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
@@ -513,7 +525,7 @@ class Trainer:
         # (epoch loss sums) from a completed step until its evaluation is done: an error in between
         # writes an emergency checkpoint that has resume redo that evaluation.
         self.pending_after_step = None
-        self.graph_skips_checked = False
+        self.graph_skips_seen = hardware.cuda_graph_skips()  # inductor's count is for the whole process
         # (data state, RNG state) at the start of the step in progress; (None, None) between steps, where a
         # checkpoint takes the state as it is.
         self.step_start = (None, None)
@@ -737,11 +749,15 @@ class Trainer:
         while True:
             try:
                 loss = self._accumulate_and_update()
-                if self.plan.cuda_graphs and not self.graph_skips_checked:
+                if self.plan.cuda_graphs:
                     self.check_graph_skips()
                 return loss
             except torch.OutOfMemoryError:
                 pass
+            except Exception as e:
+                # A CUDA graph whose capture runs out of memory may end with an error of its own from the capture.
+                if not (self.plan.cuda_graphs and raised_by_oom(e)):
+                    raise
             # Outside the except block: the exception's traceback no longer holds the failed step's tensors,
             # so back_off_oom's empty_cache can hand their memory back.
             self.back_off_oom()
@@ -755,7 +771,7 @@ class Trainer:
             # and the next micro-batch would overwrite it (pytorch/pytorch#96693). Gradients allocated once
             # and zeroed in place (_update) are added into instead: the same sums, bit for bit.
             for p in self.model.parameters():
-                if p.grad is None:
+                if p.requires_grad and p.grad is None:
                     p.grad = torch.zeros_like(p)
         for micro in range(self.accum):
             if self.stop.signum is not None and not self.ddp.enabled:
@@ -827,12 +843,13 @@ class Trainer:
         return loss if finite else float("nan")
 
     def check_graph_skips(self):
-        """After the first step with cuda_graphs: say so if inductor ran any of the step's graphs without them."""
-        self.graph_skips_checked = True
-        skipped = hardware.cuda_graph_skips()
-        if skipped:
+        """After a step with cuda_graphs: say so when inductor has newly decided to run compiled graphs without them
+        (mostly when it compiles, at the first step; also later, e.g. a graph re-recorded too often)."""
+        skipped = hardware.cuda_graph_skips() - self.graph_skips_seen
+        if skipped > 0:
+            self.graph_skips_seen += skipped
             self.log(f"warning: cuda_graphs: inductor runs {skipped} compiled {plural(skipped, 'graph')} of the step "
-                     f"without CUDA graphs (TORCH_LOGS=perf_hints says why)")
+                     f"without CUDA graphs (PyTorch's log says why; TORCH_LOGS=perf_hints on older versions)")
 
     def back_off_oom(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -840,8 +857,10 @@ class Trainer:
             # A graph recorded for the old micro-batch is of no use for the new one, and an error while one was
             # being recorded may have left PyTorch's graph bookkeeping half done: drop them all (and the memory
             # they hold), and go on compiled without graphs.
+            torch.cuda.synchronize()  # a failed warm-up can leave its side stream running
             self.plan = dataclasses.replace(self.plan, cuda_graphs=False)
             torch._dynamo.reset()
+            gc.collect()  # cycles (the error's frames, inductor's objects) may hold tensors of the graphs' memory
             self.train_model = hardware.compile_or_eager(self.model, True)
             self.log("out of memory: cuda_graphs off for the rest of this session (their memory is freed)")
         if self.device_type == "cuda":

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import hardware
 import train
 from data import EOT_TOKEN, get_tokenizer
 
@@ -291,11 +292,42 @@ def test_cuda_graphs_bookkeeping_keeps_accumulated_steps_bit_identical(tmp_path,
     The graphs themselves: tests/test_cuda.py."""
     common = ["--compile=True", "--max_steps=3", "--save_steps=3", "--gradient_accumulation_steps=3"]
     p = run_train(tmp_path / "graphs", bins, *common, env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"})
-    assert "warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs" in p.stdout
+    assert p.stdout.count("warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs") == 1
     run_train(tmp_path / "default", bins, *common)
     a, b = final_state(tmp_path / "graphs"), final_state(tmp_path / "default")
     assert a["train_loss"] == b["train_loss"]
     assert_same_weights(a["model_state_dict"], b["model_state_dict"])
+
+
+def test_raised_by_oom_follows_the_chain_an_error_was_raised_in():
+    def raised(f):
+        try:
+            f()
+        except Exception as e:
+            return e
+
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    def during(handler_error, suppress=False):
+        def f():
+            try:
+                oom()
+            except torch.OutOfMemoryError:
+                if suppress:
+                    raise handler_error from None
+                raise handler_error
+        return f
+
+    def from_oom():
+        raise RuntimeError("capture failed") from torch.OutOfMemoryError("CUDA out of memory")
+
+    assert train.raised_by_oom(raised(oom))
+    assert train.raised_by_oom(raised(during(RuntimeError("operation failed due to a previous error during capture"))))
+    assert train.raised_by_oom(raised(from_oom))
+    # What the update's own out-of-memory becomes (from None) is final, as is any other error.
+    assert not train.raised_by_oom(raised(during(hardware.HardwareError("out of memory in the optimizer update"), True)))
+    assert not train.raised_by_oom(raised(lambda: 1 / 0))
 
 
 def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, bins):
