@@ -35,7 +35,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', to
 T="$PY -m pytest -q -s -p no:cacheprovider -rfE --tb=short --durations=0"
 ALL="tests_generation bench_generate_auto bench_generate_fp32 tests_resume_compiled tests_samples
   bench_train_auto tests_cudagraphs bench_train_cudagraphs bench_train_fp16 bench_train_b32 tests_resume_eager
-  tests_oom"
+  tests_oom ncu_train"
 PARTS=${*:2}
 for name in ${PARTS:-$ALL}; do
   case $name in
@@ -47,6 +47,10 @@ for name in ${PARTS:-$ALL}; do
     tests_samples) part $name 90 $T tests/test_cuda.py -k "samples" ;;
     tests_oom) part $name 90 $T tests/test_cuda.py tests/test_checkpoint.py -k "(out_of_memory and not cuda_graphs) or cuda_rng" ;;
     # train.py's cuda_graphs=True: accumulation and resume against the default compiled run; out of memory
+    # Nsight Compute over one compiled bf16 step of ours (the default mode): per kernel, time and speed of light
+    ncu_train) if command -v ncu >/dev/null; then part $name 300 ncu --profile-from-start off --clock-control none \
+        --section SpeedOfLight --print-summary per-kernel $PY bench/train_throughput.py --device "$DEVICE" \
+        --warmup 3 --ncu; else echo "=== $name: no ncu on this machine"; fi ;;
     tests_cudagraphs) part $name 240 $T tests/test_cuda.py -k "cuda_graph_training or with_cuda_graphs" ;;
     bench_train_auto) part $name 150 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 \
       --profile 3 --json ;;

@@ -67,6 +67,17 @@ def print_profile(step, n, device):
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), file=sys.stderr)
 
 
+def profile_one_step_for_ncu(step, device):
+    """One call of step between cudaProfilerStart and Stop: under `ncu --profile-from-start off` only its kernels
+    are profiled (Nsight Compute replays each kernel per section: slow, so one warmed-up step)."""
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("ncu: one step of ours profiled", file=sys.stderr)
+
+
 def write_random_bins(data_dir, vocab_size, block_size, windows, seed):
     """train.bin / val.bin of uniformly random token ids: speed does not depend on the text."""
     rng = np.random.default_rng(seed)
@@ -92,6 +103,9 @@ def main(argv=None):
                    help="ours: train.py's cuda_graphs=True (the compiled step replayed as CUDA graphs; CUDA only)")
     p.add_argument("--profile", type=int, default=0,
                    help="after timing, profile this many of our steps (torch.profiler) and print the top ops")
+    p.add_argument("--ncu", action="store_true",
+                   help="CUDA: after our warm-up, run one of our steps between cudaProfilerStart and Stop and leave, "
+                        "for `ncu --profile-from-start off` (Nsight Compute: bench/gpu_check.sh's ncu_train part)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     common.add_threads_arg(p)
     args = p.parse_args(argv)
@@ -101,6 +115,8 @@ def main(argv=None):
     facts = hardware.probe_facts(device)
     hardware.preflight(facts)
     plan = hardware.decide(facts, args.dtype, args.compile, planned_tokens=GUIDE_RUN_TOKENS)
+    if args.ncu and plan.device_type != "cuda":
+        raise SystemExit("--ncu needs a CUDA device (Nsight Compute profiles GPU kernels)")
     config = common.CONFIGS[args.config]
     B, T = args.batch_size, args.block_size or config.n_positions
     print(hardware.describe(facts, plan), file=sys.stderr)
@@ -140,6 +156,9 @@ def main(argv=None):
         first[name] = time.perf_counter() - t
         for _ in range(args.warmup - 1):
             step()
+        if args.ncu:
+            profile_one_step_for_ncu(step, plan.device)
+            return
     memory = common.StepMemory(plan.device)
     peak_mem = {name: memory.measure(step)[1] for name, step in sides.items()}
 
