@@ -857,7 +857,8 @@ class Trainer:
             # A graph recorded for the old micro-batch is of no use for the new one, and an error while one was
             # being recorded may have left PyTorch's graph bookkeeping half done: drop them all (and the memory
             # they hold), and go on compiled without graphs.
-            torch.cuda.synchronize()  # a failed warm-up can leave its side stream running
+            if self.device_type == "cuda":
+                torch.cuda.synchronize()  # a failed warm-up can leave its side stream running
             self.plan = dataclasses.replace(self.plan, cuda_graphs=False)
             torch._dynamo.reset()
             gc.collect()  # cycles (the error's frames, inductor's objects) may hold tensors of the graphs' memory

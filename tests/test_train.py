@@ -297,6 +297,13 @@ def test_cuda_graphs_bookkeeping_keeps_accumulated_steps_bit_identical(tmp_path,
     a, b = final_state(tmp_path / "graphs"), final_state(tmp_path / "default")
     assert a["train_loss"] == b["train_loss"]
     assert_same_weights(a["model_state_dict"], b["model_state_dict"])
+    # Out of memory: the graphs are dropped (all compiled code reset), the step recompiled without them.
+    p = run_train(tmp_path / "oom", bins, *common, env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1",
+                                                       "GPT_TEST_OOM_ABOVE_BATCH": "2"})
+    assert "out of memory: cuda_graphs off for the rest of this session" in p.stdout
+    assert "micro-batch now 2 x 6 accumulation steps" in p.stdout and "torch.compile failed" not in p.stderr
+    for k, v in final_state(tmp_path / "oom")["model_state_dict"].items():
+        torch.testing.assert_close(v, b["model_state_dict"][k], atol=2e-5, rtol=1e-4)
 
 
 def test_raised_by_oom_follows_the_chain_an_error_was_raised_in():
