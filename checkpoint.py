@@ -441,7 +441,7 @@ def _peek_steps(candidates, warn):
     return readable
 
 
-def find_checkpoint(spec, checkpoint_dir, out_dir):
+def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside them: resume_from_checkpoint=''"):
     """Resolve resume_from_checkpoint to a path, or None to start fresh.
 
     spec: '' or None -> None; a path -> that file (CheckpointError if missing or unreadable);
@@ -449,6 +449,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
     out_dir/emergency_checkpoint.pt and out_dir/best_model.pt (ties: emergency, rotated, best),
     skipping unreadable files with a warning on stderr; CheckpointError if there is none;
     'auto' -> like 'latest', but None when no checkpoint file exists at all.
+    fix: the advice when none of the files found can be loaded (the caller's way on).
     Candidates are peeked with mmap (cheap); only the one chosen is read in full to verify checksums.
     """
     if spec is None or spec == "":
@@ -458,6 +459,11 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
         near = difflib.get_close_matches(str(spec), ["latest", "auto"], n=1)
         if near and not path.exists():
             raise CheckpointError(f"no checkpoint at {spec}; did you mean '{near[0]}'?")
+        in_run = next((d / path for d in (Path(out_dir), Path(checkpoint_dir))
+                       if not path.exists() and not path.is_absolute() and (d / path).is_file()), None)
+        if in_run is not None:  # a name inside the run given without its folder
+            raise CheckpointError(f"no checkpoint at {spec} (paths are from the current folder); did you mean "
+                                  f"{in_run}?")
         _read(path, "cpu", mmap=True)
         _verify_checksums(path)
         return path
@@ -476,7 +482,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir):
             print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
     raise CheckpointError(
         f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
-        f"loaded (see warnings above): remove them (to train afresh: resume_from_checkpoint='')")
+        f"loaded (see warnings above; they are kept): {fix}")
 
 
 def checkpoints_after(checkpoint_dir, out_dir, step):
@@ -492,7 +498,8 @@ def find_model_checkpoint(spec, out_dir):
     out_dir/checkpoints), or else out_dir/best_model.pt. CheckpointError saying where it looked if none."""
     path = Path(out_dir) / BEST_NAME
     if spec:  # 'latest' with nothing there falls through to the message below
-        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / "checkpoints", out_dir)
+        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / "checkpoints", out_dir,
+                               fix="give a model by path with --checkpoint PATH, or a HuggingFace folder with --model_dir")
     if path is None or not path.is_file():
         where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
         if not spec and _candidates(Path(out_dir) / "checkpoints", out_dir):  # a run without a best model yet

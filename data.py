@@ -341,6 +341,18 @@ def _split_articles(text, prior):
     return out
 
 
+def _not_utf8(name, offset, raw, e):
+    """The DataError for bytes of `name` (from byte `offset` of it) that UTF-8 cannot decode (e): how to convert
+    text in another encoding, or that it is not text."""
+    where = f"bad byte at offset {offset + e.start}"
+    if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark
+        return DataError(f"{name} is UTF-16 text ({where}): convert it, e.g. `iconv -f utf-16 -t utf-8`")
+    if b"\0" in raw:  # never in text of a one-byte encoding
+        return DataError(f"{name} is not text: it holds NUL bytes ({where}), as binary files and UTF-16 without "
+                         f"a byte-order mark do; give text files (UTF-16: `iconv -f utf-16le -t utf-8`)")
+    return DataError(f"{name} is not UTF-8 text ({where}): convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+
 def _encode_task(items, titles=False, prior=False):
     """Worker: items (see _tasks; None is an EOT) -> (uint16 tokens, number of EOTs, text bytes).
 
@@ -361,10 +373,7 @@ def _encode_task(items, titles=False, prior=False):
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    utf16 = offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # a UTF-16 byte-order mark
-                    source = "utf-16" if utf16 else "latin1"
-                    raise DataError(f"{name} is {'UTF-16' if utf16 else 'not UTF-8'} text (bad byte at offset "
-                                    f"{offset + e.start}): convert it, e.g. `iconv -f {source} -t utf-8`") from None
+                    raise _not_utf8(name, offset, raw, e) from None
                 if offset == 0 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Notepad's) is no text
                     text = text[1:]
                 n_bytes += len(raw)
@@ -606,13 +615,19 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
 
 def _jsonl_docs(f, path, text_field, sha):
     """Yield (n_bytes, text) for each record of a JSON Lines file."""
+    offset = 0
     for lineno, raw in enumerate(f, 1):
         sha.update(raw)
-        if not raw.strip():
+        try:
+            line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")  # a UTF-8 byte-order mark
+        except UnicodeDecodeError as e:
+            raise _not_utf8(f"{path}:{lineno}" if offset else str(path), offset, raw, e) from None
+        offset += len(raw)
+        if not line.strip():
             yield len(raw), ""
             continue
         try:
-            record = json.loads(raw)
+            record = json.loads(line)
         except ValueError as e:
             raise DataError(f"{path}:{lineno} is not valid JSON ({e}): fix the line or remove it") from None
         text = record.get(text_field) if isinstance(record, dict) else None
@@ -627,7 +642,7 @@ def _input_files(inputs):
     files = []
     for p in map(Path, inputs):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl")
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl")
                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
             if not found:
                 raise DataError(f"--input {p} holds no .txt or .jsonl files")
@@ -652,7 +667,7 @@ def _text_segments(files, total, val_fraction, text_field, sha):
     split, consumed = "train", 0
     for path in files:
         with open(path, "rb") as f:
-            if path.suffix == ".jsonl":
+            if path.suffix.lower() == ".jsonl":
                 for n, text in _jsonl_docs(f, path, text_field, sha):
                     if split == "train" and consumed >= cut:
                         split = "val"

@@ -124,15 +124,33 @@ def gpt_config_from_hf(d):
         dropout=d.get("resid_pdrop", 0.1), bias=True, layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-5))
 
 
-def _load_into(model, state_dict, source):
-    """load_state_dict with the (multi-line) mismatch report folded into one ExportError line."""
+def _mismatch(model, state_dict):
+    """What differs between the model's weights and state_dict, in a few words ('' if no name or shape does)."""
+    own = model.state_dict()
+    shapes = [k for k in own if k in state_dict and list(own[k].shape) != list(getattr(state_dict[k], "shape", []))]
+    parts = [f"{len(names)} {what} ({names[0]}{', ...' if len(names) > 1 else ''})" for what, names in (
+        ("missing", [k for k in own if k not in state_dict]), ("unexpected", [k for k in state_dict if k not in own]))
+        if names]
+    if shapes:
+        k, more = shapes[0], f" and {len(shapes) - 1} more of other shapes" if len(shapes) > 1 else ""
+        parts.insert(0, f"{k} is {list(getattr(state_dict[k], 'shape', []))} there, {list(own[k].shape)} in "
+                        f"the model{more}")
+    return "; ".join(parts)
+
+
+def _load_into(model, state_dict, source, config_source=None):
+    """load_state_dict with the (multi-line) mismatch report folded into one ExportError line; config_source:
+    where the model's config came from, when that is not the weights' own file (an HF folder's config.json)."""
     if not isinstance(state_dict, dict):
         raise ExportError(f"the weights in {source} are a {type(state_dict).__name__}, not a dict of tensors")
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, TypeError) as e:
-        detail = " ".join(str(e).split())
-        raise ExportError(f"the weights in {source} do not fit {model.config}: {detail[:400]}") from None
+        detail = _mismatch(model, state_dict) or " ".join(str(e).split())[:400]
+        if config_source is not None:
+            raise ExportError(f"{config_source} and {source} disagree ({detail}): export or download the model "
+                              f"again") from None
+        raise ExportError(f"the weights in {source} do not fit {model.config}: {detail}") from None
 
 
 def load_hf(hf_dir):
@@ -140,6 +158,9 @@ def load_hf(hf_dir):
     in eval mode as transformers' from_pretrained returns it (dropout off: call .train() to train it)."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
+    if hf_dir.is_file():
+        raise ExportError(f"{hf_dir} is a file, not a HuggingFace model folder (a .pt checkpoint of train.py goes "
+                          f"to sample.py and evaluate.py as --checkpoint)")
     if not config_path.is_file():
         raise ExportError(f"{config_path} not found: point at a folder written by `python export_hf.py` "
                           "or by transformers' save_pretrained")
@@ -173,7 +194,7 @@ def load_hf(hf_dir):
         raise ExportError(f"{source} does not hold a dict of weight tensors (is it one of our checkpoints? "
                           f"`python export_hf.py CHECKPOINT OUT_DIR` makes a folder of it): export or download it again")
     model = GPT(config)
-    _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source)
+    _load_into(model, {k: v.float() for k, v in from_hf_state_dict(weights).items()}, source, config_path)
     return model.eval()
 
 

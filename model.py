@@ -893,7 +893,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     """Pick one token per row from logits (B, V): greedy at temperature 0, else top-k/top-p sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # From the row's maximum, so that a tiny temperature sends the others to -inf, not the maximum to +inf (NaN).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     ids = None  # (B, k) token ids of the candidates, sorted likeliest first; None: the whole vocabulary
     if top_k is not None and 0 < top_k < logits.size(-1):
         # Draw among the k candidates only: a multinomial over all V tokens, most of them at

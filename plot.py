@@ -35,6 +35,7 @@ def matplotlib_available():
 
 # Fields a history record may hold as numbers (or null); `required`, below, must be there.
 NUMERIC_FIELDS = ("step", "epoch", "tokens", "train_loss", "val_loss", "val_perplexity", "lr")
+AXIS_FIELDS = ("step", "epoch", "tokens")  # positions: finite
 
 
 def read_records(path, required):
@@ -56,6 +57,11 @@ def read_records(path, required):
         odd = next((k for k in NUMERIC_FIELDS if r.get(k) is not None and not is_number(r[k])), None)
         if odd:
             raise PlotError(f"{path} record {i} holds {odd}={r[odd]!r:.40}, not a number: it is not a history "
+                            f"file written by train.py")
+        # Losses may be NaN (a run's non-finite step); a position on the x axis never is, nor beyond 2^53.
+        odd = next((k for k in AXIS_FIELDS if r.get(k) is not None and not abs(r[k]) <= 2 ** 53), None)
+        if odd:
+            raise PlotError(f"{path} record {i} holds {odd}={r[odd]!r:.40}, not a count: it is not a history "
                             f"file written by train.py")
     return records
 

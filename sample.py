@@ -52,7 +52,7 @@ def read_prompt(start):
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise SampleError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
-    return text.removesuffix("\n")
+    return text.removeprefix("\ufeff").removesuffix("\n")  # a UTF-8 byte-order mark (Notepad's) is no text
 
 
 def encode_prompt(text, n_positions):

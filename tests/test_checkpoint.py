@@ -432,8 +432,22 @@ def test_find_checkpoint_with_nothing_to_resume(tmp_path):
     ckdir.mkdir(parents=True)
     (ckdir / "checkpoint_epoch0_step5.pt").write_bytes(b"junk")
     for spec in ("auto", "latest"):
-        with pytest.raises(CheckpointError, match="none of the 1 checkpoint files"):
+        with pytest.raises(CheckpointError, match="none of the 1 checkpoint files.*they are kept.*resume_from_"):
             ck.find_checkpoint(spec, ckdir, out)
+    # Sampling and evaluation get their own way on, not training's.
+    with pytest.raises(CheckpointError, match="they are kept.*: give a model by path with --checkpoint PATH"):
+        ck.find_model_checkpoint("latest", out)
+    assert (ckdir / "checkpoint_epoch0_step5.pt").read_bytes() == b"junk"
+
+
+def test_a_name_inside_the_run_without_its_folder_is_pointed_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    best = ck.save_best(state(10), out)
+    with pytest.raises(CheckpointError, match=f"no checkpoint at best_model.pt .*did you mean {best}"):
+        ck.find_model_checkpoint("best_model.pt", out)
+    with pytest.raises(CheckpointError, match="no checkpoint at other.pt; check the path"):
+        ck.find_model_checkpoint("other.pt", out)
 
 
 # --- read-only sources (a Kaggle input dataset)

@@ -367,7 +367,7 @@ def test_text_folders_and_jsonl(tmp_path):
     (tmp_path / "in/sub").mkdir(parents=True)
     (tmp_path / "in/a.txt").write_text(docs[0])
     (tmp_path / "in/b.txt").write_text(docs[1])
-    (tmp_path / "in/sub/c.jsonl").write_text(
+    (tmp_path / "in/sub/c.JSONL").write_text(  # extensions in any case (Windows tools write .TXT)
         json.dumps({"body": docs[2], "id": 1}) + "\n\n" + json.dumps({"body": docs[3]}) + "\n")
     (tmp_path / "in/.hidden.txt").write_text("ignored")
     (tmp_path / "in/notes.md").write_text("ignored")
@@ -387,7 +387,7 @@ def test_text_folders_and_jsonl(tmp_path):
     assert (train == EOT_TOKEN).sum() == 4 - (val == EOT_TOKEN).sum() - (docs[4].encode() in text_of(val))
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"]["files"] == 4 and meta["source"]["sha256"] == hashlib.sha256(b"".join(
-        p.read_bytes() for p in (tmp_path / "in/a.txt", tmp_path / "in/b.txt", tmp_path / "in/sub/c.jsonl",
+        p.read_bytes() for p in (tmp_path / "in/a.txt", tmp_path / "in/b.txt", tmp_path / "in/sub/c.JSONL",
                                  tmp_path / "last.txt"))).hexdigest()
 
 
@@ -417,6 +417,17 @@ def test_text_input_errors(tmp_path):
     with pytest.raises(DataError, match=r"u16.txt is UTF-16 text \(bad byte at offset 0\): convert it, e.g. "
                                         r"`iconv -f utf-16 -t utf-8`"):
         data.prepare_text([tmp_path / "u16.txt"], tmp_path / "o", num_workers=1)
+    # JSON Lines get the same advice, with the line; a binary file is not text (no iconv advice).
+    (tmp_path / "u16.jsonl").write_text('{"text": "a record"}\n', encoding="utf-16")
+    with pytest.raises(DataError, match=r"u16.jsonl is UTF-16 text \(bad byte at offset 0\): convert it"):
+        data.prepare_text([tmp_path / "u16.jsonl"], tmp_path / "o", num_workers=1)
+    (tmp_path / "l1.jsonl").write_bytes('{"text": "ok"}\n{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"l1.jsonl:2 is not UTF-8 text \(bad byte at offset 28\): convert it, e.g. "
+                                        r"`iconv -f latin1"):
+        data.prepare_text([tmp_path / "l1.jsonl"], tmp_path / "o", num_workers=1)
+    torch.save({"weights": torch.arange(1000)}, tmp_path / "model.txt")  # a .pt saved under the wrong name
+    with pytest.raises(DataError, match=r"model.txt is not text: it holds NUL bytes"):
+        data.prepare_text([tmp_path / "model.txt"], tmp_path / "o", num_workers=1)
 
 
 def test_a_utf8_byte_order_mark_is_not_tokenized(tmp_path):

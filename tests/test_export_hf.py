@@ -347,6 +347,11 @@ def test_import_never_overwrites_a_file_it_did_not_write(tmp_path):
     ("config_list", "config.json holds a JSON list, not a GPT-2 config object"),
     ("config_not_utf8", "config.json is not a readable JSON file"),
     ("config_bad_heads", "config.json holds an invalid GPT-2 config: GPTConfig.n_embd (64) must be divisible"),
+    ("config_other_width", "model.safetensors disagree (transformer.wte.weight is [50257, 64] there, [50257, 128] in "
+                           "the model and 26 more of other shapes): export or download the model again"),
+    ("config_fewer_layers", "model.safetensors disagree (12 unexpected (transformer.h.1."),
+    ("a_file", "is a file, not a HuggingFace model folder (a .pt checkpoint of train.py goes to sample.py and "
+               "evaluate.py as --checkpoint)"),
 ])
 def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, capsys, damage, fragment):
     hf = export(randomized(SMALL), tmp_path / "hf")
@@ -368,6 +373,12 @@ def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, capsys, damage, fr
         (hf / "config.json").write_text("[1, 2]")
     elif damage == "config_not_utf8":
         (hf / "config.json").write_bytes(b"\xff\xfe{}")
+    elif damage in ("config_other_width", "config_fewer_layers"):
+        config = json.loads((hf / "config.json").read_text())
+        edit = {"n_embd": 128} if damage == "config_other_width" else {"n_layer": 1}
+        (hf / "config.json").write_text(json.dumps({**config, **edit}))
+    elif damage == "a_file":
+        hf = weights
     else:
         config = json.loads((hf / "config.json").read_text())
         (hf / "config.json").write_text(json.dumps({**config, "n_head": 3}))

@@ -350,6 +350,8 @@ def test_top_k_and_top_p_keep_only_their_tokens():
     assert set(sample_next(logits, top_p=0.7, generator=g).tolist()) == {0, 1}
     assert set(sample_next(logits, generator=g).tolist()) == {0, 1, 2, 3}
     assert set(sample_next(logits, temperature=0).tolist()) == {0}
+    for tiny in (1e-45, 1e-38, 1e-6):  # logits / temperature would overflow to inf (NaN probabilities)
+        assert set(sample_next(logits, temperature=tiny, generator=g).tolist()) == {0}
 
 
 def test_generate_stops_rows_at_eos():

@@ -145,6 +145,10 @@ def test_cli_errors_are_one_line(tmp_path, case, message):
     ("eval_history.json", [{"step": 10, "val_loss": "abc"}], "record 1 holds val_loss='abc', not a number"),
     ("training_history.json", [{"train_loss": 3}], "record 1 has no number 'epoch'"),
     ("training_history.json", [1], "record 1 has no number 'epoch'"),
+    # json reads NaN, Infinity and 1e400 (inf) as numbers: a loss may be NaN, a position on the x axis not.
+    ("eval_history.json", [{"step": float("nan"), "val_loss": 3.0}], "record 1 holds step=nan, not a count"),
+    ("eval_history.json", [{"step": 10, "tokens": float("inf"), "val_loss": 3.0}], "holds tokens=inf, not a count"),
+    ("training_history.json", [{"epoch": 2 ** 60, "train_loss": 3.0}], "holds epoch=1152921504606846976, not a count"),
 ])
 def test_history_records_of_another_shape_are_one_line(tmp_path, name, records, message):
     run = write_run(tmp_path / "out")

@@ -99,8 +99,8 @@ def test_compile_that_fails_warns_once_and_samples_uncompiled(run_dir, tmp_path)
     assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
 
 
-def test_prompt_file_without_its_final_line_break(run_dir, tmp_path):
-    (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8")  # as an editor saves it
+def test_prompt_file_without_its_byte_order_mark_and_final_line_break(run_dir, tmp_path):
+    (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8-sig")  # as Notepad saves it
     result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
                         "--temperature", "0", "--max_new_tokens", "15", *CPU)
     assert result.returncode == 0, result.stderr
