@@ -1,6 +1,8 @@
 """What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, and
 how their messages count things and quote an exception."""
 
+import contextlib
+import os
 import signal
 import sys
 
@@ -33,3 +35,56 @@ def quiet_on_closed_pipe():
     training run, which must reach its emergency checkpoint)."""
     if hasattr(signal, "SIGPIPE"):  # not on Windows
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+class _OutlivesItsReader:
+    """A text stream (stdout, stderr) whose writes cannot fail: once its reader is gone (a `| tee` that the same
+    Ctrl-C stopped, a `| head` that has its lines, a closed terminal), the file descriptor is pointed at
+    /dev/null and the program goes on writing into it, as if its output were still read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.lost = False
+
+    def _survive(self, op, *args):
+        try:
+            return op(*args)
+        except OSError:  # EPIPE (BrokenPipeError), EIO (a terminal that is gone), ...
+            if self.lost:
+                return None
+            self.lost = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())  # what the buffer still holds goes there too
+                os.close(devnull)
+            except (OSError, ValueError, AttributeError):
+                pass
+            try:
+                return op(*args)
+            except OSError:
+                return None
+
+    def write(self, text):
+        written = self._survive(self._stream.write, text)
+        return len(text) if written is None else written
+
+    def flush(self):
+        self._survive(self._stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ... as the stream's
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def outlive_closed_output():
+    """Within it, sys.stdout and sys.stderr outlive their readers (see _OutlivesItsReader): for a training run,
+    which must reach its emergency checkpoint however its output is read."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s if isinstance(s, _OutlivesItsReader) else _OutlivesItsReader(s) for s in streams)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams
+

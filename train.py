@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 import checkpoint as ckpt
 import hardware
-from cli import one_line, plural, quiet_on_closed_pipe
+from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe
 from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
 from model import GPT, GPTConfig, configure_optimizer
 from tracking import Tracker
@@ -315,7 +315,8 @@ def lr_lambda(cfg, total_steps):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks at each micro-step; a second signal exits at once, unless it
+    """SIGINT/SIGTERM (and SIGHUP, a closed terminal or SSH session, unless the run ignores it, as under nohup) set
+    a flag the loop checks at each micro-step; a second signal exits at once, unless it
     comes within REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the signal it
     gets to every worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user."""
 
@@ -327,6 +328,8 @@ class StopRequest:
     def install(self):
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, self._handle)
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # not on Windows
+            signal.signal(signal.SIGHUP, self._handle)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -1157,6 +1160,11 @@ def main(argv):
         quiet_on_closed_pipe()  # `python train.py --help | head`
         print_help()
         return 0
+    with outlive_closed_output():  # `python train.py ... | tee log`, Ctrl-C: the tee is gone before the save
+        return train_main(argv)
+
+
+def train_main(argv):
     ddp, trainer = Dist(), None
     launched_world = int(os.environ.get("WORLD_SIZE") or 1)  # torchrun's processes, known before they connect
     try:

@@ -239,6 +239,22 @@ def start_and_wait_for(out, bins, needle, delay, *extra):
     return proc
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c_with_tee_gone", "hangup"])
+def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, signum):
+    """`python train.py ... | tee log` and Ctrl-C: the same Ctrl-C ends tee, so every line train.py prints after it
+    (the stop notice, "saved ...") meets a broken pipe; a closed terminal (SIGHUP) leaves no reader either.
+    The emergency checkpoint is written all the same, and train.log has what the terminal lost."""
+    out = tmp_path / "out"
+    proc = start_and_wait_for(out, bins, "step 3/", 0.2, "--max_steps=50", "--save_steps=100", "--eval_steps=100")
+    proc.stdout.close()  # the reader goes away first, as tee does
+    proc.stderr.close()
+    proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum
+    assert ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 3
+    log = (out / "train.log").read_text()
+    assert "interrupted at step" in log and "Resume with: python train.py" in log
+
+
 def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     # Twice at once (torchrun passing on the signal it got, Ctrl-C reaching a whole process group): one stop.
     out = tmp_path / "twice"
