@@ -662,8 +662,11 @@ class Trainer:
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.train_bins.load_state_dict(state["data_state"])
-        # An OOM back-off (a smaller micro-batch) is remembered, unless this command line sets the batch itself.
-        if (state["batch_size"] < cfg.batch_size and state["gradient_accumulation_steps"] % self.ddp.world_size == 0
+        # An OOM back-off (a micro-batch smaller than its run's batch_size) is remembered, unless this run sets
+        # another batch (in its config file or on its command line).
+        backed_off = state["batch_size"] < saved_cfg.get("batch_size", state["batch_size"])
+        same_batch = all(getattr(cfg, k) == saved_cfg.get(k) for k in ("batch_size", "gradient_accumulation_steps"))
+        if (backed_off and same_batch and state["gradient_accumulation_steps"] % self.ddp.world_size == 0
                 and not {"batch_size", "gradient_accumulation_steps"} & self.given):
             self.batch_size = state["batch_size"]
             self.accum = state["gradient_accumulation_steps"] // self.ddp.world_size

@@ -388,6 +388,15 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_result(tmp_path, bins):
     ref = weights(normal / "checkpoints" / "checkpoint_epoch1_step6.pt")
     for k, v in state["model_state_dict"].items():
         torch.testing.assert_close(v, ref[k], atol=2e-5, rtol=1e-4)
+    # A resume with the same batch settings, here from a config file, keeps the micro-batch that fits, and says
+    # why (one that names them on its command line, as run_train's do, sets them).
+    (tmp_path / "same.py").write_text("batch_size = 4\ngradient_accumulation_steps = 2\n")
+    cmd = [a for a in train_cmd(backed_off, bins, "--max_steps=7", "--save_steps=7", "--eval_steps=100")
+           if not a.startswith(("--batch_size=", "--gradient_accumulation_steps="))]
+    p = subprocess.run([*cmd[:2], str(tmp_path / "same.py"), *cmd[2:]], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert "resume: micro-batch 1 x 8 accumulation, as the checkpoint's run backed off to after running out" in p.stdout
+    assert ckpt.load_checkpoint(backed_off / "checkpoints" / "checkpoint_epoch1_step7.pt")["batch_size"] == 1
 
 
 def test_out_of_memory_keeps_an_odd_effective_batch_exactly(tmp_path, bins):
@@ -498,6 +507,12 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     groups = state["optimizer_state_dict"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
+    # A batch set in a config file is as much this run's as one on the command line (no back-off happened).
+    (tmp_path / "bigger.py").write_text("batch_size = 4\ngradient_accumulation_steps = 2\n")
+    p = run_train(out, bins, str(tmp_path / "bigger.py"), "--max_steps=8", "--save_steps=2", "--eval_steps=100")
+    assert "out of memory" not in p.stdout and "batch: 4 x 2 accumulation" in p.stdout
+    state = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint_epoch1_step8.pt")
+    assert (state["batch_size"], state["gradient_accumulation_steps"]) == (4, 2)
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins):
