@@ -9,6 +9,7 @@ handling and the time budget keep a run safe: see README.md, "Training".
 """
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import gc
@@ -19,10 +20,10 @@ import re
 import runpy
 import shlex
 import signal
+import socket
 import sys
 import time
 import traceback
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -450,6 +451,39 @@ def make_run_folders(cfg):
                               f"a writable folder (on Kaggle: under /kaggle/working)") from None
 
 
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(cfg):
+    """Hold out_dir (and checkpoint_dir) for this run: a second train.py on the same folder would overwrite its
+    checkpoints, best model and histories. The lock is the kernel's (flock), so a run killed any way, even with
+    kill -9, leaves none behind. ConfigError naming the other run's process if one holds it. Where the
+    filesystem has no locks (or on Windows), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with contextlib.ExitStack() as held:
+        for folder in dict.fromkeys(run_folders(cfg)) if fcntl else ():
+            path = folder / LOCK_NAME
+            try:
+                f = held.enter_context(open(path, "a+", encoding="utf-8"))
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                other = f.read().strip() or "another process"
+                raise ConfigError(f"{folder} is in use by another train.py ({other}): two runs in one folder would "
+                                  f"overwrite each other's checkpoints; wait for it, stop it, or give this run "
+                                  f"another out_dir") from None
+            except OSError:
+                continue  # no locks on this filesystem: run unlocked, as before
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        yield
+
+
 class Trainer:
     """Holds the run's state; `run()` is the loop, the methods are its named pieces."""
 
@@ -786,7 +820,7 @@ class Trainer:
             time.sleep(self.test_step_delay / self.accum)
             x, y = self.train_bins.next_batch(self.batch_size, self.device)
             # Under DDP gradients are all-reduced only after the last micro-batch.
-            sync = nullcontext() if (last or not self.ddp.enabled) else self.train_model.no_sync()
+            sync = contextlib.nullcontext() if (last or not self.ddp.enabled) else self.train_model.no_sync()
             loss = None
             if not oom:
                 try:
@@ -1163,20 +1197,22 @@ def main(argv):
         quiet_on_closed_pipe()  # `python train.py --help | head`
         print_help()
         return 0
-    with outlive_closed_output():  # `python train.py ... | tee log`, Ctrl-C: the tee is gone before the save
-        return train_main(argv)
+    # `python train.py ... | tee log` and Ctrl-C: tee is gone before the save. `held`: the run's folders (rank 0).
+    with outlive_closed_output(), contextlib.ExitStack() as held:
+        return train_main(argv, held)
 
 
-def train_main(argv):
+def train_main(argv, held):
     ddp, trainer = Dist(), None
     launched_world = int(os.environ.get("WORLD_SIZE") or 1)  # torchrun's processes, known before they connect
     try:
         cfg, given = load_config(argv)
         validate(cfg, launched_world)
         if os.environ.get("RANK", "0") == "0":
-            # Before the processes connect: a folder rank 0 can't create then stops the run with one line, where
-            # after connecting the other ranks would lose their peer mid-collective (a traceback each).
+            # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
+            # with one line, where after connecting the other ranks would lose their peer mid-collective.
             make_run_folders(cfg)
+            held.enter_context(run_lock(cfg))
         ddp = init_distributed(hardware.choose_device(cfg.device))
         trainer = Trainer(cfg, ddp, given)
         trainer.setup()

@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -253,6 +254,22 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
     assert ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 3
     log = (out / "train.log").read_text()
     assert "interrupted at step" in log and "Resume with: python train.py" in log
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothing(tmp_path, bins):
+    out = tmp_path / "out"
+    first = start_and_wait_for(out, bins, "step 2/", 0.2, "--max_steps=50", "--save_steps=100", "--eval_steps=100")
+    p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-4", check=False)
+    assert p.returncode == 2 and p.stderr == (
+        f"error: {out} is in use by another train.py (pid {first.pid} on {socket.gethostname()}): two runs in one "
+        f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run another out_dir\n")
+    # Another out_dir sharing the first run's checkpoint_dir is refused too.
+    p = run_train(tmp_path / "other", bins, f"--checkpoint_dir={out / 'checkpoints'}", check=False)
+    assert p.returncode == 2 and f"{out / 'checkpoints'} is in use by another train.py" in p.stderr
+    first.kill()  # kill -9: the kernel drops its lock
+    first.wait()
+    p = run_train(out, bins, "--max_steps=4")
+    assert "done: 4 steps" in p.stdout
 
 
 def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
