@@ -177,6 +177,9 @@ def load_config(argv):
             file_values.update({name: value for name, value in namespace.items()
                                 if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)})
     checked = {name: check_setting(name, value) for name, value in {**file_values, **cli_values}.items()}
+    for name in ("data_dir", "out_dir", "checkpoint_dir", "init_from"):  # --out_dir=~/runs: no shell expands that ~
+        if name in checked and checked[name].startswith("~"):
+            checked[name] = os.path.expanduser(checked[name])
     return TrainConfig(**checked), set(cli_values)
 
 
@@ -227,12 +230,23 @@ def validate(cfg, world_size=1):
         raise ConfigError(str(e)) from None
     if cfg.max_length > cfg.n_positions:
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
-    for name in ("batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps", "max_checkpoints", "log_steps"):
+    if not cfg.out_dir.strip():
+        raise ConfigError("out_dir is empty; name a folder (out_dir='.' for the current one)")
+    for name in ("max_length", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
+                 "max_checkpoints", "log_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)} (AdamW's defaults: 0.9, 0.95)")
+    if 0 < cfg.learning_rate < cfg.min_lr:
+        raise ConfigError(f"min_lr ({cfg.min_lr}) is above learning_rate ({cfg.learning_rate}), where the decay would "
+                          f"climb instead; lower min_lr")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.max_steps == 0 and cfg.epochs < 1:
         raise ConfigError(f"epochs must be at least 1 (or set max_steps), got {cfg.epochs}")
     if cfg.lr_decay not in ("cosine", "linear", "constant"):
@@ -551,7 +565,16 @@ class Trainer:
         if self.test_graphs_on_cpu and self.plan.compile:
             self.plan = dataclasses.replace(self.plan, cuda_graphs=True)
         torch.manual_seed(cfg.seed + ddp.rank)
-        self.model = GPT(model_config(cfg)).to(self.device)
+        try:
+            self.model = GPT(model_config(cfg)).to(self.device)
+        except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, as a failed CPU alloc
+            if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "alloc" in str(e).lower()):
+                raise
+            E, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+            gb = 4 * ((cfg.vocab_size + cfg.n_positions) * E + cfg.n_layer * (4 * E * E + 2 * E * inner)) / 1e9
+            raise hardware.HardwareError(f"the model's weights (~{gb:,.1f} GB in fp32) do not fit in "
+                                         f"{self.device_type} memory; lower vocab_size, n_positions, n_embd or "
+                                         f"n_layer") from None
         self.optimizer = configure_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2),
                                              device_type=device_type)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
@@ -1224,6 +1247,9 @@ def train_main(argv, held):
             sys.stderr.flush()
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
+    except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with the loop)
+        print("\ninterrupted before training started: nothing to save", file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).

@@ -107,6 +107,7 @@ def test_help_lists_every_setting():
     (["--dtype=float16"], "float16"),
     (["--max_grad_norm=-1"], "max_grad_norm must not be negative, got -1.0"),
     (["--epochs=0"], "epochs must be at least 1 (or set max_steps), got 0"),
+    (["--n_positions=1000000000000000", "--max_length=32"], "the model's weights (~1,024,000,000.1 GB in fp32) do not"),
 ])
 def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     p = subprocess.run([sys.executable, "train.py", "--device=cpu", f"--out_dir={tmp_path}", f"--data_dir={bins}", *args],
@@ -116,6 +117,27 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
     if "--data_dir=/nonexistent/bins" in args:  # found once the run has its out_dir: train.log says it too
         assert message in (tmp_path / "train.log").read_text()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(seed=-1), "seed must be in [0, 2**32), got -1"),
+    (dict(beta1=1.0), "beta1 must be in [0, 1), got 1.0 (AdamW's defaults: 0.9, 0.95)"),
+    (dict(beta2=-0.5), "beta2 must be in [0, 1), got -0.5"),
+    (dict(max_length=0), "max_length must be at least 1, got 0"),
+    (dict(learning_rate=5e-4, min_lr=1e-3), "min_lr (0.001) is above learning_rate (0.0005), where the decay would"),
+    (dict(out_dir=" "), "out_dir is empty; name a folder (out_dir='.' for the current one)"),
+])
+def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message):
+    with pytest.raises(train.ConfigError) as e:
+        train.validate(train.TrainConfig(**overrides))
+    assert str(e.value).startswith(message)
+    train.validate(train.TrainConfig(learning_rate=0.0))  # a frozen run: min_lr has nothing to be above
+
+
+def test_a_home_folder_in_a_path_setting_is_expanded():
+    cfg, _ = train.load_config(["--out_dir=~/runs/a", "--data_dir=~/data", "--checkpoint_dir=/ckpt/~x"])
+    assert (cfg.out_dir, cfg.data_dir) == (os.path.expanduser("~/runs/a"), os.path.expanduser("~/data"))
+    assert cfg.checkpoint_dir == "/ckpt/~x"
 
 
 def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, bins):
@@ -259,7 +281,7 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
 def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothing(tmp_path, bins):
     out = tmp_path / "out"
     first = start_and_wait_for(out, bins, "step 2/", 0.2, "--max_steps=50", "--save_steps=100", "--eval_steps=100")
-    p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-4", check=False)
+    p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-3", check=False)
     assert p.returncode == 2 and p.stderr == (
         f"error: {out} is in use by another train.py (pid {first.pid} on {socket.gethostname()}): two runs in one "
         f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run another out_dir\n")
