@@ -681,8 +681,9 @@ class Trainer:
     def restore(self, path):
         state = ckpt.load_checkpoint(path, map_location="cpu")
         saved, current = GPTConfig.from_dict(state["config"]), model_config(self.cfg)
-        if saved != current:
-            diff = {k: (v, getattr(current, k)) for k, v in saved.to_dict().items() if getattr(current, k) != v}
+        if dataclasses.replace(saved, dropout=current.dropout) != current:  # dropout is training's, not a shape
+            diff = {k: (v, getattr(current, k)) for k, v in saved.to_dict().items()
+                    if getattr(current, k) != v and k != "dropout"}
             started = state["config"].get("init_from") or "scratch"
             hint = (f" (its run was started from init_from={started!r}: add --init_from={started!r})"
                     if not _same_source(started, self.cfg.init_from) else "")
@@ -708,10 +709,15 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps),
                                                            last_epoch=state["step"] - 1)
         changed = [f"{k} {saved_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in
-                   ("learning_rate", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "beta1", "beta2")
+                   ("learning_rate", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "beta1", "beta2",
+                    "epochs", "max_steps", "dropout")
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
         if changed:
-            self.log("resume: changed since the checkpoint, applied from here: " + ", ".join(changed))
+            self.log("resume: changed since the checkpoint, applied from here (the schedule now runs to step "
+                     f"{self.total_steps}): " + ", ".join(changed))
+        if saved_cfg.get("seed", cfg.seed) != cfg.seed:
+            self.log(f"resume: seed {saved_cfg['seed']} -> {cfg.seed} not applied: the data order and random "
+                     f"streams go on as the checkpoint left them (a new seed takes a fresh run)")
         if state.get("scaler_state_dict"):
             self.scaler.load_state_dict(state["scaler_state_dict"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
@@ -1071,6 +1077,10 @@ class Trainer:
                    dynamic_ncols=True, unit="step")
         self.log.bar = bar
         nonfinite, session_start, session_steps, final_saved = 0, time.time(), 0, True
+        if self.step >= self.total_steps and self.pending_after_step is None:
+            self.log(f"nothing to train: the run is at step {self.step}, and "
+                     f"{f'max_steps={cfg.max_steps}' if cfg.max_steps else f'epochs={cfg.epochs}'} ends it at step "
+                     f"{self.total_steps} (raise it to train on)")
         try:
             if self.pending_after_step is not None:
                 self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
@@ -1212,7 +1222,8 @@ class Trainer:
                 self.log(f"exported {self.out_dir / 'final_model'} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
             except Exception as e:
                 self.log(f"warning: could not export final_model/: {e}")
-        self.log(f"done: {self.step} steps, best val loss {self.best_val_loss:.4f} in {fmt_duration(self.elapsed())}")
+        best = f"best val loss {self.best_val_loss:.4f}" if math.isfinite(self.best_val_loss) else "no evaluation yet"
+        self.log(f"done: {self.step} steps, {best} in {fmt_duration(self.elapsed())}")
 
 
 def main(argv):

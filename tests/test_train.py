@@ -540,7 +540,8 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     assert p.returncode == 2 and "was trained with 8 sequences of 32 tokens per step" in p.stderr, p.stderr
     p = run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=100", "--learning_rate=1e-3",
                   "--weight_decay=0.5", "--batch_size=2", "--gradient_accumulation_steps=4")
-    assert "applied from here: learning_rate 0.003 -> 0.001, weight_decay 0.01 -> 0.5" in p.stdout
+    assert ("applied from here (the schedule now runs to step 6): learning_rate 0.003 -> 0.001, weight_decay 0.01 -> "
+            "0.5, max_steps 4 -> 6" in p.stdout)
     assert "batch: 2 x 4 accumulation x 32 tokens = 256 tokens per step" in p.stdout
     state = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint_epoch1_step6.pt")
     groups = state["optimizer_state_dict"]["param_groups"]
@@ -552,6 +553,10 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     assert "out of memory" not in p.stdout and "batch: 4 x 2 accumulation" in p.stdout
     state = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint_epoch1_step8.pt")
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (4, 2)
+    # dropout is a training setting (no shape); a seed cannot change a run's data order midway; max_steps behind.
+    p = run_train(out, bins, "--max_steps=6", "--dropout=0.1", "--seed=7")
+    assert "dropout 0.0 -> 0.1" in p.stdout and "resume: seed 1337 -> 7 not applied" in p.stdout
+    assert "nothing to train: the run is at step 8, and max_steps=6 ends it at step 6 (raise it" in p.stdout
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins):
