@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import gc
 import inspect
+import json
 import math
 import os
 import re
@@ -313,6 +314,15 @@ def raised_by_oom(e):
     return False
 
 
+def _has_records(path):
+    """Whether path is a history file with at least one record (a damaged one is read_history's to handle)."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(records, list) and len(records) > 0
+
+
 def lr_lambda(cfg, total_steps):
     """Multiplier of learning_rate at a step: linear warmup, then decay to min_lr."""
     floor = cfg.min_lr / cfg.learning_rate if cfg.learning_rate else 0.0
@@ -338,13 +348,20 @@ class StopRequest:
     REPEAT_GRACE_S = 2.0
 
     def __init__(self, verbose=True):
-        self.signum, self.first_at, self.verbose = None, None, verbose
+        self.signum, self.first_at, self.verbose, self.installed = None, None, verbose, []
 
     def install(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self.installed = [signal.SIGINT, signal.SIGTERM]
         if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # not on Windows
-            signal.signal(signal.SIGHUP, self._handle)
+            self.installed.append(signal.SIGHUP)
+        for s in self.installed:
+            signal.signal(s, self._handle)
+
+    def stopped(self):
+        """The stop is done (its checkpoint written): the same stop passed on again is ignored from here to the
+        process's end, where Python puts back the default handlers (a late copy would then kill it)."""
+        for s in self.installed:
+            signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -539,6 +556,7 @@ class Trainer:
         check_accumulation(cfg, ddp.world_size)
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
+        self.refuse_a_moved_checkpoint_dir(resume)
         init_source = self.load_init_source(resume)
         cfg = self.cfg
         self.train_bins = TokenBins(cfg.data_dir, "train", cfg.max_length, cfg.seed, ddp.rank, ddp.world_size,
@@ -663,6 +681,29 @@ class Trainer:
         self.cfg = dataclasses.replace(self.cfg, **sizes)
         if changed:
             self.log(f"{what}: model settings taken from it: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+
+    def refuse_a_moved_checkpoint_dir(self, resume):
+        """checkpoint_dir changed since the run's last session: resuming from out_dir's best or emergency checkpoint
+        would go back past the newer rotated checkpoints left in the old folder, and a fresh start (none found)
+        would overwrite the run's history in out_dir."""
+        if resume is None:
+            held = [name for name in ("training_history.json", "eval_history.json") if _has_records(self.out_dir / name)]
+            if held and not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):  # (those: below)
+                raise ConfigError(f"{self.out_dir} holds the history of an earlier run ({', '.join(held)}) but no "
+                                  f"checkpoint of it here or in {self.checkpoint_dir}: if it kept its checkpoints "
+                                  f"elsewhere, resume with that checkpoint_dir; else use another out_dir, or move "
+                                  f"the history away")
+            return
+        before = ckpt.peek_config(resume).get("checkpoint_dir") or ""
+        before = Path(before).expanduser() if before else self.out_dir / "checkpoints"
+        if not before.is_dir() or before.resolve() == self.checkpoint_dir.resolve():
+            return
+        step = ckpt.peek_step(resume)
+        newer = ckpt.checkpoints_after(before, self.out_dir, step)
+        if newer:
+            raise ConfigError(f"{resume} is at step {step}, but its run kept its rotated checkpoints in {before}, "
+                              f"with newer ones there ({newer[-1]}), and this run's checkpoint_dir is "
+                              f"{self.checkpoint_dir}: resume with --checkpoint_dir={before} (or move them over)")
 
     def refuse_newer_checkpoints(self, resume):
         """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be
@@ -1181,6 +1222,7 @@ class Trainer:
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
         self.optimizer.zero_grad(set_to_none=True)
         saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
+        self.stop.stopped()
         self.log(f"interrupted at step {self.step}: {self.kept_note(saved)}. Resume with: {self.resume_command()}")
         signum = self.stop.signum or signal.SIGTERM
         return 128 + int(signum)

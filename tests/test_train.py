@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -557,6 +558,24 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     p = run_train(out, bins, "--max_steps=6", "--dropout=0.1", "--seed=7")
     assert "dropout 0.0 -> 0.1" in p.stdout and "resume: seed 1337 -> 7 not applied" in p.stdout
     assert "nothing to train: the run is at step 8, and max_steps=6 ends it at step 6 (raise it" in p.stdout
+
+
+def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_starts_over(tmp_path, bins):
+    out, before, after = tmp_path / "out", tmp_path / "ck1", tmp_path / "ck2"
+    run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", f"--checkpoint_dir={before}")
+    shutil.copy(before / "checkpoint_epoch1_step2.pt", out / "best_model.pt")  # its best model: an earlier step
+    p = run_train(out, bins, "--max_steps=6", f"--checkpoint_dir={after}", check=False)
+    assert p.returncode == 2 and p.stderr.startswith(
+        f"error: {out / 'best_model.pt'} is at step 2, but its run kept its rotated checkpoints in {before}, with "
+        f"newer ones there"), p.stderr
+    assert p.stderr.endswith(f"resume with --checkpoint_dir={before} (or move them over)\n")
+    (out / "best_model.pt").unlink()  # no checkpoint in out_dir at all: a fresh start would overwrite the history
+    history = (out / "eval_history.json").read_text()
+    p = run_train(out, bins, "--max_steps=6", f"--checkpoint_dir={after}", check=False)
+    assert p.returncode == 2 and (f"{out} holds the history of an earlier run (training_history.json, "
+                                  f"eval_history.json) but no checkpoint of it here or in {after}") in p.stderr
+    assert (out / "eval_history.json").read_text() == history
+    assert "done: 6 steps" in run_train(out, bins, "--max_steps=6", f"--checkpoint_dir={before}").stdout
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins):
