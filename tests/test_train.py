@@ -1,6 +1,7 @@
 """train.py as a user runs it: real subprocesses on tiny bins, real signals, real kill -9."""
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -223,7 +224,7 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
         assert tag in events
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32"])  # bf16's exact resume: the compiled resume test
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins, dtype):
     straight = tmp_path / "straight"
     run_train(straight, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
@@ -336,30 +337,31 @@ def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common):
 def test_a_compiled_run_resumes_bit_identically(tmp_path, bins, dtype):
     """Compiled, the embedding's backward would add rows' gradients with atomics in an order that varies from
     run to run (the weights differed at 1e-9); the embedding stays out of the compiled graph. fp32 too, whose
-    products run on oneDNN's custom op on AMD CPUs (model.ONEDNN_FP32)."""
-    p, _, _ = assert_resumed_run_is_bit_identical(run_train, tmp_path, bins, "--compile=True", f"--dtype={dtype}")
+    products run on oneDNN's custom op on AMD CPUs (model.ONEDNN_FP32).
+
+    In fp32 the stopped and resumed run takes cuda_graphs' bookkeeping (hook: on a CPU inductor compiles the step in
+    reduce-overhead mode, skips the graphs and counts them skipped, which train.py reports): gradients kept
+    allocated and zeroed in place, so that a replay cannot overwrite an earlier micro-batch's .grad, must sum as
+    the default path does, to the bit. The graphs themselves: tests/test_cuda.py."""
+    graphs = {"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"} if dtype == "float32" else None
+
+    def run(out, b, *args):
+        return run_train(out, b, *args, env=graphs if out.name == "resumed" else None)
+
+    p, _, _ = assert_resumed_run_is_bit_identical(run, tmp_path, bins, "--compile=True", f"--dtype={dtype}")
     assert "compile: on" in p.stdout and "torch.compile failed" not in p.stderr
+    skipped = "warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs"
+    assert (tmp_path / "resumed" / "train.log").read_text().count(skipped) == (2 if graphs else 0)
 
 
-def test_cuda_graphs_bookkeeping_keeps_accumulated_steps_bit_identical(tmp_path, bins):
-    """cuda_graphs keeps gradients allocated and zeroes them in place, so that a replay cannot overwrite the
-    .grad of an earlier micro-batch; the sums must be the default path's, bit for bit. On a CPU (hook) inductor
-    compiles the step in reduce-overhead mode without graphs and counts it skipped, which train.py reports.
-    The graphs themselves: tests/test_cuda.py."""
-    common = ["--compile=True", "--max_steps=3", "--save_steps=3", "--gradient_accumulation_steps=3"]
-    p = run_train(tmp_path / "graphs", bins, *common, env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"})
-    assert p.stdout.count("warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs") == 1
-    run_train(tmp_path / "default", bins, *common)
-    a, b = final_state(tmp_path / "graphs"), final_state(tmp_path / "default")
-    assert a["train_loss"] == b["train_loss"]
-    assert_same_weights(a["model_state_dict"], b["model_state_dict"])
-    # Out of memory: the graphs are dropped (all compiled code reset), the step recompiled without them.
-    p = run_train(tmp_path / "oom", bins, *common, env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1",
-                                                       "GPT_TEST_OOM_ABOVE_BATCH": "2"})
+def test_cuda_graphs_drop_their_graphs_on_out_of_memory(tmp_path, bins):
+    """cuda_graphs' out-of-memory path on a CPU (hook; the bookkeeping's sums: the compiled resume test above): all
+    compiled code reset, the step recompiled without graphs at the smaller micro-batch."""
+    p = run_train(tmp_path / "oom", bins, "--compile=True", "--max_steps=2", "--save_steps=2",
+                  env={"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1", "GPT_TEST_OOM_ABOVE_BATCH": "2"})
     assert "out of memory: cuda_graphs off for the rest of this session" in p.stdout
-    assert "micro-batch now 2 x 6 accumulation steps" in p.stdout and "torch.compile failed" not in p.stderr
-    for k, v in final_state(tmp_path / "oom")["model_state_dict"].items():
-        torch.testing.assert_close(v, b["model_state_dict"][k], atol=2e-5, rtol=1e-4)
+    assert "micro-batch now 2 x 4 accumulation steps" in p.stdout and "torch.compile failed" not in p.stderr
+    assert math.isfinite(final_state(tmp_path / "oom")["train_loss"])
 
 
 def test_raised_by_oom_follows_the_chain_an_error_was_raised_in():
