@@ -12,6 +12,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so i
 import difflib
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -196,8 +197,16 @@ def atomic_write_text(path, text):
 
 
 def atomic_write_json(path, obj):
-    """Write `obj` as indented JSON to `path` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write `obj` as indented, strict JSON to `path` atomically: a float that is not finite (a diverged loss, its
+    perplexity) is written as null, as JSON has no NaN or Infinity and strict readers refuse Python's."""
+    def strict(o):
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        if isinstance(o, dict):
+            return {k: strict(v) for k, v in o.items()}
+        return [strict(v) for v in o] if isinstance(o, (list, tuple)) else o
+
+    atomic_write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
 
 
 def atomic_save(obj, path):

@@ -93,6 +93,16 @@ while True:
 """
 
 
+def test_json_is_written_strict_with_non_finite_numbers_as_null(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    record = {"step": 3, "train_loss": float("nan"), "val_perplexity": float("inf"), "more": [float("-inf"), 1.5]}
+    ck.atomic_write_json(tmp_path / "h.json", [record])
+    assert json.loads((tmp_path / "h.json").read_text(), parse_constant=refuse) == [
+        {"step": 3, "train_loss": None, "val_perplexity": None, "more": [None, 1.5]}]
+
+
 def test_kill_9_mid_save_never_leaves_a_partial_file_under_a_final_name(tmp_path):
     out, ckdir = tmp_path / "out", tmp_path / "out" / "checkpoints"
     ck.save_checkpoint(state(0), ckdir, keep=2)
