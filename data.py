@@ -476,6 +476,8 @@ def _run(out_dir, splits, force, make, reusable=None):
     """Skip if already prepared (unless force, or reusable(meta) says it was made from something else);
     else call make() -> (tasks, total_bytes, meta, workers)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out_dir {out_dir} is a file, not a folder: name a folder for the bins")
     meta = None if force else _prepared(out_dir, splits)
     if meta is not None and reusable is not None and not reusable(meta):
         print(f"note: {out_dir} was prepared from other inputs or settings; preparing it again")

@@ -409,6 +409,8 @@ def test_text_input_errors(tmp_path):
         data.prepare_text([tmp_path / "latin1.txt"], tmp_path / "o", num_workers=1)
     with pytest.raises(DataError, match="--val_fraction 1.5"):
         data.prepare_text([tmp_path / "latin1.txt"], tmp_path / "o", val_fraction=1.5)
+    with pytest.raises(DataError, match="--out_dir .*latin1.txt is a file, not a folder: name a folder"):
+        data.prepare_text([tmp_path / "latin1.txt"], tmp_path / "latin1.txt", num_workers=1)
     (tmp_path / "tiny.txt").write_text("one line only\n")
     with pytest.raises(DataError, match="val split came out empty"):
         data.prepare_text([tmp_path / "tiny.txt"], tmp_path / "o", num_workers=1)
