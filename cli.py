@@ -2,6 +2,7 @@
 how their messages count things and quote an exception."""
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -46,10 +47,14 @@ class _OutlivesItsReader:
         self._stream = stream
         self.lost = False
 
+    GONE = (errno.EPIPE, errno.EIO, errno.ENXIO, errno.ECONNRESET)  # no reader left: a pipe, a terminal, a socket
+
     def _survive(self, op, *args):
         try:
             return op(*args)
-        except OSError:  # EPIPE (BrokenPipeError), EIO (a terminal that is gone), ...
+        except OSError as e:
+            if e.errno not in self.GONE:
+                raise
             if self.lost:
                 return None
             self.lost = True
@@ -80,11 +85,15 @@ def outlive_closed_output():
     """Within it, sys.stdout and sys.stderr outlive their readers (see _OutlivesItsReader): for a training run,
     which must reach its emergency checkpoint however its output is read."""
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s if isinstance(s, _OutlivesItsReader) else _OutlivesItsReader(s) for s in streams)
+    sys.stdout, sys.stderr = (s if s is None or isinstance(s, _OutlivesItsReader) else _OutlivesItsReader(s)
+                              for s in streams)  # None: no stream at all (`1>&-`, pythonw)
     try:
         yield
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        sys.stdout, sys.stderr = streams
+        try:
+            for s in (sys.stdout, sys.stderr):
+                if s is not None:
+                    s.flush()
+        finally:
+            sys.stdout, sys.stderr = streams
 

@@ -621,7 +621,7 @@ def _jsonl_docs(f, path, text_field, sha):
     for lineno, raw in enumerate(f, 1):
         sha.update(raw)
         try:
-            line = raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")  # a UTF-8 byte-order mark
+            line = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark (Notepad's; on any line of cat-ed files)
         except UnicodeDecodeError as e:
             raise _not_utf8(f"{path}:{lineno}" if offset else str(path), offset, raw, e) from None
         offset += len(raw)

@@ -339,6 +339,13 @@ def lr_lambda(cfg, total_steps):
     return at
 
 
+def stop_signals():
+    """The signals that stop a run: SIGINT, SIGTERM and SIGHUP (a closed terminal), unless SIGHUP is ignored (nohup)
+    or the platform has none (Windows)."""
+    hup = getattr(signal, "SIGHUP", None)
+    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) == signal.SIG_DFL else [])
+
+
 class StopRequest:
     """SIGINT/SIGTERM (and SIGHUP, a closed terminal or SSH session, unless the run ignores it, as under nohup) set
     a flag the loop checks at each micro-step; a second signal exits at once, unless it
@@ -348,20 +355,11 @@ class StopRequest:
     REPEAT_GRACE_S = 2.0
 
     def __init__(self, verbose=True):
-        self.signum, self.first_at, self.verbose, self.installed = None, None, verbose, []
+        self.signum, self.first_at, self.verbose = None, None, verbose
 
     def install(self):
-        self.installed = [signal.SIGINT, signal.SIGTERM]
-        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:  # not on Windows
-            self.installed.append(signal.SIGHUP)
-        for s in self.installed:
+        for s in stop_signals():
             signal.signal(s, self._handle)
-
-    def stopped(self):
-        """The stop is done (its checkpoint written): the same stop passed on again is ignored from here to the
-        process's end, where Python puts back the default handlers (a late copy would then kill it)."""
-        for s in self.installed:
-            signal.signal(s, signal.SIG_IGN)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
@@ -440,7 +438,6 @@ def read_history(path, keep):
     """Records of a JSON list file that `keep` accepts (a resumed run drops what came after its checkpoint).
     A file that is not such a list (damaged, edited) is moved aside to NAME.unreadable-TIME with a warning,
     never silently overwritten by the run's next write."""
-    import json
     if not path.exists():
         return []
     try:
@@ -496,7 +493,8 @@ def run_lock(cfg):
     except ImportError:
         fcntl = None
     with contextlib.ExitStack() as held:
-        for folder in dict.fromkeys(run_folders(cfg)) if fcntl else ():
+        # One lock per folder, however it is spelled (out_dir/checkpoints given as an absolute path, a symlink).
+        for folder in dict.fromkeys(Path(os.path.realpath(f)) for f in run_folders(cfg)) if fcntl else ():
             path = folder / LOCK_NAME
             try:
                 f = held.enter_context(open(path, "a+", encoding="utf-8"))
@@ -506,12 +504,15 @@ def run_lock(cfg):
                 other = f.read().strip() or "another process"
                 raise ConfigError(f"{folder} is in use by another train.py ({other}): two runs in one folder would "
                                   f"overwrite each other's checkpoints; wait for it, stop it, or give this run "
-                                  f"another out_dir") from None
+                                  f"other folders (out_dir, checkpoint_dir)") from None
             except OSError:
                 continue  # no locks on this filesystem: run unlocked, as before
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
+            try:  # who holds it, for the message above (a full disk must not stop the run here)
+                f.truncate(0)
+                f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+                f.flush()
+            except OSError:
+                pass
         yield
 
 
@@ -683,17 +684,15 @@ class Trainer:
             self.log(f"{what}: model settings taken from it: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
 
     def refuse_a_moved_checkpoint_dir(self, resume):
-        """checkpoint_dir changed since the run's last session: resuming from out_dir's best or emergency checkpoint
-        would go back past the newer rotated checkpoints left in the old folder, and a fresh start (none found)
-        would overwrite the run's history in out_dir."""
+        """checkpoint_dir changed since the run's last session: an 'auto'/'latest' resume from out_dir's best or
+        emergency checkpoint would go back past the newer rotated checkpoints left in the old folder (refused);
+        a fresh start (no checkpoint found anywhere) would overwrite the run's history in out_dir (moved aside)."""
         if resume is None:
-            held = [name for name in ("training_history.json", "eval_history.json") if _has_records(self.out_dir / name)]
-            if held and not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):  # (those: below)
-                raise ConfigError(f"{self.out_dir} holds the history of an earlier run ({', '.join(held)}) but no "
-                                  f"checkpoint of it here or in {self.checkpoint_dir}: if it kept its checkpoints "
-                                  f"elsewhere, resume with that checkpoint_dir; else use another out_dir, or move "
-                                  f"the history away")
+            if not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):  # (with some: refused below)
+                self.keep_an_earlier_history()
             return
+        if self.cfg.resume_from_checkpoint not in ("auto", "latest") or resume.parent != self.out_dir:
+            return  # a checkpoint named by path: the run goes where this one's folders say
         before = ckpt.peek_config(resume).get("checkpoint_dir") or ""
         before = Path(before).expanduser() if before else self.out_dir / "checkpoints"
         if not before.is_dir() or before.resolve() == self.checkpoint_dir.resolve():
@@ -704,6 +703,25 @@ class Trainer:
             raise ConfigError(f"{resume} is at step {step}, but its run kept its rotated checkpoints in {before}, "
                               f"with newer ones there ({newer[-1]}), and this run's checkpoint_dir is "
                               f"{self.checkpoint_dir}: resume with --checkpoint_dir={before} (or move them over)")
+
+    def keep_an_earlier_history(self):
+        """A fresh start in an out_dir that holds a run's history but none of its checkpoints (they are in another
+        checkpoint_dir, or were never written): the history is moved aside with a warning, not overwritten."""
+        if not self.ddp.master:
+            return
+        for name in ("training_history.json", "eval_history.json"):
+            path = self.out_dir / name
+            if not _has_records(path):
+                continue
+            aside = path.with_name(f"{name}.earlier-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+            try:
+                path.rename(aside)
+            except OSError as e:
+                raise ConfigError(f"{path} holds an earlier run's history, which this fresh run would overwrite, "
+                                  f"and it cannot be moved aside ({e.strerror}): move it, or use another out_dir") from None
+            self.log(f"warning: {path} held the history of an earlier run with no checkpoint here or in "
+                     f"{self.checkpoint_dir}: moved to {aside.name}, and this run starts afresh (if that run kept "
+                     f"its checkpoints in another checkpoint_dir, stop and resume it with that one)")
 
     def refuse_newer_checkpoints(self, resume):
         """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be
@@ -1222,7 +1240,6 @@ class Trainer:
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
         self.optimizer.zero_grad(set_to_none=True)
         saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
-        self.stop.stopped()
         self.log(f"interrupted at step {self.step}: {self.kept_note(saved)}. Resume with: {self.resume_command()}")
         signum = self.stop.signum or signal.SIGTERM
         return 128 + int(signum)
@@ -1320,4 +1337,10 @@ def train_main(argv, held):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # The run is over: a late copy of a stop signal (torchrun or a process group passing it on) must not reach the
+    # default handlers that Python puts back while it shuts down, which would kill it with another exit code.
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if s is not None:
+            signal.signal(s, signal.SIG_IGN)
+    sys.exit(code)

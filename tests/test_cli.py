@@ -40,3 +40,31 @@ def test_one_line_names_the_exception_and_keeps_its_first_line():
 def test_is_number_takes_ints_and_floats_not_bools_or_text():
     assert cli.is_number(3) and cli.is_number(0.5) and cli.is_number(float("nan"))
     assert not any(cli.is_number(v) for v in (True, False, "3", None, [1]))
+
+
+WRITER = """
+import os, sys, time
+from cli import outlive_closed_output
+with outlive_closed_output():
+    print("first", flush=True)
+    time.sleep(float(sys.argv[1]))  # the reader goes away meanwhile
+    for i in range(1000):
+        print("line", i, flush=True)
+        print("err", i, file=sys.stderr, flush=True)
+open(sys.argv[2], "w").write("reached the end")
+"""
+
+
+def test_output_outlives_its_reader_and_a_missing_stream(tmp_path):
+    """A run's stdout/stderr whose reader is gone (a pipe closed: `| tee` ended by the same Ctrl-C) or that do not
+    exist at all (`1>&-`, pythonw) never stop it: it reaches its end, without a traceback."""
+    done = tmp_path / "done"
+    p = subprocess.Popen([sys.executable, "-c", WRITER, "0.5", str(done)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"first\n"
+    p.stdout.close()
+    p.stderr.close()
+    assert p.wait(timeout=30) == 0 and done.read_text() == "reached the end"
+    done.unlink()
+    q = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" 0 "{done}" 1>&- 2>&-', WRITER], cwd=ROOT)
+    assert q.returncode == 0 and done.read_text() == "reached the end"

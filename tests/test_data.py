@@ -367,8 +367,8 @@ def test_text_folders_and_jsonl(tmp_path):
     (tmp_path / "in/sub").mkdir(parents=True)
     (tmp_path / "in/a.txt").write_text(docs[0])
     (tmp_path / "in/b.txt").write_text(docs[1])
-    (tmp_path / "in/sub/c.JSONL").write_text(  # extensions in any case (Windows tools write .TXT)
-        json.dumps({"body": docs[2], "id": 1}) + "\n\n" + json.dumps({"body": docs[3]}) + "\n")
+    (tmp_path / "in/sub/c.JSONL").write_text(  # extensions in any case (Windows tools write .TXT); BOMs of cat-ed files
+        json.dumps({"body": docs[2], "id": 1}) + "\n\n\ufeff" + json.dumps({"body": docs[3]}) + "\n")
     (tmp_path / "in/.hidden.txt").write_text("ignored")
     (tmp_path / "in/notes.md").write_text("ignored")
     (tmp_path / "last.txt").write_text(docs[4])

@@ -286,7 +286,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothi
     p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-3", check=False)
     assert p.returncode == 2 and p.stderr == (
         f"error: {out} is in use by another train.py (pid {first.pid} on {socket.gethostname()}): two runs in one "
-        f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run another out_dir\n")
+        f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run other folders "
+        f"(out_dir, checkpoint_dir)\n")
     # Another out_dir sharing the first run's checkpoint_dir is refused too.
     p = run_train(tmp_path / "other", bins, f"--checkpoint_dir={out / 'checkpoints'}", check=False)
     assert p.returncode == 2 and f"{out / 'checkpoints'} is in use by another train.py" in p.stderr
@@ -294,6 +295,14 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothi
     first.wait()
     p = run_train(out, bins, "--max_steps=4")
     assert "done: 4 steps" in p.stdout
+
+
+def test_one_folder_spelled_two_ways_is_locked_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = train.TrainConfig(out_dir="run", checkpoint_dir=str(tmp_path / "run"))  # relative and absolute
+    train.make_run_folders(cfg)
+    with train.run_lock(cfg):  # not refused by its own lock
+        assert (tmp_path / "run" / train.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")
 
 
 def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
@@ -562,7 +571,7 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     assert "nothing to train: the run is at step 8, and max_steps=6 ends it at step 6 (raise it" in p.stdout
 
 
-def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_starts_over(tmp_path, bins):
+def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_overwrites_the_history(tmp_path, bins):
     out, before, after = tmp_path / "out", tmp_path / "ck1", tmp_path / "ck2"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", f"--checkpoint_dir={before}")
     shutil.copy(before / "checkpoint_epoch1_step2.pt", out / "best_model.pt")  # its best model: an earlier step
@@ -571,13 +580,17 @@ def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_starts_over(
         f"error: {out / 'best_model.pt'} is at step 2, but its run kept its rotated checkpoints in {before}, with "
         f"newer ones there"), p.stderr
     assert p.stderr.endswith(f"resume with --checkpoint_dir={before} (or move them over)\n")
-    (out / "best_model.pt").unlink()  # no checkpoint in out_dir at all: a fresh start would overwrite the history
+    # A checkpoint named by path may start a branch in other folders.
+    branch = tmp_path / "branch"
+    p = run_train(branch, bins, "--max_steps=3", f"--resume_from_checkpoint={before / 'checkpoint_epoch1_step2.pt'}")
+    assert "resumed from" in p.stdout and final_state(branch)["step"] == 3
+    # No checkpoint in out_dir at all: a fresh start moves the run's history aside instead of overwriting it.
+    (out / "best_model.pt").unlink()
     history = (out / "eval_history.json").read_text()
-    p = run_train(out, bins, "--max_steps=6", f"--checkpoint_dir={after}", check=False)
-    assert p.returncode == 2 and (f"{out} holds the history of an earlier run (training_history.json, "
-                                  f"eval_history.json) but no checkpoint of it here or in {after}") in p.stderr
-    assert (out / "eval_history.json").read_text() == history
-    assert "done: 6 steps" in run_train(out, bins, "--max_steps=6", f"--checkpoint_dir={before}").stdout
+    p = run_train(out, bins, "--max_steps=2", f"--checkpoint_dir={after}")
+    assert f"warning: {out / 'eval_history.json'} held the history of an earlier run with no checkpoint here or " \
+           f"in {after}: moved to eval_history.json.earlier-" in p.stdout
+    assert [f.read_text() for f in out.glob("eval_history.json.earlier-*")] == [history]
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins):
