@@ -626,6 +626,15 @@ class Trainer:
         if self.plan.compile:
             self.train_model = hardware.compile_or_eager(
                 self.model, True, **({"mode": "reduce-overhead"} if self.plan.cuda_graphs else {}))
+        if self.plan.cuda_graphs:
+            # The backward graph's gradients live in the graphs' memory, which the next replay writes over: a
+            # parameter without .grad would take the first micro-batch's gradient tensor itself as its .grad,
+            # and the next micro-batch would overwrite it (pytorch/pytorch#96693). Gradients allocated once here
+            # and zeroed in place (_update) are added into instead: the same sums, bit for bit. (An out-of-memory
+            # back-off, the one place that frees them, turns the graphs off.)
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         if ddp.enabled:
             self.train_model = self.wrap_ddp(self.train_model)
         self.autocast = hardware.autocast(device_type, self.plan.dtype)
@@ -893,14 +902,6 @@ class Trainer:
     def _accumulate_and_update(self):
         total = torch.zeros((), device=self.device)
         oom = False
-        if self.plan.cuda_graphs:
-            # The backward graph's gradients live in the graphs' memory, which the next replay writes over: a
-            # parameter without .grad would take the first micro-batch's gradient tensor itself as its .grad,
-            # and the next micro-batch would overwrite it (pytorch/pytorch#96693). Gradients allocated once
-            # and zeroed in place (_update) are added into instead: the same sums, bit for bit.
-            for p in self.model.parameters():
-                if p.requires_grad and p.grad is None:
-                    p.grad = torch.zeros_like(p)
         for micro in range(self.accum):
             if self.stop.signum is not None and not self.ddp.enabled:
                 return None

@@ -63,13 +63,20 @@ def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins
     """The allocator capped at 1.5 GiB: the default-width model at 64 x 512 tokens per micro-batch needs more
     (~4 GB of activations), so train.py meets real CUDA OOMs, halves the micro-batch until it fits, and
     ends where a run with that micro-batch from the start ends."""
+    p = assert_capped_run_backs_off_to_the_result_of_its_micro_batch(tmp_path, bins, "--compile=False")
+    assert "out of memory: micro-batch now 32 x 2 accumulation steps" in p.stdout
+
+
+def assert_capped_run_backs_off_to_the_result_of_its_micro_batch(tmp_path, bins, *extra, graphs=()):
+    """The default-width model in fp32 at 64 x 512 tokens a micro-batch, with the allocator capped at 1.5 GiB (it
+    needs ~4 GB of activations), then a run with the micro-batch it backed off to from the start (and without
+    `graphs`, the capped run's own extra settings): both end alike. Returns the capped run's process."""
     common = ["--n_positions=512", "--max_length=512", "--n_embd=256", "--n_head=8", "--n_inner=1024",
-              "--n_layer=8", "--dtype=float32", "--compile=False", "--max_steps=2", "--save_steps=2"]
+              "--n_layer=8", "--dtype=float32", "--max_steps=2", "--save_steps=2", *extra]
     capped = tmp_path / "capped"
     cap = (1.5 * 2**30) / torch.cuda.get_device_properties(0).total_memory
-    p = run(capped, bins, *common, "--batch_size=64", "--gradient_accumulation_steps=1",
+    p = run(capped, bins, *common, *graphs, "--batch_size=64", "--gradient_accumulation_steps=1",
             prelude=f"import torch; torch.cuda.set_per_process_memory_fraction({cap!r})")
-    assert "out of memory: micro-batch now 32 x 2 accumulation steps" in p.stdout
     state = final_state(capped)
     batch, accum = state["batch_size"], state["gradient_accumulation_steps"]
     assert batch * accum == 64 and batch <= 32
@@ -77,6 +84,7 @@ def test_a_real_cuda_out_of_memory_backs_off_and_keeps_the_result(tmp_path, bins
     ref = final_state(tmp_path / "ref")
     for k, v in ref["model_state_dict"].items():
         torch.testing.assert_close(state["model_state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
+    return p
 
 
 def test_cuda_graph_training_accumulates_and_resumes_as_the_default_compiled_run(tmp_path, bins):
@@ -98,20 +106,9 @@ def test_cuda_graph_training_accumulates_and_resumes_as_the_default_compiled_run
 def test_a_real_cuda_out_of_memory_with_cuda_graphs_drops_them_and_goes_on(tmp_path, bins):
     """Out of memory (the allocator capped) while the graphs' step runs: they are dropped with their memory, the
     micro-batch backs off, and the run ends where a compiled run without graphs at that micro-batch ends."""
-    common = ["--n_positions=512", "--max_length=512", "--n_embd=256", "--n_head=8", "--n_inner=1024",
-              "--n_layer=8", "--dtype=float32", "--compile=True", "--max_steps=2", "--save_steps=2"]
-    capped = tmp_path / "capped"
-    cap = (1.5 * 2**30) / torch.cuda.get_device_properties(0).total_memory
-    p = run(capped, bins, *common, "--cuda_graphs=True", "--batch_size=64", "--gradient_accumulation_steps=1",
-            prelude=f"import torch; torch.cuda.set_per_process_memory_fraction({cap!r})")
+    p = assert_capped_run_backs_off_to_the_result_of_its_micro_batch(tmp_path, bins, "--compile=True",
+                                                                     graphs=["--cuda_graphs=True"])
     assert "out of memory: cuda_graphs off for the rest of this session" in p.stdout, p.stdout
-    state = final_state(capped)
-    batch, accum = state["batch_size"], state["gradient_accumulation_steps"]
-    assert batch * accum == 64 and batch <= 32
-    run(tmp_path / "ref", bins, *common, f"--batch_size={batch}", f"--gradient_accumulation_steps={accum}")
-    ref = final_state(tmp_path / "ref")
-    for k, v in ref["model_state_dict"].items():
-        torch.testing.assert_close(state["model_state_dict"][k], v, rtol=1e-4, atol=2e-5, msg=k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
