@@ -486,6 +486,16 @@ def _run(out_dir, splits, force, make, reusable=None):
         counts = ", ".join(f"{s} {meta['splits'][s]['tokens']:,}" for s in splits)
         print(f"{out_dir} is already prepared ({counts} tokens): nothing to do (--force redoes it)")
         return meta
+    created = not out_dir.exists()
+    try:
+        return _make(out_dir, splits, make)
+    finally:  # a preparation that failed leaves no empty folder of its making (a download's .part stays)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _make(out_dir, splits, make):
+    """_run's preparation proper: the bins, then meta.json."""
     tasks, total_bytes, meta, num_workers = make()
     # A stale meta.json must not vouch for the half-written bins of a run that gets killed, and a split this
     # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's.

@@ -414,7 +414,11 @@ def test_text_input_errors(tmp_path):
     (tmp_path / "tiny.txt").write_text("one line only\n")
     with pytest.raises(DataError, match="val split came out empty"):
         data.prepare_text([tmp_path / "tiny.txt"], tmp_path / "o", num_workers=1)
-    assert not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # no empty folder of its making is left behind
+    (tmp_path / "mine").mkdir()  # ...but a folder that was there stays
+    with pytest.raises(DataError, match="val split came out empty"):
+        data.prepare_text([tmp_path / "tiny.txt"], tmp_path / "mine", num_workers=1)
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
     (tmp_path / "u16.txt").write_text("what Windows PowerShell 5 writes\n", encoding="utf-16")
     with pytest.raises(DataError, match=r"u16.txt is UTF-16 text \(bad byte at offset 0\): convert it, e.g. "
                                         r"`iconv -f utf-16 -t utf-8`"):
