@@ -119,6 +119,21 @@ def test_find_dir_finds_attached_datasets_breadth_first(tmp_path):
     assert find_dir(tmp_path / "missing", "*.whl") is None
 
 
+def test_an_earlier_run_is_found_by_its_checkpoints(tmp_path):
+    find_earlier_run = helpers()["find_earlier_run"]
+    (tmp_path / "pretrained").mkdir()  # a best model alone: a dataset for init_from, not a run to continue
+    (tmp_path / "pretrained" / "best_model.pt").write_bytes(b"weights")
+    assert find_earlier_run(tmp_path) is None
+    # A session stopped before its first rotated save: its emergency checkpoint (or best model) and train.log.
+    for name in ("emergency_checkpoint.pt", "train.log"):
+        (tmp_path / "input" / "session1" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "input" / "session1" / name).write_text("x")
+    assert find_earlier_run(tmp_path) == tmp_path / "input" / "session1"
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "checkpoint_epoch1_step1000.pt").write_text("x")
+    assert find_earlier_run(tmp_path) == tmp_path / "run"  # breadth-first: the shallower one
+
+
 def test_run_all_headless_on_cpu(tmp_path):
     corpus = tmp_path / "corpus.txt"
     words = "the river runs past old mills and quiet farms while children play near the bridge".split()
