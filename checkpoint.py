@@ -209,6 +209,12 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False) + "\n")
 
 
+def atomic_copy(src, path):
+    """Copy file `src` to `path` atomically (see _atomic_write)."""
+    with open(src, "rb") as f:
+        _atomic_write(path, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+
+
 def atomic_save(obj, path):
     """torch.save `obj` to `path` atomically; a failed write raises CheckpointError, leaving `path` as it was."""
     _atomic_write(path, lambda f: torch.save(obj, f))
@@ -494,6 +500,22 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside t
         f"loaded (see warnings above; they are kept): {fix}")
 
 
+def best_of_its_run(path):
+    """The best_model.pt of checkpoint `path`'s run, found in the run's out_dir: the checkpoint's own folder (an
+    emergency checkpoint, a best model) or the one above (a rotated one in the default checkpoints/). It is the
+    one whose val loss is the checkpoint's best val loss, at or before its step; None if there is none."""
+    state = _read(path, "cpu", mmap=True)
+    best_loss, step = state.get("best_val_loss"), state["step"]
+    for folder in (Path(path).parent, Path(path).parent.parent):
+        try:
+            best = _read(folder / BEST_NAME, "cpu", mmap=True)
+        except CheckpointError:
+            continue
+        if best.get("val_loss") == best_loss and best["step"] <= step:
+            return folder / BEST_NAME
+    return None
+
+
 def checkpoints_after(checkpoint_dir, out_dir, step):
     """The readable checkpoint files (rotated, emergency, best) whose stored step is above step (what no
     run can resume from cannot be mixed up with one)."""
@@ -518,6 +540,18 @@ def find_model_checkpoint(spec, out_dir):
                               f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
                               f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")
     return path
+
+
+def load_model_checkpoint(spec, out_dir):
+    """(path, state) of find_model_checkpoint's checkpoint, loaded. For 'latest' (or 'auto') a file that is gone
+    by the time it is read, rotated away by the run still training there, is looked for again, once."""
+    for attempt in range(2):
+        path = find_model_checkpoint(spec, out_dir)
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError:
+            if attempt or spec not in ("latest", "auto") or path.exists():
+                raise
 
 
 def capture_rng_state():

@@ -38,7 +38,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 
 import hardware
-from checkpoint import CheckpointError, find_model_checkpoint, load_checkpoint
+from checkpoint import CheckpointError, load_model_checkpoint
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, load_checkpoint_model, load_hf
 from cli import fail, quiet_on_closed_pipe
@@ -58,8 +58,7 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     out_dir/best_model.pt. The config ({} for an HF folder) gives the default data_dir and context."""
     if model_dir:
         return load_hf(model_dir), {}, str(model_dir)
-    path = find_model_checkpoint(checkpoint, out_dir)
-    state = load_checkpoint(path)
+    path, state = load_model_checkpoint(checkpoint, out_dir)
     model = load_checkpoint_model(state)
     return model, state.get("config", {}), f"{path} (step {state.get('step', '?')})"
 

@@ -26,7 +26,7 @@ from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_wri
                         atomic_write_json, load_checkpoint, unwrapped_state_dict)
 from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
-from cli import fail, one_line
+from cli import fail, one_line, plural
 
 # HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -151,6 +151,11 @@ def _load_into(model, state_dict, source, config_source=None):
             raise ExportError(f"{config_source} and {source} disagree ({detail}): export or download the model "
                               f"again") from None
         raise ExportError(f"the weights in {source} do not fit {model.config}: {detail}") from None
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"the weights in {source} are not all finite (NaN or inf in {len(bad)} "
+                          f"{plural(len(bad), 'tensor')}, {bad[0]} first): its run diverged; use an earlier "
+                          f"checkpoint")
 
 
 def load_hf(hf_dir):
@@ -307,7 +312,11 @@ def export_hf(source, out_dir):
     _remove_stale_exports(out_dir)
     # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:  # a read-only folder (a Kaggle input): name out_dir, not the temp folder
+        raise ExportError(f"cannot write in {out_dir.parent}: {e.strerror}; pick another OUT_DIR (on Kaggle: under "
+                          f"/kaggle/working)") from None
     try:
         atomic_write_json(tmp / "config.json", hf_config(config))
         atomic_write_bytes(tmp / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": "pt"}))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from cli import one_line
+from cli import one_line, plural
 
 CU126_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu126"
 CU128_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu128"
@@ -508,7 +508,7 @@ def describe(facts, plan):
         cap = facts.capability
         what = f"{facts.device} {facts.name} (capability {cap[0]}.{cap[1]}, {gib}{extra})"
     elif facts.type == "cpu":
-        what = f"cpu {facts.name} ({facts.cpu_threads} threads, {gib} RAM)"
+        what = f"cpu {facts.name} ({facts.cpu_threads} {plural(facts.cpu_threads, 'thread')}, {gib} RAM)"
     else:
         what = f"{facts.device} {facts.name} ({gib} shared)"
     if facts.torch_version:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import hardware
-from checkpoint import CheckpointError, find_model_checkpoint
+from checkpoint import CheckpointError, load_model_checkpoint
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from export_hf import ExportError, load_checkpoint_model, load_hf
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
@@ -34,7 +34,7 @@ class SampleError(Exception):
 def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
     resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
-    model = load_hf(model_dir) if model_dir else load_checkpoint_model(find_model_checkpoint(checkpoint, out_dir))
+    model = load_hf(model_dir) if model_dir else load_checkpoint_model(load_model_checkpoint(checkpoint, out_dir)[1])
     try:
         check_tokenizer_fits(model.config.vocab_size)
     except DataError as e:

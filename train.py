@@ -23,6 +23,7 @@ import shlex
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -121,18 +122,28 @@ def setting_comments():
 SETTING_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
+def unknown_setting(name, fix=None):
+    """The ConfigError for a name that is no setting: the closest setting, else `fix` (if given)."""
+    close = difflib.get_close_matches(name, SETTING_TYPES, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    fix = fix if fix and not close else "`python train.py --help` lists them all"
+    if name == "config":
+        hint = " (a config file is named without a flag: python train.py config/kaggle_t4.py --name=value)"
+    return ConfigError(f"unknown setting '{name}'{hint}; {fix}")
+
+
 def check_setting(name, value):
     """Return value checked against the TrainConfig field's type; ConfigError otherwise."""
     if name not in SETTING_TYPES:
-        close = difflib.get_close_matches(name, SETTING_TYPES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"unknown setting '{name}'{hint}; `python train.py --help` lists them all")
+        raise unknown_setting(name)
     expected = SETTING_TYPES[name]
     if expected is object:  # compile: 'auto', True or False
         if value in ("auto", True, False):
             return value
         raise ConfigError(f"{name} must be 'auto', True or False, got {value!r}")
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # 1e999 parses as inf
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
         return float(value)
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # --max_runtime=3600 or --sample_prompt=1984 parse as numbers
@@ -147,6 +158,20 @@ def parse_value(text):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
+
+
+def refuse_what_sets_nothing(path):
+    """A config file written as YAML (`name: value`, a valid Python annotation) or JSON (a dict expression) runs
+    without setting anything: a ConfigError naming the line instead. Syntax errors are left to running it."""
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (SyntaxError, ValueError):
+        return
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and node.value is None or isinstance(node, ast.Expr) and isinstance(
+                node.value, (ast.Dict, ast.Set, ast.List)):
+            raise ConfigError(f"config file '{path}' line {node.lineno} sets nothing (YAML or JSON?); write plain "
+                              f"Python: name = value lines")
 
 
 def load_config(argv):
@@ -166,6 +191,7 @@ def load_config(argv):
             if not path.is_file():
                 raise ConfigError(f"config file '{arg}' not found; the shipped ones are in config/")
             # The file runs in its own namespace; its public, non-module names are settings.
+            refuse_what_sets_nothing(path)
             try:
                 namespace = runpy.run_path(str(path))
             except Exception as e:  # a typo in the file: say where, in one line
@@ -175,8 +201,13 @@ def load_config(argv):
                 detail = f"SyntaxError: {e.msg}" if isinstance(e, SyntaxError) else one_line(e)
                 raise ConfigError(f"config file '{arg}'{f' line {line}' if line else ''}: {detail}; fix the file "
                                   f"(it is plain Python: name = value lines)") from None
-            file_values.update({name: value for name, value in namespace.items()
-                                if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)})
+            values = {name: value for name, value in namespace.items()
+                      if not name.startswith("_") and not inspect.ismodule(value) and not callable(value)}
+            unknown = [name for name in values if name not in SETTING_TYPES]
+            if unknown:
+                fix = f"a name of the file's own, not a setting, starts with _ (as _{unknown[0]})"
+                raise ConfigError(f"config file '{arg}': {unknown_setting(unknown[0], fix)}")
+            file_values.update(values)
     checked = {name: check_setting(name, value) for name, value in {**file_values, **cli_values}.items()}
     for name in ("data_dir", "out_dir", "checkpoint_dir", "init_from"):  # --out_dir=~/runs: no shell expands that ~
         if name in checked and checked[name].startswith("~"):
@@ -218,8 +249,11 @@ def check_accumulation(cfg, world_size):
     """Each of world_size processes takes an equal share of the accumulation steps."""
     if cfg.gradient_accumulation_steps % world_size:
         fit = -(-cfg.gradient_accumulation_steps // world_size) * world_size
+        per_step = cfg.batch_size * cfg.gradient_accumulation_steps
+        keep = (f" --batch_size={per_step // fit} (the same {per_step} sequences per step)"
+                if per_step % fit == 0 and per_step // fit != cfg.batch_size else "")
         raise ConfigError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by "
-                          f"the number of processes ({world_size}): use --gradient_accumulation_steps={fit}")
+                          f"the number of processes ({world_size}): use --gradient_accumulation_steps={fit}{keep}")
 
 
 def validate(cfg, world_size=1):
@@ -474,9 +508,13 @@ def make_run_folders(cfg):
     for folder in run_folders(cfg):
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):  # a folder that exists may still refuse files (read-only)
+                pass
         except OSError as e:
-            raise ConfigError(f"cannot create {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
-                              f"a writable folder (on Kaggle: under /kaggle/working)") from None
+            hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
+                    if folder != Path(cfg.out_dir) else "")
+            raise ConfigError(f"cannot write in {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
+                              f"a writable folder (on Kaggle: under /kaggle/working){hint}") from None
 
 
 LOCK_NAME = ".train.lock"
@@ -609,13 +647,15 @@ class Trainer:
         # checkpoint takes the state as it is.
         self.step_start = (None, None)
 
-        if resume is not None:
-            self.restore(resume)
         if cfg.resume_from_checkpoint not in ("auto", "latest"):  # those resume the newest, or find none
             self.refuse_newer_checkpoints(resume)
+        if resume is not None:
+            self.restore(resume)
         if ddp.enabled and min_over_ranks(self.step, ddp, self.device) != -min_over_ranks(-self.step, ddp, self.device):
             raise ConfigError("the processes found different checkpoints to resume from: on several machines, "
                               "out_dir and checkpoint_dir must be on a filesystem that every node shares")
+        if resume is not None:
+            self.carry_over_its_run(resume)  # (after the check above: it has every rank agree)
         if resume is None:
             if init_source is not None:
                 self.model.load_state_dict(init_source.state_dict())
@@ -735,15 +775,15 @@ class Trainer:
     def refuse_newer_checkpoints(self, resume):
         """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be
         auto-resumed into checkpoints beyond its own start."""
-        newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, self.step if resume else -1)
-                 if p != resume]
+        step = ckpt.peek_step(resume) if resume else -1
+        newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, step) if p != resume]
         if not newer:
             return
         names = ", ".join(str(p) for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
         if resume is None:
             raise ConfigError(f"{names} hold an earlier run: a fresh run here would overwrite or rotate them away; "
                               f"resume it (resume_from_checkpoint='auto'), use another out_dir, or move them away")
-        raise ConfigError(f"resuming from {resume} at step {self.step}, but {names} are further on: this run would mix "
+        raise ConfigError(f"resuming from {resume} at step {step}, but {names} are further on: this run would mix "
                           f"with them (rotation, best_model.pt, later 'auto' resumes); move them away first")
 
     def restore(self, path):
@@ -814,7 +854,39 @@ class Trainer:
                 # rank's dropout stream starts from a seed of its own (the data order is shared and exact)
                 torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
         del state  # nothing of it stays on the GPU (map_location='cpu')
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch + 1})")
+        epoch = (self.step // self.steps_per_epoch + 1 if self.step < self.total_steps  # the epoch it goes on in,
+                 else max(1, math.ceil(self.step / self.steps_per_epoch)))  # or, with nothing left, its last one
+        self.log(f"resumed from {path} at step {self.step} (epoch {epoch})")
+
+    def carry_over_its_run(self, resume):
+        """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy) into an out_dir with no
+        best model: the best_model.pt and histories of the checkpoint's run come along, so that best_model.pt,
+        final_model/ and the curves stay the whole run's. Without that best model the best starts over from here,
+        with a warning (else no best_model.pt would be written until the old best val loss is beaten)."""
+        own = {folder.resolve() for folder in (self.out_dir, self.checkpoint_dir)}
+        needed = (self.ddp.master and math.isfinite(self.best_val_loss) and resume.parent.resolve() not in own
+                  and not (self.out_dir / ckpt.BEST_NAME).exists())
+        if not any_rank(needed, self.ddp, self.device):  # rank 0 decides: the others may see its copy already
+            return
+        best = ckpt.best_of_its_run(resume) if self.ddp.master else None
+        carried = False
+        if best is not None:
+            try:  # the histories first: the best model copied marks the carry-over as done
+                for name in ("training_history.json", "eval_history.json"):
+                    if _has_records(best.parent / name) and not _has_records(self.out_dir / name):
+                        ckpt.atomic_copy(best.parent / name, self.out_dir / name)
+                ckpt.atomic_copy(best, self.out_dir / ckpt.BEST_NAME)
+                carried = True
+                self.log(f"resume: copied {best} (val loss {self.best_val_loss:.4f}) and its run's histories "
+                         f"to {self.out_dir}")
+            except (OSError, ckpt.CheckpointError) as e:
+                self.log(f"warning: could not copy {best} to {self.out_dir}: {e}")
+        if not any_rank(carried, self.ddp, self.device):
+            if self.ddp.master:
+                self.log(f"warning: the run of {resume} had a best val loss of {self.best_val_loss:.4f}, but its "
+                         f"best_model.pt is not beside it: best_model.pt (and final_model/) in {self.out_dir} will "
+                         f"be the best from step {self.step} on")
+            self.best_val_loss = float("inf")
 
     # checkpoints -------------------------------------------------------------------------------
     def state(self, data_state=None, rng_state=None, after_step_pending=False):
@@ -1034,6 +1106,9 @@ class Trainer:
     def sample(self):
         if not self.cfg.sample_prompt or not self.ddp.master or self.cfg.vocab_size < N_VOCAB:
             return  # (a model smaller than the GPT-2 vocabulary, on data of its own ids, has no text to show)
+        if not math.isfinite(self.val_loss):  # weights gone NaN: nothing to draw from (multinomial would raise)
+            self.log("sample: none, the model's outputs are not finite")
+            return
         enc = get_tokenizer()
         idx = torch.tensor([enc.encode_ordinary(self.cfg.sample_prompt)], device=self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
@@ -1091,7 +1166,8 @@ class Trainer:
 
     def end_epoch(self):
         epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
-        train_loss = self.epoch_loss_sum / max(1, self.epoch_loss_count)
+        # (no finite loss in the whole epoch: nan, written as null, not a mean of 0)
+        train_loss = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else float("nan")
         val = self.val_loss if self.val_loss is not None else float("nan")
         done = self.step - (epoch - 1) * self.steps_per_epoch
         what = "done" if done == self.steps_per_epoch else f"ended after {done} of its {self.steps_per_epoch} steps"
@@ -1115,7 +1191,7 @@ class Trainer:
                  f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
                  f"{plural(self.ddp.world_size, 'process', 'processes')}")
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
-                 f"{self.total_steps} steps in all")
+                 f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
 
     # the loop ----------------------------------------------------------------------------------
     def run(self):
@@ -1174,9 +1250,10 @@ class Trainer:
                 bar.update(1)
                 self.tracker.log(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
                                              "train/tokens_per_s": tok_s, **gpu_memory(self.device_type)})
-                if bar.disable and ddp.master and self.step % cfg.log_steps == 0:
-                    self.log(f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
-                             f"{memory_note(self.device_type)}".rstrip())
+                if ddp.master and self.step % cfg.log_steps == 0:  # with a bar on screen: train.log's only
+                    (self.log if bar.disable else self.log.record)(
+                        f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
+                        f"{memory_note(self.device_type)}".rstrip())
                 if session_steps == 10:
                     left = (self.total_steps - self.step) * self.tokens_per_step / tok_s
                     self.log(f"estimated time left: {fmt_duration(left)} at {tok_s:,.0f} tokens/s")
@@ -1185,6 +1262,8 @@ class Trainer:
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
                     final_saved = self.save("rotated")
+                    if not final_saved and (last or out_of_time):  # a session's end must be on disk: out_dir then
+                        final_saved = self.save("emergency")
                 if self.step == self.test_error_after:
                     raise RuntimeError(f"injected: an error after step {self.step}")
                 if out_of_time and not last:
@@ -1208,8 +1287,8 @@ class Trainer:
             newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
             if newest is None or newest[0] < self.step:  # not a success to a script or a notebook
                 self.log(f"error: the last checkpoint (step {self.step}) could not be saved (see the warning above); "
-                         f"{self.newest_note(newest)}. Free disk space and run the same command again to redo those "
-                         f"steps")
+                         f"{self.newest_note(newest)}. Fix what the warnings say (free disk space, a folder that can be "
+                         f"written) and run the same command again to redo those steps")
                 return 1
         return 0
 
@@ -1250,9 +1329,11 @@ class Trainer:
         # epoch record and best-model save are due, and a resume does them first.
         saved = self.save("emergency", after_step_pending=True)
         hint = " fp16 runs are known to overflow after many steps: rerun with --dtype=float32 (or bfloat16 on an A100/L4/H100)." \
-            if self.plan.dtype == "float16" else " lower learning_rate or raise warmup_steps."
+            if self.plan.dtype == "float16" else (
+            " They may have diverged already: to go back, move it (and any checkpoint after the loss rose) aside and "
+            "resume with a lower learning_rate or more warmup_steps, or start afresh.")
         self.log(f"error: {count} non-finite losses in a row at step {self.step}; stopped. "
-                 f"{self.kept_note(saved, 'the last good weights')}.{hint}")
+                 f"{self.kept_note(saved, 'the last weights with a finite loss')}.{hint}")
         return 3
 
     def kept_note(self, saved, what="the last completed step"):
@@ -1268,7 +1349,7 @@ class Trainer:
         if newest == ():
             newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir) if self.ddp.master else None
         if newest is None:
-            return "there is no other checkpoint: free disk space"
+            return "there is no other checkpoint"
         return f"the newest on disk is {newest[1]} (step {newest[0]}), a resume repeats the steps after it"
 
     def finish(self):
@@ -1279,11 +1360,13 @@ class Trainer:
             best = self.out_dir / "best_model.pt"
             try:
                 export_hf.export_hf(best if best.exists() else self.state(), self.out_dir / "final_model")
-                self.log(f"exported {self.out_dir / 'final_model'} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
+                what = "best_model.pt" if best.exists() else "the last weights: no best_model.pt yet"
+                self.log(f"exported {self.out_dir / 'final_model'} from {what} (HuggingFace GPT2LMHeadModel + "
+                         f"GPT2Tokenizer)")
             except Exception as e:
                 self.log(f"warning: could not export final_model/: {e}")
         best = f"best val loss {self.best_val_loss:.4f}" if math.isfinite(self.best_val_loss) else "no evaluation yet"
-        self.log(f"done: {self.step} steps, {best} in {fmt_duration(self.elapsed())}")
+        self.log(f"done: {self.step} {plural(self.step, 'step')}, {best} in {fmt_duration(self.elapsed())}")
 
 
 def main(argv):

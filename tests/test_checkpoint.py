@@ -634,3 +634,21 @@ def test_a_run_without_a_best_model_yet_points_at_its_checkpoints(tmp_path):
                                               r"latest \(the newest of them\)"):
         ck.find_model_checkpoint(None, tmp_path)
     assert ck.find_model_checkpoint("latest", tmp_path) == ck.checkpoint_path(tmp_path / "checkpoints", 0, 40)
+
+
+def test_latest_looks_again_when_its_checkpoint_is_rotated_away_before_it_is_read(tmp_path, monkeypatch):
+    ck.save_checkpoint(state(40), tmp_path / "checkpoints", keep=1)
+    real_load, loads = ck.load_checkpoint, []
+
+    def a_run_rotates_first(path, map_location="cpu"):  # what a run still training there does, between the two
+        if not loads:
+            ck.save_checkpoint(state(50), tmp_path / "checkpoints", keep=1)  # step 40's file is deleted
+        loads.append(path)
+        return real_load(path, map_location)
+
+    monkeypatch.setattr(ck, "load_checkpoint", a_run_rotates_first)
+    path, loaded = ck.load_model_checkpoint("latest", tmp_path)
+    assert loaded["step"] == 50 and path == ck.checkpoint_path(tmp_path / "checkpoints", 0, 50)
+    assert [p.name for p in loads] == ["checkpoint_epoch0_step40.pt", "checkpoint_epoch0_step50.pt"]
+    with pytest.raises(CheckpointError, match="no checkpoint at .*gone.pt"):  # a path is not looked for again
+        ck.load_model_checkpoint(str(tmp_path / "gone.pt"), tmp_path)

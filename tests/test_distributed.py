@@ -113,7 +113,7 @@ def test_an_out_dir_that_cannot_be_created_is_said_once_before_connecting(tmp_pa
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     out = p.stdout + p.stderr
     assert p.returncode != 0
-    assert out.count(f"error: cannot create {out_dir}: Not a directory; point out_dir") == 1
+    assert out.count(f"error: cannot write in {out_dir}: Not a directory; point out_dir") == 1
     assert "gloo" not in out.lower() and "Connection" not in out  # no rank lost its peer mid-collective
 
 

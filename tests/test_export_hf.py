@@ -18,7 +18,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, GPT2Tokenizer, 
 import export_hf
 from checkpoint import load_checkpoint
 from data import EOT_TOKEN, get_tokenizer, gpt2_bpe_files
-from export_hf import ExportError, export_hf as export, from_hf_state_dict, load_hf, to_hf_state_dict
+from export_hf import (ExportError, export_hf as export, from_hf_state_dict, load_checkpoint_model, load_hf,
+                       to_hf_state_dict)
 from model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -304,6 +305,13 @@ def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
         export(randomized(SMALL), tmp_path / "out" / "best_model.pt" / "hf")
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs sysfs (Linux): a folder that takes no files")
+def test_an_export_into_a_read_only_folder_names_that_folder():
+    with pytest.raises(ExportError, match=r"^cannot write in /sys: .*; pick another OUT_DIR \(on Kaggle: under "
+                                          r"/kaggle/working\)$"):
+        export(randomized(SMALL), "/sys/final_model")
+
+
 def test_export_into_the_current_folder(tmp_path, monkeypatch):
     export(randomized(SMALL, seed=1), tmp_path / "m")
     monkeypatch.chdir(tmp_path / "m")
@@ -411,6 +419,20 @@ def test_cli_export_then_import_round_trip(tmp_path):
     assert GPTConfig.from_dict(ckpt["config"]) == model.config
     sd = model.state_dict()
     assert all(torch.equal(sd[k], ckpt["model_state_dict"][k]) for k in sd)
+
+
+def test_a_diverged_model_is_refused_in_one_line(tmp_path):
+    model = randomized(SMALL)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[3, 5] = float("nan")
+    write_checkpoint(tmp_path / "diverged.pt", model)
+    with pytest.raises(ExportError, match=r"^the weights in .*diverged.pt are not all finite \(NaN or inf in 1 tensor, "
+                                          r"transformer.h.1.mlp.c_fc.weight first\): its run diverged; use an earlier "
+                                          r"checkpoint$"):
+        load_checkpoint_model(tmp_path / "diverged.pt")
+    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", tmp_path / "diverged.pt"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not all finite" in result.stderr
 
 
 def test_cli_bias_false_is_a_one_line_error(tmp_path):

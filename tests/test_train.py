@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -136,6 +138,25 @@ def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message
     train.validate(train.TrainConfig(learning_rate=0.0))  # a frozen run: min_lr has nothing to be above
 
 
+def test_config_files_that_set_nothing_or_name_no_setting_are_refused(tmp_path):
+    config = tmp_path / "mine.py"
+    for text, message in (  # YAML's `name: value` is a Python annotation and JSON a dict: both run, setting nothing
+            ("max_steps = 2\nlearning_rate: 3e-4\n", "line 2 sets nothing (YAML or JSON?); write plain Python: name ="),
+            ('{"learning_rate": 3e-4}\n', "line 1 sets nothing (YAML or JSON?)"),
+            ("total = 64\nbatch_size = total // 8\n", "unknown setting 'total'; a name of the file's own, not a "
+                                                         "setting, starts with _ (as _total)")):
+        config.write_text(text)
+        with pytest.raises(train.ConfigError) as e:
+            train.load_config([str(config)])
+        assert str(e.value).startswith(f"config file '{config}'") and message in str(e.value)
+    config.write_text("_total = 64\nbatch_size = _total // 8\n")
+    assert train.load_config([str(config)])[0].batch_size == 8
+    for arg, message in (("--learning_rate=1e999", "learning_rate must be a finite number, got inf"),
+                         ("--config=mine.py", "unknown setting 'config' (a config file is named without a flag")):
+        with pytest.raises(train.ConfigError, match=re.escape(message)):
+            train.load_config([arg])
+
+
 def test_a_home_folder_in_a_path_setting_is_expanded():
     cfg, _ = train.load_config(["--out_dir=~/runs/a", "--data_dir=~/data", "--checkpoint_dir=/ckpt/~x"])
     assert (cfg.out_dir, cfg.data_dir) == (os.path.expanduser("~/runs/a"), os.path.expanduser("~/data"))
@@ -153,8 +174,15 @@ def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, b
                                                  f"plain Python: name = value lines)\n"
     (tmp_path / "a_file").write_text("")
     p = run_train(tmp_path / "a_file" / "run", bins, check=False)  # no folder can be made under a file
-    assert p.returncode == 2 and p.stderr == f"error: cannot create {tmp_path / 'a_file' / 'run'}: Not a directory; " \
+    assert p.returncode == 2 and p.stderr == f"error: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory; " \
         "point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under /kaggle/working)\n"
+    if Path("/sys/kernel").is_dir():  # Linux
+        # A folder that exists but takes no files (sysfs; a Kaggle input is read-only the same way), refused at the
+        # start: else every save of the run would fail.
+        p = run_train(tmp_path / "run", bins, "--checkpoint_dir=/sys", check=False)
+        assert p.returncode == 2 and p.stderr.startswith("error: cannot write in /sys: "), p.stderr
+        assert p.stderr.endswith("(to resume from checkpoints in a read-only folder, name one with "
+                                 "--resume_from_checkpoint=PATH)\n") and len(p.stderr.splitlines()) == 1
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -177,27 +205,60 @@ def test_train_log_takes_undecodable_text(tmp_path, capsys):
 
 def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, bins):
     out = tmp_path / "out"
-    for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt"):  # the step-4 saves fail
+    # the step-4 saves fail: the rotated one, the best model, and the emergency checkpoint tried in its place
+    for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt", "emergency_checkpoint.pt"):
         (out / blocked / "in the way").mkdir(parents=True)
     p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
     assert p.returncode == 1, p.stderr
     newest = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
     assert p.stdout.splitlines()[-1] == (
         f"error: the last checkpoint (step 4) could not be saved (see the warning above); the newest on disk is "
-        f"{newest} (step 2), a resume repeats the steps after it. Free disk space and run the same command again "
-        f"to redo those steps")
-    # Where best_model.pt holds the last step after all, the run is whole: a success.
+        f"{newest} (step 2), a resume repeats the steps after it. Fix what the warnings say (free disk space, a "
+        f"folder that can be written) and run the same command again to redo those steps")
+    # Where the rotated save fails at the end, the emergency checkpoint in out_dir holds the last step: a success.
     again = tmp_path / "again"
-    (again / "checkpoints" / "checkpoint_epoch1_step4.pt" / "in the way").mkdir(parents=True)
+    for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt"):
+        (again / blocked / "in the way").mkdir(parents=True)
     p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
     assert p.returncode == 0 and "warning: could not save" in p.stdout
-    assert ckpt.load_checkpoint(again / "best_model.pt")["step"] == 4
+    assert f"saved {again / 'emergency_checkpoint.pt'}" in p.stdout
+    assert ckpt.load_checkpoint(again / "emergency_checkpoint.pt")["step"] == 4
+
+
+def run_train_on_a_terminal(out_dir, bins, *extra):
+    """run_train with stderr, where tqdm draws its bar, on a pseudo-terminal: (process, what the terminal got)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: _read_or_empty(master), b"")))
+    reader.start()
+    try:
+        p = subprocess.run(train_cmd(out_dir, bins, *extra), stdout=subprocess.PIPE, stderr=slave, text=True,
+                           cwd=ROOT, timeout=300)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    assert p.returncode == 0, p.stdout
+    return p, b"".join(got).decode(errors="replace")
+
+
+def _read_or_empty(fd):
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError:  # EIO: the terminal's other end is closed
+        return b""
 
 
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
-    p = run_train(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3", "--max_checkpoints=2",
-                  "--export_final_model=True", "--tensorboard=True")
+    p, terminal = run_train_on_a_terminal(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3",
+                                          "--max_checkpoints=2", "--export_final_model=True", "--tensorboard=True")
+    assert "22/22 [" in terminal and "step 22/22" not in p.stdout  # the progress bar, not the step lines
     # 2700 train tokens... 3000 // 33 = 90 windows, 8 per step -> 11 steps per epoch, 22 in all.
     assert "11 steps per epoch, 22 steps in all" in p.stdout
     kept = ckpt.list_checkpoints(out / "checkpoints")
@@ -593,6 +654,27 @@ def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_overwrites_t
     assert [f.read_text() for f in out.glob("eval_history.json.earlier-*")] == [history]
 
 
+def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(tmp_path, bins):
+    src, out = tmp_path / "src", tmp_path / "out"
+    run_train(src, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
+    # The earlier session's output, read where it is (a Kaggle input), resumed into a new out_dir.
+    p = run_train(out, bins, "--max_steps=4", f"--resume_from_checkpoint={src / 'checkpoints' / 'checkpoint_epoch1_step4.pt'}")
+    assert f"resume: copied {src / 'best_model.pt'}" in p.stdout, p.stdout
+    for name in ("best_model.pt", "eval_history.json", "training_history.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    # The checkpoint alone: the best starts over from its step (else, on a val split where the run does worse,
+    # there would be no best_model.pt at all), with a warning.
+    lone, worse = tmp_path / "lone", tmp_path / "worse"
+    lone.mkdir()
+    shutil.copy(src / "checkpoints" / "checkpoint_epoch1_step2.pt", lone)
+    shutil.copytree(bins, worse)
+    np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
+    p = run_train(tmp_path / "out2", worse, "--max_steps=4", "--eval_steps=2",
+                  f"--resume_from_checkpoint={lone / 'checkpoint_epoch1_step2.pt'}")
+    assert "but its best_model.pt is not beside it: best_model.pt (and final_model/) in" in p.stdout, p.stdout
+    assert ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["step"] == 4
+
+
 def test_a_resume_on_other_data_is_refused(tmp_path, bins):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100")
@@ -649,6 +731,12 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
     assert "3 non-finite losses in a row at step 4" in many.stdout
     assert ckpt.load_checkpoint(tmp_path / "many" / "emergency_checkpoint.pt")["step"] == 4
 
+    # Weights blown up for real (a learning rate of 1e30): the evaluation's sample is skipped, not a traceback.
+    blown = run_train(tmp_path / "blown", bins, "--max_steps=10", "--max_nonfinite=2", "--eval_steps=2",
+                      "--learning_rate=1e30", "--min_lr=0", "--warmup_steps=0", "--sample_prompt=The", check=False)
+    assert blown.returncode == 3 and "Traceback" not in blown.stderr, blown.stderr
+    assert "step 2: val loss nan" in blown.stdout and "sample: none, the model's outputs are not finite" in blown.stdout
+
 
 def test_a_nonfinite_stop_at_an_epochs_end_keeps_its_evaluation_and_record(tmp_path, bins):
     """Stopped by non-finite losses at step 11, an epoch's end, then resumed: the evaluation, epoch record and
@@ -658,7 +746,8 @@ def test_a_nonfinite_stop_at_an_epochs_end_keeps_its_evaluation_and_record(tmp_p
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run_train(straight, bins, *common, env=nan)
     p = run_train(stopped, bins, *common, "--max_nonfinite=1", env=nan, check=False)
-    assert p.returncode == 3 and f"{stopped / 'emergency_checkpoint.pt'} holds the last good weights" in p.stdout
+    assert p.returncode == 3 and (f"{stopped / 'emergency_checkpoint.pt'} holds the last weights with a finite loss. "
+                                  f"They may have diverged already") in p.stdout
     state = ckpt.load_checkpoint(stopped / "emergency_checkpoint.pt")
     assert state["step"] == 11 and state["after_step_pending"]
     p = run_train(stopped, bins, *common, env=nan)
