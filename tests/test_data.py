@@ -282,7 +282,7 @@ def test_corrupted_download_is_detected_and_deleted(tmp_path, server, wikitext_z
     proc = run_cli("wikitext103", "--url", server.url("/wikitext-103-raw-v1.zip"), "--out_dir", out,
                    "--sha256", hashlib.sha256(zip_path.read_bytes()).hexdigest())
     assert_one_line_error(proc, "sha256", "corrupt")
-    assert not list(out.iterdir())  # no zip, no .part, no bins, no meta.json
+    assert not out.exists()  # no zip, no .part, no bins, no meta.json: not even the folder it made
 
 
 def test_wrong_size_is_detected(tmp_path, server, wikitext_zip):
@@ -347,7 +347,7 @@ def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
             z.writestr(f"wikitext-2-raw/{member}", b" = A = \n fine \n" * 2000 + bad)
     with pytest.raises(DataError, match=r"wiki.test.raw is not UTF-8 text \(bad byte at offset 30000\)"):
         data.prepare_wikitext("wikitext2", tmp_path / "out", source=not_utf8, num_workers=2)
-    assert list((tmp_path / "out").iterdir()) == []  # train/val were done, yet no bin, .tmp or meta.json remains
+    assert not (tmp_path / "out").exists()  # train/val were done, yet no bin, .tmp or meta.json (nor folder) remains
     damaged = tmp_path / "damaged.zip"  # a readable directory, but compressed bytes that do not inflate
     with zipfile.ZipFile(damaged, "w", compression=zipfile.ZIP_DEFLATED) as z:
         for member in data.WIKITEXT_SPLITS:
