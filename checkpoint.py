@@ -500,13 +500,28 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside t
         f"loaded (see warnings above; they are kept): {fix}")
 
 
+def copy_as_rotated(path, checkpoint_dir):
+    """Copy checkpoint `path` into checkpoint_dir as checkpoint_epoch{E}_step{S}.pt (unless that file is there
+    already); returns that path. CheckpointError if it cannot be read or written."""
+    state = _read(path, "cpu", mmap=True)
+    target = checkpoint_path(checkpoint_dir, state["epoch"], state["step"])
+    if not target.exists():
+        try:
+            atomic_copy(path, target)
+        except OSError as e:  # reading `path` (a write's failure is a CheckpointError already)
+            raise _save_error(target, e) from e
+    return target
+
+
 def best_of_its_run(path):
     """The best_model.pt of checkpoint `path`'s run, found in the run's out_dir: the checkpoint's own folder (an
-    emergency checkpoint, a best model) or the one above (a rotated one in the default checkpoints/). It is the
-    one whose val loss is the checkpoint's best val loss, at or before its step; None if there is none."""
+    emergency checkpoint, a best model), the one above (a rotated one in the default checkpoints/) or the out_dir
+    its config names. It is the one whose val loss is the checkpoint's best val loss, at or before its step; None
+    if there is none."""
     state = _read(path, "cpu", mmap=True)
     best_loss, step = state.get("best_val_loss"), state["step"]
-    for folder in (Path(path).parent, Path(path).parent.parent):
+    named = (state.get("config") or {}).get("out_dir")
+    for folder in (Path(path).parent, Path(path).parent.parent, *([Path(named).expanduser()] if named else [])):
         try:
             best = _read(folder / BEST_NAME, "cpu", mmap=True)
         except CheckpointError:

@@ -10,6 +10,7 @@ TokenBins reads them back as (x, y) batches for train.py.
 """
 
 import argparse
+import contextlib
 import hashlib
 import http.client
 import importlib.util
@@ -491,7 +492,8 @@ def _run(out_dir, splits, force, make, reusable=None):
         return _make(out_dir, splits, make)
     finally:  # a preparation that failed leaves no empty folder of its making (a download's .part stays)
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+            with contextlib.suppress(OSError):  # (never in the way of the error that got here)
+                out_dir.rmdir()
 
 
 def _make(out_dir, splits, make):

@@ -59,7 +59,7 @@ def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     if model_dir:
         return load_hf(model_dir), {}, str(model_dir)
     path, state = load_model_checkpoint(checkpoint, out_dir)
-    model = load_checkpoint_model(state)
+    model = load_checkpoint_model(state, name=path)
     return model, state.get("config", {}), f"{path} (step {state.get('step', '?')})"
 
 

@@ -151,7 +151,8 @@ def _load_into(model, state_dict, source, config_source=None):
             raise ExportError(f"{config_source} and {source} disagree ({detail}): export or download the model "
                               f"again") from None
         raise ExportError(f"the weights in {source} do not fit {model.config}: {detail}") from None
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    # (named_parameters: the head tied to the embedding counted once)
+    bad = [k for k, v in model.named_parameters() if not torch.isfinite(v).all()]
     if bad:
         raise ExportError(f"the weights in {source} are not all finite (NaN or inf in {len(bad)} "
                           f"{plural(len(bad), 'tensor')}, {bad[0]} first): its run diverged; use an earlier "
@@ -203,16 +204,17 @@ def load_hf(hf_dir):
     return model.eval()
 
 
-def load_checkpoint_model(source):
-    """A GPT (CPU, fp32, eval mode) with the weights of a checkpoint path or dict (as train.py writes them).
+def load_checkpoint_model(source, name=None):
+    """A GPT (CPU, fp32, eval mode) with the weights of a checkpoint path or dict (as train.py writes them);
+    name: what messages call a dict (its file, where it was read from one).
 
     CheckpointError for a missing or unreadable file, ExportError for an invalid config or weights that
     do not fit it.
     """
     ckpt = source if isinstance(source, dict) else load_checkpoint(source)
+    where = (name or "the checkpoint") if isinstance(source, dict) else source
     if "model_state_dict" not in ckpt or "config" not in ckpt:
-        raise ExportError("the checkpoint has no model_state_dict/config: use a checkpoint written by train.py")
-    where = "the checkpoint" if isinstance(source, dict) else source
+        raise ExportError(f"{where} has no model_state_dict/config: use a checkpoint written by train.py")
     if not isinstance(ckpt["config"], dict):
         raise ExportError(f"{where} holds a config that is a {type(ckpt['config']).__name__}, not a dict: use a "
                           f"checkpoint written by train.py")

@@ -34,7 +34,11 @@ class SampleError(Exception):
 def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
     resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
-    model = load_hf(model_dir) if model_dir else load_checkpoint_model(load_model_checkpoint(checkpoint, out_dir)[1])
+    if model_dir:
+        model = load_hf(model_dir)
+    else:
+        path, state = load_model_checkpoint(checkpoint, out_dir)
+        model = load_checkpoint_model(state, name=path)
     try:
         check_tokenizer_fits(model.config.vocab_size)
     except DataError as e:

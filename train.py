@@ -20,10 +20,10 @@ import os
 import re
 import runpy
 import shlex
+import secrets
 import signal
 import socket
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -167,9 +167,12 @@ def refuse_what_sets_nothing(path):
         tree = ast.parse(path.read_bytes(), str(path))
     except (SyntaxError, ValueError):
         return
+    bare = {id(n.target) for n in ast.walk(tree) if isinstance(n, ast.AnnAssign) and n.value is None}
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+                and id(n) not in bare}  # (`out_dir: str` before an if/else that assigns it is Python's own style)
     for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and node.value is None or isinstance(node, ast.Expr) and isinstance(
-                node.value, (ast.Dict, ast.Set, ast.List)):
+        if (isinstance(node, ast.AnnAssign) and node.value is None and getattr(node.target, "id", None) not in assigned
+                or isinstance(node, ast.Expr) and isinstance(node.value, (ast.Dict, ast.Set, ast.List))):
             raise ConfigError(f"config file '{path}' line {node.lineno} sets nothing (YAML or JSON?); write plain "
                               f"Python: name = value lines")
 
@@ -508,8 +511,11 @@ def make_run_folders(cfg):
     for folder in run_folders(cfg):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):  # a folder that exists may still refuse files (read-only)
-                pass
+            # A folder that exists may still refuse files (read-only): try one, as a checkpoint's save makes them
+            # (a name that checkpoint.remove_stale_temps clears, should this process die in between).
+            probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            probe.unlink()
         except OSError as e:
             hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
                     if folder != Path(cfg.out_dir) else "")
@@ -859,34 +865,53 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {epoch})")
 
     def carry_over_its_run(self, resume):
-        """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy) into an out_dir with no
-        best model: the best_model.pt and histories of the checkpoint's run come along, so that best_model.pt,
-        final_model/ and the curves stay the whole run's. Without that best model the best starts over from here,
-        with a warning (else no best_model.pt would be written until the old best val loss is beaten)."""
+        """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy). The checkpoint is copied
+        into checkpoint_dir, so that a later 'auto' resume (after a kill before the first save) goes on from it, not
+        from an older file here or from scratch. Into an out_dir with no best model come the best_model.pt and
+        histories of the checkpoint's run, so that best_model.pt, final_model/ and the curves stay the whole run's;
+        without that best model the best starts over from here, with a warning (else no best_model.pt would be
+        written until the old best val loss is beaten). Rank 0 copies and decides: the others may see its copies."""
         own = {folder.resolve() for folder in (self.out_dir, self.checkpoint_dir)}
-        needed = (self.ddp.master and math.isfinite(self.best_val_loss) and resume.parent.resolve() not in own
-                  and not (self.out_dir / ckpt.BEST_NAME).exists())
-        if not any_rank(needed, self.ddp, self.device):  # rank 0 decides: the others may see its copy already
+        if not any_rank(self.ddp.master and resume.parent.resolve() not in own, self.ddp, self.device):
             return
-        best = ckpt.best_of_its_run(resume) if self.ddp.master else None
-        carried = False
-        if best is not None:
-            try:  # the histories first: the best model copied marks the carry-over as done
-                for name in ("training_history.json", "eval_history.json"):
-                    if _has_records(best.parent / name) and not _has_records(self.out_dir / name):
-                        ckpt.atomic_copy(best.parent / name, self.out_dir / name)
-                ckpt.atomic_copy(best, self.out_dir / ckpt.BEST_NAME)
-                carried = True
-                self.log(f"resume: copied {best} (val loss {self.best_val_loss:.4f}) and its run's histories "
-                         f"to {self.out_dir}")
-            except (OSError, ckpt.CheckpointError) as e:
-                self.log(f"warning: could not copy {best} to {self.out_dir}: {e}")
-        if not any_rank(carried, self.ddp, self.device):
+        lost_best = False
+        if self.ddp.master:
+            try:
+                copy = ckpt.copy_as_rotated(resume, self.checkpoint_dir)
+                self.log(f"resume: copied {resume} to {copy}: a later 'auto' resume goes on from this run's folders")
+            except ckpt.CheckpointError as e:
+                self.log(f"warning: {e}")
+            if math.isfinite(self.best_val_loss) and not (self.out_dir / ckpt.BEST_NAME).exists():
+                lost_best = not self.copy_its_best(resume)
+        if any_rank(lost_best, self.ddp, self.device):
             if self.ddp.master:
                 self.log(f"warning: the run of {resume} had a best val loss of {self.best_val_loss:.4f}, but its "
                          f"best_model.pt is not beside it: best_model.pt (and final_model/) in {self.out_dir} will "
                          f"be the best from step {self.step} on")
             self.best_val_loss = float("inf")
+
+    def copy_its_best(self, resume):
+        """Copy the best_model.pt of resume's run, and its histories where out_dir has none, into out_dir; whether
+        the best model is there now."""
+        try:
+            best = ckpt.best_of_its_run(resume)
+        except ckpt.CheckpointError:
+            best = None
+        if best is None:
+            return False
+        # A history file out_dir has already, readable or not, is read_history's to keep or move aside.
+        histories = [name for name in ("training_history.json", "eval_history.json")
+                     if (best.parent / name).is_file() and not (self.out_dir / name).exists()]
+        try:  # the histories first: the best model copied marks the carry-over as done
+            for name in histories:
+                ckpt.atomic_copy(best.parent / name, self.out_dir / name)
+            ckpt.atomic_copy(best, self.out_dir / ckpt.BEST_NAME)
+        except (OSError, ckpt.CheckpointError) as e:
+            self.log(f"warning: could not copy {best} to {self.out_dir}: {e}")
+            return False
+        self.log(f"resume: copied {best} (val loss {self.best_val_loss:.4f})"
+                 + "".join(f", {name}" for name in histories) + f" to {self.out_dir}")
+        return True
 
     # checkpoints -------------------------------------------------------------------------------
     def state(self, data_state=None, rng_state=None, after_step_pending=False):
@@ -1190,7 +1215,8 @@ class Trainer:
         self.log(f"batch: {self.batch_size} x {self.accum * self.ddp.world_size} accumulation x {cfg.max_length} tokens = "
                  f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
                  f"{plural(self.ddp.world_size, 'process', 'processes')}")
-        self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} steps per epoch, "
+        self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} "
+                 f"{plural(self.steps_per_epoch, 'step')} per epoch, "
                  f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
 
     # the loop ----------------------------------------------------------------------------------
@@ -1332,7 +1358,7 @@ class Trainer:
             if self.plan.dtype == "float16" else (
             " They may have diverged already: to go back, move it (and any checkpoint after the loss rose) aside and "
             "resume with a lower learning_rate or more warmup_steps, or start afresh.")
-        self.log(f"error: {count} non-finite losses in a row at step {self.step}; stopped. "
+        self.log(f"error: {count} non-finite {plural(count, 'loss', 'losses')} in a row at step {self.step}; stopped. "
                  f"{self.kept_note(saved, 'the last weights with a finite loss')}.{hint}")
         return 3
 

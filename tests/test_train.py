@@ -151,6 +151,8 @@ def test_config_files_that_set_nothing_or_name_no_setting_are_refused(tmp_path):
         assert str(e.value).startswith(f"config file '{config}'") and message in str(e.value)
     config.write_text("_total = 64\nbatch_size = _total // 8\n")
     assert train.load_config([str(config)])[0].batch_size == 8
+    config.write_text("out_dir: str\nif True:\n    out_dir = 'mine'\n")  # an annotation of a name it sets: fine
+    assert train.load_config([str(config)])[0].out_dir == "mine"
     for arg, message in (("--learning_rate=1e999", "learning_rate must be a finite number, got inf"),
                          ("--config=mine.py", "unknown setting 'config' (a config file is named without a flag")):
         with pytest.raises(train.ConfigError, match=re.escape(message)):
@@ -661,8 +663,8 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     # The earlier session's output, read where it is (a Kaggle input), resumed into a new out_dir.
     p = run_train(out, bins, "--max_steps=4", f"--resume_from_checkpoint={src / 'checkpoints' / 'checkpoint_epoch1_step4.pt'}")
     assert f"resume: copied {src / 'best_model.pt'}" in p.stdout, p.stdout
-    for name in ("best_model.pt", "eval_history.json", "training_history.json"):
-        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    for name in ("best_model.pt", "eval_history.json", "training_history.json", "checkpoints/checkpoint_epoch1_step4.pt"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name  # the last: what 'auto' resumes from
     # The checkpoint alone: the best starts over from its step (else, on a val split where the run does worse,
     # there would be no best_model.pt at all), with a warning.
     lone, worse = tmp_path / "lone", tmp_path / "worse"
