@@ -270,6 +270,10 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
     if not cfg.out_dir.strip():
         raise ConfigError("out_dir is empty; name a folder (out_dir='.' for the current one)")
+    final, checkpoints = (Path(os.path.abspath(p)) for p in (Path(cfg.out_dir) / "final_model", run_folders(cfg)[1]))
+    if cfg.export_final_model and (checkpoints == final or final in checkpoints.parents):
+        raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} is inside {final}, which the export at the end "
+                          f"replaces whole: pick another checkpoint_dir")
     for name in ("max_length", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
                  "max_checkpoints", "log_steps"):
         if getattr(cfg, name) < 1:

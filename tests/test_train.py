@@ -130,6 +130,7 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     (dict(max_length=0), "max_length must be at least 1, got 0"),
     (dict(learning_rate=5e-4, min_lr=1e-3), "min_lr (0.001) is above learning_rate (0.0005), where the decay would"),
     (dict(out_dir=" "), "out_dir is empty; name a folder (out_dir='.' for the current one)"),
+    (dict(out_dir="run", checkpoint_dir="run/final_model/ck"), "checkpoint_dir run/final_model/ck is inside "),
 ])
 def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message):
     with pytest.raises(train.ConfigError) as e:
