@@ -379,15 +379,25 @@ def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
     assert stderr.count("SIGTERM received") == 1 and ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 2
-    # Again after the grace period: the user means it, and the run exits at once, without waiting for the step.
+    # SIGTERM again later (Jupyter's kernel shutdown sends seven over 4.4 s): a reminder, the save goes on.
+    out = tmp_path / "reminded"
+    proc = start_and_wait_for(out, bins, "config:", 6, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
+    time.sleep(0.3)  # inside the first micro-step's 3 s pause
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
+    assert (out / "emergency_checkpoint.pt").exists()
+    # Ctrl-C again after the grace period: the user means it, and the run exits at once, without waiting for the step.
     out = tmp_path / "later"
     proc = start_and_wait_for(out, bins, "config:", 20, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
     time.sleep(0.5)  # inside the first micro-step's 10 s pause
     proc.send_signal(signal.SIGINT)
     time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM and "second signal (SIGTERM): exiting now" in stderr, stderr
+    assert proc.returncode == 128 + signal.SIGINT and "second Ctrl-C (SIGINT): exiting now" in stderr, stderr
     assert not (out / "emergency_checkpoint.pt").exists()
 
 
