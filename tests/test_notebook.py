@@ -104,6 +104,16 @@ def test_an_earlier_run_is_taken_over_only_into_an_empty_out_dir(tmp_path):
     (out / "checkpoints" / "checkpoint_epoch1_step2000.pt").write_bytes(b"newer")
     assert not take_over(str(previous), out)  # this session's own checkpoints win
     assert not take_over("", tmp_path / "other")
+    # Its final_model/ stays behind (an interrupted session must not pass off the old one); the run's checkpoints/
+    # named for the run is the run; what is no run's output is one line.
+    (previous / "final_model").mkdir()
+    (previous / "final_model.zip").write_bytes(b"zip")
+    assert take_over(str(previous / "checkpoints"), tmp_path / "again")
+    assert (tmp_path / "again" / "checkpoints" / "checkpoint_epoch1_step1000.pt").is_file()
+    assert not any((tmp_path / "again").glob("final_model*"))
+    for wrong in (previous / "checkpoints" / "checkpoint_epoch1_step1000.pt", tmp_path / "typo", tmp_path / "input"):
+        with pytest.raises(SystemExit, match=f"RESUME_DIR {wrong} is not an earlier run's output folder"):
+            take_over(str(wrong), tmp_path / "third")
 
 
 def test_find_dir_finds_attached_datasets_breadth_first(tmp_path):
@@ -131,7 +141,13 @@ def test_an_earlier_run_is_found_by_its_checkpoints(tmp_path):
     assert find_earlier_run(tmp_path) == tmp_path / "input" / "session1"
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "checkpoint_epoch1_step1000.pt").write_text("x")
-    assert find_earlier_run(tmp_path) == tmp_path / "run"  # breadth-first: the shallower one
+    assert find_earlier_run(tmp_path) == tmp_path / "run"  # the furthest: step 1000
+    # Kaggle keeps earlier sessions' outputs attached: the newest session's output, the furthest, is continued.
+    (tmp_path / "input" / "session3" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "input" / "session3" / "checkpoints" / "checkpoint_epoch2_step3000.pt").write_text("x")
+    assert find_earlier_run(tmp_path) == tmp_path / "input" / "session3"
+    (tmp_path / "input" / "session1" / "eval_history.json").write_text('[{"step": 3500}]')  # its evaluations count
+    assert find_earlier_run(tmp_path) == tmp_path / "input" / "session1"
 
 
 def test_run_all_headless_on_cpu(tmp_path):
@@ -143,7 +159,7 @@ def test_run_all_headless_on_cpu(tmp_path):
     out = tmp_path / "out"
     params = dict(PROJECT_DIR=str(REPO), WHEELS_DIR=str(wheels), PREPARE=["text", "--input", str(corpus),
                   "--num_workers", "1"], DATA_DIR=str(tmp_path / "data"), OUT_DIR=str(out), TRAIN_ARGS=TINY,
-                  EVAL_SPLIT="val", SAMPLE_ARGS=["--max_new_tokens", "5", "--device", "cpu"])
+                  SAMPLE_ARGS=["--max_new_tokens", "5", "--device", "cpu"])  # EVAL_SPLIT: 'test', which text lacks
     nb = read_notebook()
     at = nb.cells.index(tagged(nb, "parameters")) + 1
     # As papermill does: a cell after the parameters cell overrides them.
@@ -163,5 +179,6 @@ def test_run_all_headless_on_cpu(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in train_cell.outputs)  # live loss curves
     assert any("image/png" in o.get("data", {}) for c in code if '"plot.py"' in c.source for o in c.outputs)
     assert "tokens scored" in everything and "word perplexity" not in everything  # not WikiText
+    assert f"{tmp_path / 'data'} has no test split: scoring val instead" in everything
     assert (out / "final_model.zip").is_file() and (out / "final_model" / "config.json").is_file()
     assert len(json.loads((out / "eval_history.json").read_text())) == 2
