@@ -270,9 +270,9 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
     if not cfg.out_dir.strip():
         raise ConfigError("out_dir is empty; name a folder (out_dir='.' for the current one)")
-    final, checkpoints = (Path(os.path.abspath(p)) for p in (Path(cfg.out_dir) / "final_model", run_folders(cfg)[1]))
+    final, checkpoints = (p.expanduser().resolve() for p in (Path(cfg.out_dir) / "final_model", run_folders(cfg)[1]))
     if cfg.export_final_model and (checkpoints == final or final in checkpoints.parents):
-        raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} is inside {final}, which the export at the end "
+        raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} lies in {final}, which the export at the end "
                           f"replaces whole: pick another checkpoint_dir")
     for name in ("max_length", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
                  "max_checkpoints", "log_steps"):
@@ -392,8 +392,8 @@ class StopRequest:
     a flag the loop checks at each micro-step. A second Ctrl-C (SIGINT) exits at once, unless it comes within
     REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the signal it gets to every
     worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user. A repeated SIGTERM or
-    SIGHUP never cuts the save short: it is a supervisor's reminder (Jupyter's kernel shutdown sends seven SIGTERMs
-    over 4.4 s, then SIGKILL at 14 s; a run in its evaluation needs those seconds)."""
+    SIGHUP never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a notebook's children
+    sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s; a run in its evaluation needs those seconds)."""
 
     REPEAT_GRACE_S = 2.0
 
@@ -408,11 +408,11 @@ class StopRequest:
         if self.signum is not None:
             if signum != signal.SIGINT or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
                 return
-            print(f"\nsecond Ctrl-C ({signal.Signals(signum).name}): exiting now", file=sys.stderr, flush=True)
+            print(f"\nCtrl-C (SIGINT) during the stop: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.verbose:
-            again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
+            again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else " (Ctrl-C to exit at once)"
             print(f"\n{signal.Signals(signum).name} received: stopping at the next micro-step, saving an emergency "
                   f"checkpoint{again}", file=sys.stderr, flush=True)
 

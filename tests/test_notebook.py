@@ -111,9 +111,11 @@ def test_an_earlier_run_is_taken_over_only_into_an_empty_out_dir(tmp_path):
     assert take_over(str(previous / "checkpoints"), tmp_path / "again")
     assert (tmp_path / "again" / "checkpoints" / "checkpoint_epoch1_step1000.pt").is_file()
     assert not any((tmp_path / "again").glob("final_model*"))
+    error = helpers()["NotebookError"]
     for wrong in (previous / "checkpoints" / "checkpoint_epoch1_step1000.pt", tmp_path / "typo", tmp_path / "input"):
-        with pytest.raises(SystemExit, match=f"RESUME_DIR {wrong} is not an earlier run's output folder"):
+        with pytest.raises(Exception, match=f"RESUME_DIR {wrong} is not an earlier run's output folder") as e:
             take_over(str(wrong), tmp_path / "third")
+        assert type(e.value).__name__ == error.__name__ and e.value._render_traceback_() == [f"error: {e.value}"]
 
 
 def test_find_dir_finds_attached_datasets_breadth_first(tmp_path):
@@ -148,6 +150,16 @@ def test_an_earlier_run_is_found_by_its_checkpoints(tmp_path):
     assert find_earlier_run(tmp_path) == tmp_path / "input" / "session3"
     (tmp_path / "input" / "session1" / "eval_history.json").write_text('[{"step": 3500}]')  # its evaluations count
     assert find_earlier_run(tmp_path) == tmp_path / "input" / "session1"
+    # ...and its train.log: a session stopped before its next save says there where it stopped.
+    (tmp_path / "input" / "session3" / "train.log").write_text(
+        "2026-11-26T10:00:00 step 3600/9000: loss 3.2, lr 1e-4, 90,000 tok/s\n2026-11-26T10:00:01 interrupted at "
+        "step 3601: out/emergency_checkpoint.pt holds the last completed step. Resume with: ...\n")
+    assert helpers()["run_progress"](tmp_path / "input" / "session3") == 3601
+    assert find_earlier_run(tmp_path) == tmp_path / "input" / "session3"
+    (tmp_path / "odd" / "checkpoints").mkdir(parents=True)  # nothing odd stops the search
+    (tmp_path / "odd" / "checkpoints" / "checkpoint_epoch1_step\u00b2\u00b3.pt").write_text("x")
+    (tmp_path / "odd" / "eval_history.json").write_text('[{"step": null}, {"step": "200"}, 7]')
+    assert helpers()["run_progress"](tmp_path / "odd") == 0
 
 
 def test_run_all_headless_on_cpu(tmp_path):
@@ -182,3 +194,30 @@ def test_run_all_headless_on_cpu(tmp_path):
     assert f"{tmp_path / 'data'} has no test split: scoring val instead" in everything
     assert (out / "final_model.zip").is_file() and (out / "final_model" / "config.json").is_file()
     assert len(json.loads((out / "eval_history.json").read_text())) == 2
+
+
+def test_a_second_interrupt_reaches_the_workers_of_a_launcher(capsys):
+    # torchrun's workers get the first Ctrl-C from torchrun; a second one must reach them too (torchrun itself
+    # would send them SIGTERM, which train.py takes as a reminder, not as "exit at once").
+    run = helpers()["run"]
+    worker = ("import signal, sys, time\n"
+              "def stop(*_):\n    print('worker: SIGINT', flush=True); sys.exit(130)\n"
+              "signal.signal(signal.SIGINT, stop); print('worker: training', flush=True); time.sleep(60)")
+    launcher = ("import signal, subprocess, sys\n"
+                "signal.signal(signal.SIGINT, lambda *_: print('launcher: SIGINT, not passed on', flush=True))\n"
+                f"sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5, 0.5)  # twice: at 1.5 s and 2 s
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run([sys.executable, "-c", launcher])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    out = capsys.readouterr().out
+    assert "worker: training\n" in out and out.count("launcher: SIGINT, not passed on") >= 1
+    assert out.endswith("worker: SIGINT\n"), out

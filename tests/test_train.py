@@ -130,7 +130,7 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     (dict(max_length=0), "max_length must be at least 1, got 0"),
     (dict(learning_rate=5e-4, min_lr=1e-3), "min_lr (0.001) is above learning_rate (0.0005), where the decay would"),
     (dict(out_dir=" "), "out_dir is empty; name a folder (out_dir='.' for the current one)"),
-    (dict(out_dir="run", checkpoint_dir="run/final_model/ck"), "checkpoint_dir run/final_model/ck is inside "),
+    (dict(out_dir="run", checkpoint_dir="run/final_model/ck"), "checkpoint_dir run/final_model/ck lies in "),
 ])
 def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message):
     with pytest.raises(train.ConfigError) as e:
@@ -397,7 +397,7 @@ def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGINT and "second Ctrl-C (SIGINT): exiting now" in stderr, stderr
+    assert proc.returncode == 128 + signal.SIGINT and "Ctrl-C (SIGINT) during the stop: exiting now" in stderr, stderr
     assert not (out / "emergency_checkpoint.pt").exists()
 
 
