@@ -150,6 +150,19 @@ def _save_error(path, err):
     return CheckpointError(f"could not save {path}: {reason}; {intact}; {fix}")
 
 
+def _temp_path(path):
+    """The hidden temp file a write of `path` goes through (a name remove_stale_temps knows)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def check_writable(folder):
+    """Create and remove a file in `folder` the way a save does; OSError if the folder refuses files (read-only)."""
+    probe = _temp_path(Path(folder) / "write-test")
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    probe.unlink()
+
+
 def _atomic_write(path, write):
     """Call write(file) on a temp file next to `path`, fsync it, rename it over `path`, fsync the folder.
 
@@ -163,7 +176,7 @@ def _atomic_write(path, write):
     except OSError as e:
         raise _save_error(path, e) from e
     remove_stale_temps(folder)
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = _temp_path(path)
     writer = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

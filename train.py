@@ -20,7 +20,6 @@ import os
 import re
 import runpy
 import shlex
-import secrets
 import signal
 import socket
 import sys
@@ -518,11 +517,7 @@ def make_run_folders(cfg):
     for folder in run_folders(cfg):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            # A folder that exists may still refuse files (read-only): try one, as a checkpoint's save makes them
-            # (a name that checkpoint.remove_stale_temps clears, should this process die in between).
-            probe = folder / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            probe.unlink()
+            ckpt.check_writable(folder)  # a folder that exists may still refuse files (read-only)
         except OSError as e:
             hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
                     if folder != Path(cfg.out_dir) else "")

@@ -78,18 +78,24 @@ def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys)
              "def stop(*_):\n    print('child: saving a checkpoint', flush=True); sys.exit(130)\n"
              "signal.signal(signal.SIGINT, stop); print('child: training', flush=True); time.sleep(60)")
 
+    run_interrupted(run, [sys.executable, "-c", child], 1.0)
+    assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
+
+
+def run_interrupted(run, cmd, first, every=0.0):
+    """The notebook's run(cmd), interrupted as Jupyter's button does (a KeyboardInterrupt in the kernel, here
+    raised by an alarm) after `first` seconds, and then every `every` seconds (0: once)."""
     def interrupt(*_):
         raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 1.0)
+    signal.setitimer(signal.ITIMER_REAL, first, every)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run([sys.executable, "-c", child])
+            run(cmd)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
 
 
 def test_an_earlier_run_is_taken_over_only_into_an_empty_out_dir(tmp_path):
@@ -207,17 +213,7 @@ def test_a_second_interrupt_reaches_the_workers_of_a_launcher(capsys):
                 "signal.signal(signal.SIGINT, lambda *_: print('launcher: SIGINT, not passed on', flush=True))\n"
                 f"sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))")
 
-    def interrupt(*_):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, 1.5, 0.5)  # twice: at 1.5 s and 2 s
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run([sys.executable, "-c", launcher])
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    run_interrupted(run, [sys.executable, "-c", launcher], 1.5, 0.5)  # at 1.5 s, 2 s, ...
     out = capsys.readouterr().out
     assert "worker: training\n" in out and out.count("launcher: SIGINT, not passed on") >= 1
     assert out.endswith("worker: SIGINT\n"), out

@@ -379,26 +379,24 @@ def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
     assert stderr.count("SIGTERM received") == 1 and ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 2
+    def signal_twice_inside_the_first_step(out, step_delay, signum):
+        """signum, then again after the grace period, both inside the first micro-step's pause; (proc, stderr)."""
+        proc = start_and_wait_for(out, bins, "config:", step_delay, "--max_steps=16", "--save_steps=100",
+                                  "--eval_steps=100")
+        time.sleep(0.3)
+        proc.send_signal(signum)
+        time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.3)
+        proc.send_signal(signum)
+        return proc, proc.communicate(timeout=120)[1]
+
     # SIGTERM again later (Jupyter's kernel shutdown sends seven over 4.4 s): a reminder, the save goes on.
-    out = tmp_path / "reminded"
-    proc = start_and_wait_for(out, bins, "config:", 6, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
-    time.sleep(0.3)  # inside the first micro-step's 3 s pause
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.3)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc, stderr = signal_twice_inside_the_first_step(tmp_path / "reminded", 6, signal.SIGTERM)  # a 3 s micro-step
     assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
-    assert (out / "emergency_checkpoint.pt").exists()
+    assert (tmp_path / "reminded" / "emergency_checkpoint.pt").exists()
     # Ctrl-C again after the grace period: the user means it, and the run exits at once, without waiting for the step.
-    out = tmp_path / "later"
-    proc = start_and_wait_for(out, bins, "config:", 20, "--max_steps=16", "--save_steps=100", "--eval_steps=100")
-    time.sleep(0.5)  # inside the first micro-step's 10 s pause
-    proc.send_signal(signal.SIGINT)
-    time.sleep(train.StopRequest.REPEAT_GRACE_S + 0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc, stderr = signal_twice_inside_the_first_step(tmp_path / "later", 20, signal.SIGINT)  # a 10 s micro-step
     assert proc.returncode == 128 + signal.SIGINT and "Ctrl-C (SIGINT) during the stop: exiting now" in stderr, stderr
-    assert not (out / "emergency_checkpoint.pt").exists()
+    assert not (tmp_path / "later" / "emergency_checkpoint.pt").exists()
 
 
 def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common):
