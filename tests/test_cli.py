@@ -48,7 +48,7 @@ from cli import outlive_closed_output
 with outlive_closed_output():
     print("first", flush=True)
     time.sleep(float(sys.argv[1]))  # the reader goes away meanwhile
-    for i in range(1000):
+    for i in range(10_000):  # ~90 KB a stream, more than a pipe holds: a late close still breaks a write
         print("line", i, flush=True)
         print("err", i, file=sys.stderr, flush=True)
 open(sys.argv[2], "w").write("reached the end")

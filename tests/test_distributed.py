@@ -27,6 +27,14 @@ def bins(tmp_path_factory):
     return write_bins(tmp_path_factory.mktemp("data"), train_tokens=6000)
 
 
+@pytest.fixture(scope="module")
+def one(tmp_path_factory, bins):
+    """The reference: 4 steps on one process (tests compare their 2-process runs with it, never write into it)."""
+    out = tmp_path_factory.mktemp("one")
+    launch(1, out, bins, "--max_steps=4")
+    return out
+
+
 def launch(nproc, out_dir, bins, *extra, popen=False, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(ROOT / "train.py"), *COMMON, f"--data_dir={bins}", f"--out_dir={out_dir}", *extra]
@@ -62,18 +70,17 @@ def assert_close_runs(a, b, exact=False):
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
-def test_two_processes_match_one(tmp_path, bins):
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, one, bins, "--max_steps=6")
-    p = launch(2, two, bins, "--max_steps=6")
+def test_two_processes_match_one(tmp_path, bins, one):
+    two = tmp_path / "two"
+    p = launch(2, two, bins, "--max_steps=4")
     assert "2 processes" in (two / "train.log").read_text()
     assert_close_runs(one, two)
     # eval_iters=1 scores the first batch_size windows of val, however many processes share them.
     val_one, val_two = train_losses(one, "val_loss"), train_losses(two, "val_loss")
     assert all(abs(val_one[s] - val_two[s]) < 1e-5 for s in val_one), (val_one, val_two)
     # Only rank 0 writes: one log, one history, one set of checkpoints.
-    assert len(train_losses(two)) == 6
-    assert p.stdout.count(f"saved {two / 'checkpoints' / 'checkpoint_epoch1_step6.pt'}") == 1
+    assert len(train_losses(two)) == 4
+    assert p.stdout.count(f"saved {two / 'checkpoints' / 'checkpoint_epoch1_step4.pt'}") == 1
     assert len(ckpt.list_checkpoints(two / "checkpoints")) == 1
 
 
@@ -129,7 +136,7 @@ def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins):
     proc = launch(2, run, bins, "--max_steps=10", popen=True, env={"GPT_TEST_STEP_DELAY": "0.4"})
     deadline = time.time() + 120
     while not ((run / "eval_history.json").exists() and len(train_losses(run)) >= 3):
-        assert time.time() < deadline and proc.poll() is None, proc.communicate()[0]
+        assert time.time() < deadline and proc.poll() is None, (proc.kill(), proc.communicate(timeout=60))[1][0]
         time.sleep(0.05)
     workers = worker_pids(proc.pid)
     assert len(workers) == 2
@@ -148,10 +155,9 @@ def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins):
 
 
 @pytest.mark.parametrize("ranks", ["all", "1"])
-def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins, ranks):
+def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins, one, ranks):
     """Out of memory on every rank, or on rank 1 alone (rank 0 then got through the synchronised forward)."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, one, bins, "--max_steps=4")
+    two = tmp_path / "two"
     p = launch(2, two, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "2",
                                                     **({} if ranks == "all" else {"GPT_TEST_OOM_RANK": ranks})})
     # Both ranks halve together (4 -> 2 per rank; accumulation 4 -> 8 in all) and stay in step.
@@ -161,11 +167,10 @@ def test_out_of_memory_back_off_is_agreed_by_all_ranks(tmp_path, bins, ranks):
     assert_close_runs(one, two)
 
 
-def test_out_of_memory_in_the_last_backward_on_every_rank_backs_off_together(tmp_path, bins):
+def test_out_of_memory_in_the_last_backward_on_every_rank_backs_off_together(tmp_path, bins, one):
     """Every rank out of memory in its last micro-batch's backward (the same shapes run out together), where the
     gradient all-reduce runs: all back off together and the result is that of one process."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    launch(1, one, bins, "--max_steps=4")
+    two = tmp_path / "two"
     p = launch(2, two, bins, "--max_steps=4", env={"GPT_TEST_OOM_ABOVE_BATCH": "2", "GPT_TEST_OOM_IN_LAST_BACKWARD": "1"})
     assert p.stdout.count("out of memory: micro-batch now 2 x 8 accumulation steps") == 1, p.stdout + p.stderr
     assert_close_runs(one, two)

@@ -8,10 +8,6 @@ from pathlib import Path
 
 import pytest
 
-HF_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-          "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
-os.environ.update(HF_ENV)
-
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model, GPT2Tokenizer, GPT2TokenizerFast
 
@@ -69,7 +65,7 @@ def exported(tmp_path_factory):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "export_hf.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, env={**os.environ, **HF_ENV}, timeout=120)
+                          text=True, timeout=120)
 
 
 def write_checkpoint(path, model, **extra):
@@ -132,7 +128,7 @@ def test_guide_snippet_runs_unchanged(exported, tmp_path):
     script = tmp_path / "guide.py"
     script.write_text(GUIDE_SNIPPET.replace("/kaggle/working/final_model", str(folder)))
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                            env={**os.environ, **HF_ENV}, timeout=120)
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     prompt = get_tokenizer().encode("The future of AI")
     ours = model.generate(torch.tensor([prompt]), 100 - len(prompt), temperature=0, eos_token_id=EOT_TOKEN)

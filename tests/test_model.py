@@ -7,9 +7,6 @@ import sys
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,9 +355,9 @@ def test_generate_stops_rows_at_eos():
     model = randomized(GPTConfig(**TINY))
     idx = torch.zeros((4, 1), dtype=torch.long)
     out = model.generate(idx, 200, temperature=3.0, eos_token_id=5, generator=torch.Generator().manual_seed(0))
+    assert out.shape[1] < 201  # the generation ended once every row had its eos
     for row in out[:, 1:].tolist():
-        if 5 in row:  # after the first eos a row only repeats it
-            assert set(row[row.index(5):]) == {5}
+        assert set(row[row.index(5):]) == {5}  # every row has one, and after it only repeats it
 
 
 # --- padded vocabulary and dropout

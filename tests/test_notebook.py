@@ -4,6 +4,7 @@ against a tiny config and a tiny corpus prepared with `python data.py text`."""
 import json
 import signal
 import sys
+import time
 from pathlib import Path
 
 import nbformat
@@ -71,31 +72,38 @@ def test_run_streams_output_and_a_failure_stops_run_all(capsys):
     assert capsys.readouterr().out.endswith("first\nbar 1\rbar 2\n")  # \r kept: a progress bar redraws in place
 
 
-def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys):
+def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys, tmp_path):
     # Jupyter's interrupt button is a KeyboardInterrupt in the kernel; here an alarm raises it mid-command.
-    run = helpers()["run"]
+    run, ready = helpers()["run"], tmp_path / "ready"
     child = ("import signal, sys, time\n"
              "def stop(*_):\n    print('child: saving a checkpoint', flush=True); sys.exit(130)\n"
-             "signal.signal(signal.SIGINT, stop); print('child: training', flush=True); time.sleep(60)")
+             "signal.signal(signal.SIGINT, stop); print('child: training', flush=True)\n"
+             f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
 
-    run_interrupted(run, [sys.executable, "-c", child], 1.0)
+    run_interrupted(run, [sys.executable, "-c", child], ready)
     assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
 
 
-def run_interrupted(run, cmd, first, every=0.0):
-    """The notebook's run(cmd), interrupted as Jupyter's button does (a KeyboardInterrupt in the kernel, here
-    raised by an alarm) after `first` seconds, and then every `every` seconds (0: once)."""
+def run_interrupted(run, cmd, ready, times=1):
+    """The notebook's run(cmd), interrupted `times` times as Jupyter's button does (a KeyboardInterrupt in the
+    kernel, here raised from an alarm), 0.5 s apart, the first once the `ready` file exists: the command has its
+    handlers in place (a loaded machine may take seconds to start it)."""
+    raised = []
+
     def interrupt(*_):
-        raise KeyboardInterrupt
+        if len(raised) < times and ready.exists() and (not raised or time.monotonic() - raised[-1] >= 0.5):
+            raised.append(time.monotonic())
+            raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
-    signal.setitimer(signal.ITIMER_REAL, first, every)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
     try:
         with pytest.raises(KeyboardInterrupt):
             run(cmd)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+    assert len(raised) == times
 
 
 def test_an_earlier_run_is_taken_over_only_into_an_empty_out_dir(tmp_path):
@@ -202,18 +210,19 @@ def test_run_all_headless_on_cpu(tmp_path):
     assert len(json.loads((out / "eval_history.json").read_text())) == 2
 
 
-def test_a_second_interrupt_reaches_the_workers_of_a_launcher(capsys):
+def test_a_second_interrupt_reaches_the_workers_of_a_launcher(capsys, tmp_path):
     # torchrun's workers get the first Ctrl-C from torchrun; a second one must reach them too (torchrun itself
     # would send them SIGTERM, which train.py takes as a reminder, not as "exit at once").
-    run = helpers()["run"]
+    run, ready = helpers()["run"], tmp_path / "ready"
     worker = ("import signal, sys, time\n"
               "def stop(*_):\n    print('worker: SIGINT', flush=True); sys.exit(130)\n"
-              "signal.signal(signal.SIGINT, stop); print('worker: training', flush=True); time.sleep(60)")
+              "signal.signal(signal.SIGINT, stop); print('worker: training', flush=True)\n"
+              f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
     launcher = ("import signal, subprocess, sys\n"
                 "signal.signal(signal.SIGINT, lambda *_: print('launcher: SIGINT, not passed on', flush=True))\n"
                 f"sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))")
 
-    run_interrupted(run, [sys.executable, "-c", launcher], 1.5, 0.5)  # at 1.5 s, 2 s, ...
+    run_interrupted(run, [sys.executable, "-c", launcher], ready, times=2)
     out = capsys.readouterr().out
     assert "worker: training\n" in out and out.count("launcher: SIGINT, not passed on") >= 1
     assert out.endswith("worker: SIGINT\n"), out

