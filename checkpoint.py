@@ -30,6 +30,8 @@ FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
 
 BEST_NAME = "best_model.pt"
 EMERGENCY_NAME = "emergency_checkpoint.pt"
+CHECKPOINTS_SUBDIR = "checkpoints"  # the rotated checkpoints' folder in out_dir unless checkpoint_dir says otherwise
+FINAL_MODEL_DIR = "final_model"  # the HuggingFace export at a run's end, in out_dir
 # Only files with exactly this name are ever listed or rotated.
 _CHECKPOINT_RE = re.compile(r"checkpoint_epoch(\d+)_step(\d+)\.pt")
 # Temp files: ".{final name}.{pid}.{8 hex}.tmp" next to the final file, hidden and never matching the above.
@@ -140,7 +142,8 @@ def _save_error(path, err):
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         fix = "free disk space or lower max_checkpoints" if is_checkpoint else "free disk space"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = f"make {Path(path).parent} writable or point checkpoint_dir/out_dir elsewhere"
+        where = "point checkpoint_dir/out_dir elsewhere" if is_checkpoint else "write to another folder"
+        fix = f"make {Path(path).parent} writable or {where}"
     else:
         fix = "check the disk"
     if is_checkpoint:
@@ -332,23 +335,23 @@ def save_checkpoint(state, checkpoint_dir, keep):
     return path
 
 
-def save_best(state, out_dir, checkpoint_dir=None):
-    """Save `state` atomically as out_dir/best_model.pt (never rotated). With checkpoint_dir, a disk too full
-    for it first loses the oldest rotated checkpoints there, as save_checkpoint does (never the newest)."""
-    path = Path(out_dir) / BEST_NAME
+def _save_in_out_dir(state, out_dir, name, checkpoint_dir):
+    path = Path(out_dir) / name
     if checkpoint_dir is not None:
         _make_room(checkpoint_dir, out_dir)
     atomic_save(_stamped(state), path)
     return path
+
+
+def save_best(state, out_dir, checkpoint_dir=None):
+    """Save `state` atomically as out_dir/best_model.pt (never rotated). With checkpoint_dir, a disk too full
+    for it first loses the oldest rotated checkpoints there, as save_checkpoint does (never the newest)."""
+    return _save_in_out_dir(state, out_dir, BEST_NAME, checkpoint_dir)
 
 
 def save_emergency(state, out_dir, checkpoint_dir=None):
     """Save `state` atomically as out_dir/emergency_checkpoint.pt; checkpoint_dir: as for save_best."""
-    path = Path(out_dir) / EMERGENCY_NAME
-    if checkpoint_dir is not None:
-        _make_room(checkpoint_dir, out_dir)
-    atomic_save(_stamped(state), path)
-    return path
+    return _save_in_out_dir(state, out_dir, EMERGENCY_NAME, checkpoint_dir)
 
 
 def newest_checkpoint(checkpoint_dir, out_dir):
@@ -557,11 +560,11 @@ def find_model_checkpoint(spec, out_dir):
     out_dir/checkpoints), or else out_dir/best_model.pt. CheckpointError saying where it looked if none."""
     path = Path(out_dir) / BEST_NAME
     if spec:  # 'latest' with nothing there falls through to the message below
-        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / "checkpoints", out_dir,
+        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / CHECKPOINTS_SUBDIR, out_dir,
                                fix="give a model by path with --checkpoint PATH, or a HuggingFace folder with --model_dir")
     if path is None or not path.is_file():
-        where = path or f"{out_dir} or {Path(out_dir) / 'checkpoints'}"
-        if not spec and _candidates(Path(out_dir) / "checkpoints", out_dir):  # a run without a best model yet
+        where = path or f"{out_dir} or {Path(out_dir) / CHECKPOINTS_SUBDIR}"
+        if not spec and _candidates(Path(out_dir) / CHECKPOINTS_SUBDIR, out_dir):  # a run without a best model yet
             raise CheckpointError(f"no model at {where}, but {out_dir} holds checkpoints of a run: use "
                                   f"--checkpoint latest (the newest of them)")
         raise CheckpointError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
@@ -612,12 +615,17 @@ def restore_rng_state(state):
             torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)
 
 
-def unwrapped_state_dict(model):
-    """model.state_dict() as the bare model has it: no `_orig_mod.` (torch.compile) or `module.` (DDP) prefix."""
+def unwrapped(model):
+    """The bare model inside torch.compile's wrapper (`_orig_mod`) and DDP's (`module`)."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         else:
-            return model.state_dict()
+            return model
+
+
+def unwrapped_state_dict(model):
+    """model.state_dict() as the bare model has it: no `_orig_mod.` (torch.compile) or `module.` (DDP) prefix."""
+    return unwrapped(model).state_dict()

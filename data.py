@@ -34,7 +34,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import fail, plural
+from cli import fail, one_line, plural
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
@@ -756,7 +756,7 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
     try:
         ds = datasets.load_dataset(name, config)
     except Exception as e:  # the hub, the network and file formats each raise their own kinds
-        raise DataError(f"could not load dataset {name!r} ({type(e).__name__}: {e}): check --name and --config")
+        raise DataError(f"could not load dataset {name!r} ({one_line(e)}): check --name and --config")
     names = {"train": "train", "validation": "val", "valid": "val", "val": "val", "test": "test"}
     parts = [(names[k], ds[k]) for k in ds if k in names]
     if "train" not in [s for s, _ in parts]:
@@ -837,7 +837,7 @@ class TokenBins:
         self.n_windows = self.n_tokens // (block_size + 1)
         if self.n_windows == 0:
             raise DataError(f"{self.path} has {self.n_tokens} tokens, less than one window of "
-                            f"block_size + 1 = {block_size + 1}: use more data or a smaller block_size")
+                            f"block_size + 1 = {block_size + 1}: use more data or a smaller max_length")
         # (n_windows, block_size + 1) view of the file; rows are read from disk only when indexed.
         self._windows = tokens[:self.n_windows * (block_size + 1)].reshape(self.n_windows, block_size + 1)
         self.start_epoch(0)
@@ -969,7 +969,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a read-only folder: say which file, skip the traceback
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}; free disk space or pick a folder you can write (--out_dir), then run the same command "
+              f"again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: no partial file was left under a final name; run the same command again",

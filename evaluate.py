@@ -38,12 +38,11 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
 
 import hardware
-from checkpoint import CheckpointError, load_model_checkpoint
+from checkpoint import CheckpointError
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
-from export_hf import ExportError, load_checkpoint_model, load_hf
+from export_hf import ExportError, add_model_args, load_model
 from cli import fail, quiet_on_closed_pipe
 
-DEFAULT_OUT_DIR = "out"  # train.py's default out_dir
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
 
 
@@ -52,16 +51,6 @@ class EvalError(Exception):
 
 
 # --- what to evaluate ---------------------------------------------------------------------------
-
-def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
-    """(model, training config dict, description) for an HF folder, a checkpoint path or 'latest', or else
-    out_dir/best_model.pt. The config ({} for an HF folder) gives the default data_dir and context."""
-    if model_dir:
-        return load_hf(model_dir), {}, str(model_dir)
-    path, state = load_model_checkpoint(checkpoint, out_dir)
-    model = load_checkpoint_model(state, name=path)
-    return model, state.get("config", {}), f"{path} (step {state.get('step', '?')})"
-
 
 def dataset_name(data_dir):
     """The `dataset` recorded in data_dir/meta.json by data.py, or None."""
@@ -173,9 +162,7 @@ def evaluate(model, tokens, block_size, stride, batch_size=8, device="cpu", dtyp
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Loss and perplexity (token- and word-level) of a trained GPT on a "
                                             "whole data split, with a sliding window.")
-    p.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="train.py's out_dir, searched for best_model.pt")
-    p.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
+    add_model_args(p)
     p.add_argument("--data_dir", help="folder of {split}.bin from data.py (default: the checkpoint's data_dir, "
                                       f"else {DEFAULT_DATA_DIR})")
     p.add_argument("--split", default="test", help="which bin: test, val or train (default test)")
@@ -189,8 +176,6 @@ def parse_args(argv):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.error = fail
     args = p.parse_args(argv)
-    if args.checkpoint and args.model_dir:
-        raise EvalError("give --checkpoint or --model_dir, not both")
     for name in ("block_size", "stride", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

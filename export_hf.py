@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes, remove_stale_temps,
-                        atomic_write_json, load_checkpoint, unwrapped_state_dict)
+                        atomic_write_json, load_checkpoint, load_model_checkpoint, unwrapped)
 from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
 from cli import fail, one_line, plural
@@ -226,13 +226,31 @@ def load_checkpoint_model(source, name=None):
     return model.eval()
 
 
+def add_model_args(parser, default_out_dir="out"):
+    """The options naming the model a script reads (sample.py, evaluate.py): --checkpoint, --out_dir, --model_dir."""
+    parser.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
+    parser.add_argument("--out_dir", default=default_out_dir, help="train.py's out_dir, searched for best_model.pt")
+    parser.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
+
+
+def load_model(checkpoint=None, model_dir=None, out_dir="out"):
+    """(model, training config dict, description) for add_model_args' options: an HF folder (model_dir), a
+    checkpoint (a path, 'latest' or 'auto', resolved in out_dir and out_dir/checkpoints), or else
+    out_dir/best_model.pt. The config ({} for an HF folder, which records none) has the run's data_dir and context."""
+    if checkpoint and model_dir:
+        raise ExportError("give --checkpoint or --model_dir, not both")
+    if model_dir:
+        return load_hf(model_dir), {}, str(model_dir)
+    path, state = load_model_checkpoint(checkpoint, out_dir)
+    model = load_checkpoint_model(state, name=path)
+    return model, state.get("config", {}), f"{path} (step {state.get('step', '?')})"
+
+
 def _config_and_state(source):
     """(GPTConfig, state_dict) from a checkpoint path, a checkpoint dict, or a GPT (compiled/DDP too)."""
     if isinstance(source, nn.Module):
-        base = source
-        while not isinstance(base, GPT):  # torch.compile keeps it in _orig_mod, DDP in module
-            base = base._orig_mod if hasattr(base, "_orig_mod") else base.module
-        return base.config, unwrapped_state_dict(source)
+        base = unwrapped(source)
+        return base.config, base.state_dict()
     model = load_checkpoint_model(source)  # loading into a model checks every name and shape
     return model.config, model.state_dict()
 

@@ -910,6 +910,17 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return (choice if ids is None else ids.gather(-1, choice)).squeeze(-1)
 
 
+def _decays(p):
+    """Weight decay applies to 2-D weights (matmuls, embeddings), not to biases and LayerNorms."""
+    return p.dim() >= 2
+
+
+def set_weight_decay(optimizer, weight_decay):
+    """Set the decayed group's weight decay (a resume applying this run's setting to a loaded optimizer)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay if any(_decays(p) for p in group["params"]) else 0.0
+
+
 def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), eps=1e-8, device_type="cpu"):
     """AdamW with weight decay on 2-D weights only (matmuls, embeddings); none on biases and LayerNorms.
 
@@ -917,8 +928,8 @@ def configure_optimizer(model, learning_rate, weight_decay, betas=(0.9, 0.95), e
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if _decays(p)], "weight_decay": weight_decay},
+        {"params": [p for p in params if not _decays(p)], "weight_decay": 0.0},
     ]
     fast = {"fused": True} if device_type in ("cuda", "cpu", "mps") else {"foreach": True}
     try:

@@ -22,6 +22,8 @@ from checkpoint import CheckpointError, atomic_write_bytes
 from cli import fail, is_number
 
 PNG_NAME = "loss_curve.png"
+EVAL_HISTORY = "eval_history.json"  # one record per evaluation (train.py writes both)
+EPOCH_HISTORY = "training_history.json"  # one record per epoch, the guide's format
 
 
 class PlotError(Exception):
@@ -31,6 +33,12 @@ class PlotError(Exception):
 def matplotlib_available():
     """True when matplotlib can be imported (without importing it)."""
     return importlib.util.find_spec("matplotlib") is not None
+
+
+def perplexity(loss):
+    """exp(loss), the figure every history record and message gives beside a loss; capped at exp(50) so that a
+    diverged run's records stay numbers JSON can hold."""
+    return math.exp(min(loss, 50))
 
 
 # Fields a history record may hold as numbers (or null); `required`, below, must be there.
@@ -104,12 +112,12 @@ def draw(evals, epochs=(), title=""):
     ax_loss, ax_lr = fig.subplots(1, 2)
     ax_loss.plot(steps, train, ".-", color="tab:blue", alpha=0.6, label="train (last step)")
     ax_loss.plot(steps, val, "o-", color="tab:orange", markersize=4, label="val")
-    # Epoch means sit at each epoch's last step: the record's own "step", or (history files without it)
-    # epoch x steps per epoch, from step / epoch of an eval record. An epoch cut short by max_steps is the
-    # run's last and ends at its last evaluation.
+    # Epoch means sit at each epoch's last step: epoch x steps per epoch, from step / epoch of an eval record
+    # (epoch records, the guide's format, have no step). An epoch cut short by max_steps is the run's last and
+    # ends at its last evaluation.
     per_epoch = [r["step"] / r["epoch"] for r in records if r.get("epoch")]
-    if epochs and (per_epoch or all("step" in e for e in epochs)):
-        ends = [e["step"] if "step" in e else min(round(e["epoch"] * per_epoch[-1]), steps[-1]) for e in epochs]
+    if epochs and per_epoch:
+        ends = [min(round(e["epoch"] * per_epoch[-1]), steps[-1]) for e in epochs]
         ax_loss.plot(ends, [_number(e.get("train_loss")) for e in epochs], "s", color="tab:green",
                      label="train (epoch mean)")
         for end in ends:
@@ -118,7 +126,7 @@ def draw(evals, epochs=(), title=""):
     finite = [v for v in val if math.isfinite(v)]
     if finite:
         best = min(finite)
-        ax_loss.set_title(f"best val loss {best:.4f} (perplexity {math.exp(min(best, 50)):.2f}) "
+        ax_loss.set_title(f"best val loss {best:.4f} (perplexity {perplexity(best):.2f}) "
                           f"at step {steps[val.index(best)]:,}", fontsize=10)
     ax_loss.set_ylabel("loss (nats per token)")
     ax_loss.legend()
@@ -150,14 +158,14 @@ def plot_history(out_dir, output=None):
     PlotError when there is nothing to draw yet or matplotlib is missing.
     """
     out_dir = Path(out_dir)
-    if not (out_dir / "eval_history.json").exists():
+    if not (out_dir / EVAL_HISTORY).exists():
         raise PlotError(f"{out_dir} has no eval_history.json: give train.py's out_dir (it writes that file at the "
                         f"first evaluation)")
-    evals = read_records(out_dir / "eval_history.json", "step")
+    evals = read_records(out_dir / EVAL_HISTORY, "step")
     if not evals:
         raise PlotError(f"no evaluations in {out_dir / 'eval_history.json'} yet: train.py writes one record "
                         f"per evaluation (every eval_steps steps)")
-    fig = draw(evals, read_records(out_dir / "training_history.json", "epoch"), title=out_dir.resolve().name)
+    fig = draw(evals, read_records(out_dir / EPOCH_HISTORY, "epoch"), title=out_dir.resolve().name)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     path = Path(output) if output else out_dir / PNG_NAME

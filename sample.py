@@ -18,27 +18,22 @@ from pathlib import Path
 import torch
 
 import hardware
-from checkpoint import CheckpointError, load_model_checkpoint
+import export_hf
+from checkpoint import CheckpointError
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
-from export_hf import ExportError, load_checkpoint_model, load_hf
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
 from cli import fail, plural, quiet_on_closed_pipe
 
-DEFAULT_OUT_DIR = "out"  # train.py's default out_dir: where best_model.pt is looked for
+TEMPERATURE, TOP_K = 0.8, 200  # the defaults here, and what train.py's samples at each evaluation use
 
 
 class SampleError(Exception):
     """A wrong option or a missing model; one line saying what to do."""
 
 
-def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
-    """The GPT to sample from: an HF folder (model_dir), a checkpoint (a path, 'latest' or 'auto',
-    resolved in out_dir and out_dir/checkpoints), or else out_dir/best_model.pt."""
-    if model_dir:
-        model = load_hf(model_dir)
-    else:
-        path, state = load_model_checkpoint(checkpoint, out_dir)
-        model = load_checkpoint_model(state, name=path)
+def load_model(checkpoint=None, model_dir=None, out_dir="out"):
+    """The GPT to sample from (export_hf.load_model's), of the GPT-2 vocabulary."""
+    model = export_hf.load_model(checkpoint, model_dir, out_dir)[0]
     try:
         check_tokenizer_fits(model.config.vocab_size)
     except DataError as e:
@@ -104,13 +99,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="Generate text from a trained GPT (a checkpoint or a HuggingFace folder).")
     p.add_argument("--start", default="", help='prompt text, or FILE:path to read it from a file '
                                                '("" = unconditional, from <|endoftext|>)')
-    p.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
-    p.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="train.py's out_dir, searched for best_model.pt")
-    p.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
+    export_hf.add_model_args(p)
     p.add_argument("--num_samples", type=int, default=1, help="samples to draw, one after the other")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample at most")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more random")
-    p.add_argument("--top_k", type=int, default=200, help="sample from the k likeliest tokens only (0 = all)")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="0 = greedy; higher = more random")
+    p.add_argument("--top_k", type=int, default=TOP_K, help="sample from the k likeliest tokens only (0 = all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
     p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cuda, cuda:N, mps or cpu")
@@ -129,8 +122,6 @@ def parse_args(argv):
                            ("seed", -2**63 <= args.seed < 2**64, "a 64-bit integer")):
         if not ok:
             raise SampleError(f"--{name} must be {rule}, got {getattr(args, name)}")
-    if args.checkpoint and args.model_dir:
-        raise SampleError("give --checkpoint or --model_dir, not both")
     return args
 
 
@@ -146,7 +137,7 @@ def main(argv=None):
         if beyond > 0:
             print(f"note: up to {beyond} of the new tokens lie beyond the model's context (n_positions={n_ctx}): "
                   f"each of those recomputes the last {n_ctx} tokens (exact, but slower per token)", file=sys.stderr)
-    except (SampleError, CheckpointError, ExportError, hardware.HardwareError, ValueError) as e:
+    except (SampleError, CheckpointError, export_hf.ExportError, hardware.HardwareError, ValueError) as e:
         fail(str(e))
     print(hardware.describe(facts, plan), file=sys.stderr)
     if hasattr(sys.stdout, "reconfigure"):

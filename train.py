@@ -41,7 +41,9 @@ import checkpoint as ckpt
 import hardware
 from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe
 from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
-from model import GPT, GPTConfig, configure_optimizer
+from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
+import plot
+import sample
 from tracking import Tracker
 
 PROCESS_START = time.time()
@@ -77,15 +79,15 @@ class TrainConfig:
     epochs: int = 3  # passes over the train split
     max_steps: int = 0  # stop after this many steps (0 = epochs decide)
     # evaluation and logging
-    eval_steps: int = 500  # evaluate every N steps (and at the end)
+    eval_steps: int = 500  # evaluate every N steps (and at each epoch's end and the run's end)
     eval_iters: int = 0  # val batches of batch_size per evaluation (0 = the whole val split)
-    log_steps: int = 10  # plain log line every N steps when stdout is not a terminal
+    log_steps: int = 10  # a step line every N steps: in train.log always, on screen when stderr is no terminal
     sample_prompt: str = "The future of AI"  # sample printed at each evaluation ('' = off)
     sample_tokens: int = 40  # length of that sample
     # checkpoints
     out_dir: str = "out"  # best_model.pt, final_model/, history and logs go here
     checkpoint_dir: str = ""  # rotated checkpoints ('' = out_dir/checkpoints)
-    save_steps: int = 1000  # save a checkpoint every N steps
+    save_steps: int = 1000  # save a checkpoint every N steps (and at the run's end and at max_runtime)
     max_checkpoints: int = 4  # keep only the newest N rotated checkpoints
     resume_from_checkpoint: str = "auto"  # a path, 'latest', 'auto' (latest if any) or '' (fresh)
     export_final_model: bool = True  # write out_dir/final_model/ (HuggingFace format) at the end
@@ -269,7 +271,8 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"max_length ({cfg.max_length}) exceeds n_positions ({cfg.n_positions}); lower max_length")
     if not cfg.out_dir.strip():
         raise ConfigError("out_dir is empty; name a folder (out_dir='.' for the current one)")
-    final, checkpoints = (p.expanduser().resolve() for p in (Path(cfg.out_dir) / "final_model", run_folders(cfg)[1]))
+    final = (Path(cfg.out_dir) / ckpt.FINAL_MODEL_DIR).expanduser().resolve()
+    checkpoints = run_folders(cfg)[1].expanduser().resolve()
     if cfg.export_final_model and (checkpoints == final or final in checkpoints.parents):
         raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} lies in {final}, which the export at the end "
                           f"replaces whole: pick another checkpoint_dir")
@@ -293,6 +296,11 @@ def validate(cfg, world_size=1):
     if cfg.lr_decay not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {cfg.lr_decay!r}")
     parse_duration(cfg.max_runtime)
+    try:
+        hardware.normalize_dtype(cfg.dtype)
+        hardware.normalize_compile(cfg.compile)
+    except hardware.HardwareError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --- distributed -----------------------------------------------------------------------------
@@ -387,17 +395,20 @@ def stop_signals():
 
 
 class StopRequest:
-    """SIGINT/SIGTERM (and SIGHUP, a closed terminal or SSH session, unless the run ignores it, as under nohup) set
-    a flag the loop checks at each micro-step. A second Ctrl-C (SIGINT) exits at once, unless it comes within
-    REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the signal it gets to every
-    worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user. A repeated SIGTERM or
-    SIGHUP never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a notebook's children
-    sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s; a run in its evaluation needs those seconds)."""
+    """SIGINT/SIGTERM (and SIGHUP, a closed terminal or SSH session, unless the run ignores it, as under nohup) set a flag
+    the loop checks at each micro-step (under torchrun, at the end of each step, where the ranks agree on it: a rank
+    stopping alone would leave the others waiting in their all-reduce). A second Ctrl-C (SIGINT) exits at once,
+    unless it comes within REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the
+    signal it gets to every worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user. A
+    repeated SIGTERM or SIGHUP never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a
+    notebook's children sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s; a run in its evaluation needs those
+    seconds)."""
 
     REPEAT_GRACE_S = 2.0
 
-    def __init__(self, verbose=True):
+    def __init__(self, verbose=True, distributed=False):
         self.signum, self.first_at, self.verbose = None, None, verbose
+        self.where = "the end of the step" if distributed else "the next micro-step"
 
     def install(self):
         for s in stop_signals():
@@ -407,12 +418,12 @@ class StopRequest:
         if self.signum is not None:
             if signum != signal.SIGINT or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
                 return
-            print(f"\nCtrl-C (SIGINT) during the stop: exiting now", file=sys.stderr, flush=True)
+            print("\nCtrl-C (SIGINT) during the stop: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.verbose:
             again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else " (Ctrl-C to exit at once)"
-            print(f"\n{signal.Signals(signum).name} received: stopping at the next micro-step, saving an emergency "
+            print(f"\n{signal.Signals(signum).name} received: stopping at {self.where}, saving an emergency "
                   f"checkpoint{again}", file=sys.stderr, flush=True)
 
 
@@ -457,6 +468,26 @@ class Logger:
             self.failing = True
         else:
             self.failing = False
+
+
+class Throughput:
+    """The session's tokens/s, counted from the end of its first step on: that one carries torch.compile's
+    compilation (tens of seconds, where a step takes a fraction of one), which would make the figure and the
+    estimate of the time left many times too slow. Evaluations and saves since then count (they take time too)."""
+
+    def __init__(self, tokens_per_step):
+        self.tokens_per_step, self.steps, self.since = tokens_per_step, 0, time.time()
+
+    def step_done(self):
+        self.steps += 1
+        now = time.time()
+        if self.steps == 1:  # the first step's own rate, until the second
+            self.first_rate, self.since = self.tokens_per_step / max(1e-9, now - self.since), now
+
+    def tokens_per_s(self):
+        if self.steps <= 1:
+            return self.first_rate
+        return (self.steps - 1) * self.tokens_per_step / max(1e-9, time.time() - self.since)
 
 
 def gpu_memory(device_type):
@@ -509,7 +540,7 @@ def read_history(path, keep):
 def run_folders(cfg):
     """(out_dir, checkpoint_dir) of a run."""
     out_dir = Path(cfg.out_dir)
-    return out_dir, Path(cfg.checkpoint_dir or out_dir / "checkpoints")
+    return out_dir, Path(cfg.checkpoint_dir or out_dir / ckpt.CHECKPOINTS_SUBDIR)
 
 
 def make_run_folders(cfg):
@@ -572,7 +603,7 @@ class Trainer:
         if ddp.master:
             make_run_folders(cfg)
         self.log = Logger(self.out_dir / "train.log", ddp.master)
-        self.stop = StopRequest(verbose=ddp.master)
+        self.stop = StopRequest(verbose=ddp.master, distributed=ddp.enabled)
         self.max_runtime = parse_duration(cfg.max_runtime)
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank only,
         # if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
@@ -588,7 +619,7 @@ class Trainer:
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
         self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
 
-    # setup -------------------------------------------------------------------------------------
+    # setup ------------------------------------------------------------------------------------
     def setup(self):
         cfg, ddp = self.cfg, self.ddp
         device_type = hardware.choose_device(cfg.device)
@@ -603,6 +634,9 @@ class Trainer:
         check_accumulation(cfg, ddp.world_size)
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
+        # A fresh start moves an earlier run's history in out_dir aside (a fresh start over checkpoints: refused below).
+        if resume is None and not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):
+            self.keep_an_earlier_history()
         self.refuse_a_moved_checkpoint_dir(resume)
         init_source = self.load_init_source(resume)
         cfg = self.cfg
@@ -691,6 +725,444 @@ class Trainer:
         return torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[self.ddp.local_rank] if self.device_type == "cuda" else None)  # no buffers to sync
 
+    # the loop ---------------------------------------------------------------------------------
+    def run(self):
+        """The training loop: 0 when the run (or this session of it) ended with its last step saved."""
+        cfg, ddp = self.cfg, self.ddp
+        bar = self.start_session()
+        final_saved = True
+        try:
+            if self.pending_after_step is not None:
+                self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
+                self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1))
+            while self.step < self.total_steps:
+                if self.train_bins.epoch != self.step // self.steps_per_epoch:
+                    self.train_bins.start_epoch(self.step // self.steps_per_epoch)
+                lr = self.scheduler.get_last_lr()[0]
+                loss = self.train_step()
+                if loss is None:  # stopped inside the step: it is redone on resume
+                    return self.emergency_exit(self.step_start)
+                self.complete_step(loss)
+                if self.nonfinite >= cfg.max_nonfinite:
+                    return self.nonfinite_exit(self.nonfinite)
+                self.pending_after_step = (self.epoch_loss_sum, self.epoch_loss_count)
+                self.report_progress(bar, loss, lr)
+                last = self.step == self.total_steps
+                self.after_step(lr)
+                out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
+                if self.step % cfg.save_steps == 0 or last or out_of_time:
+                    final_saved = self.save_rotated(session_end=last or out_of_time)
+                if self.step == self.test_error_after:
+                    raise RuntimeError(f"injected: an error after step {self.step}")
+                if out_of_time and not last:
+                    if final_saved:  # else the error line below says what is on disk
+                        self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
+                                 f"Resume with: {self.resume_command()}")
+                    break
+                if any_rank(self.stop.signum is not None, ddp, self.device) and not last:
+                    return self.emergency_exit()
+        except BaseException as e:
+            # Anything unexpected: keep the last completed step's state, then let the error through.
+            if self.ddp.master and self.step > 0 and not isinstance(e, SystemExit):
+                self.log("error during training: writing an emergency checkpoint of the last completed step")
+                self.save_emergency_local()
+            raise
+        finally:
+            bar.close()
+            self.tracker.close()
+        self.finish()
+        return 0 if final_saved else self.last_save_failed()
+
+    def start_session(self):
+        """The session's opening lines, histories, signal handlers, tracker and progress bar (returned)."""
+        from tqdm import tqdm
+        cfg, ddp = self.cfg, self.ddp
+        self.stop.install()  # before the first line: a signal after it stops the run with its save
+        self.t0 = time.time()
+        self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
+        self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+        done_epochs = self.step // self.steps_per_epoch
+        # The histories are rank 0's to read and write (one warning, one file moved aside if it is damaged).
+        self.history = read_history(self.out_dir / plot.EPOCH_HISTORY,
+                                    lambda r: r.get("epoch", 0) <= done_epochs) if ddp.master else []
+        self.eval_history = read_history(self.out_dir / plot.EVAL_HISTORY,
+                                         lambda r: r.get("step", 0) <= self.step) if ddp.master else []
+        self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
+                               start_step=self.step, enabled=ddp.master)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
+                   dynamic_ncols=True, unit="step")
+        self.log.bar = bar
+        self.nonfinite = 0  # non-finite losses in a row
+        self.throughput = Throughput(self.tokens_per_step)
+        if self.step >= self.total_steps and self.pending_after_step is None:
+            self.log(f"nothing to train: the run is at step {self.step}, and "
+                     f"{f'max_steps={cfg.max_steps}' if cfg.max_steps else f'epochs={cfg.epochs}'} ends it at step "
+                     f"{self.total_steps} (raise it to train on)")
+        return bar
+
+    def complete_step(self, loss):
+        """Count the step just done: its tokens, its loss in the epoch's mean, or one more non-finite in a row."""
+        self.step_start = (None, None)  # the step is done: an error from here on keeps it
+        self.step += 1
+        self.throughput.step_done()
+        self.tokens_seen += self.tokens_per_step
+        if math.isfinite(loss):
+            self.nonfinite = 0
+            self.last_train_loss = loss
+            self.epoch_loss_sum += loss
+            self.epoch_loss_count += 1
+        else:
+            self.nonfinite += 1
+            self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({self.nonfinite} in a row)")
+
+    def report_progress(self, bar, loss, lr):
+        """The bar, the tracker, a step line every log_steps, and after the session's tenth step the time left."""
+        cfg, tok_s = self.cfg, self.throughput.tokens_per_s()
+        epoch = self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)
+        bar.set_description(f"epoch {epoch}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
+        bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s {memory_note(self.device_type)}".strip())
+        bar.update(1)
+        self.tracker.log(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
+                                     "train/tokens_per_s": tok_s, **gpu_memory(self.device_type)})
+        if self.ddp.master and self.step % cfg.log_steps == 0:  # with a bar on screen: train.log's only
+            (self.log if bar.disable else self.log.record)(
+                f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
+                f"{memory_note(self.device_type)}".rstrip())
+        if self.throughput.steps == 10:
+            left = (self.total_steps - self.step) * self.tokens_per_step / tok_s
+            self.log(f"estimated time left: {fmt_duration(left)} at {tok_s:,.0f} tokens/s")
+
+    def save_rotated(self, session_end):
+        """A rotated checkpoint; True when it is on disk. A session's end must be: out_dir's emergency checkpoint
+        takes it when checkpoint_dir can't."""
+        saved = self.save("rotated")
+        if not saved and session_end:
+            saved = self.save("emergency")
+        return saved
+
+    def last_save_failed(self):
+        """1 when this session's last step is on disk nowhere (not a success to a script or a notebook), with the
+        line that says so; 0 when a checkpoint has it all the same (best_model.pt)."""
+        if not self.ddp.master:
+            return 0
+        newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
+        if newest is not None and newest[0] >= self.step:
+            return 0
+        self.log(f"error: the last checkpoint (step {self.step}) could not be saved (see the warning above); "
+                 f"{self.newest_note(newest)}. Fix what the warnings say (free disk space, a folder that can be "
+                 f"written) and run the same command again to redo those steps")
+        return 1
+
+    # one optimizer step -----------------------------------------------------------------------
+    def train_step(self):
+        """Forward/backward over the step's micro-batches and one update. Returns the mean loss, or None
+        when a stop was requested before the step finished (the step is then redone on resume)."""
+        self.step_start = (self.train_bins.state_dict(), ckpt.capture_rng_state())
+        while True:
+            try:
+                loss = self._accumulate_and_update()
+                if self.plan.cuda_graphs:
+                    self.check_graph_skips()
+                return loss
+            except torch.OutOfMemoryError:
+                pass
+            except Exception as e:
+                # A CUDA graph whose capture runs out of memory may end with an error of its own from the capture.
+                if not (self.plan.cuda_graphs and raised_by_oom(e)):
+                    raise
+            # Outside the except block: the exception's traceback no longer holds the failed step's tensors,
+            # so back_off_oom's empty_cache can hand their memory back.
+            self.back_off_oom()
+
+    def _accumulate_and_update(self):
+        total = torch.zeros((), device=self.device)
+        oom = False
+        for micro in range(self.accum):
+            if self.stop.signum is not None and not self.ddp.enabled:
+                return None
+            last = micro == self.accum - 1
+            if self.test_step_delay:
+                time.sleep(self.test_step_delay / self.accum)
+            x, y = self.train_bins.next_batch(self.batch_size, self.device)
+            # Under DDP gradients are all-reduced only after the last micro-batch.
+            sync = contextlib.nullcontext() if (last or not self.ddp.enabled) else self.train_model.no_sync()
+            loss = None
+            if not oom:
+                try:
+                    if self.plan.cuda_graphs:  # each micro-batch's replay may reuse the last one's memory
+                        torch.compiler.cudagraph_mark_step_begin()
+                    with sync, self.autocast:
+                        self.inject_oom(in_last_backward=False)
+                        _, loss = self.train_model(x, y, return_logits=False)
+                except torch.OutOfMemoryError:
+                    oom = True
+            # A rank out of memory must not leave the others waiting in the all-reduce: all agree
+            # before the synchronising backward, and all back off together.
+            if (oom and not self.ddp.enabled) or (last and any_rank(oom, self.ddp, self.device)):
+                raise torch.OutOfMemoryError("out of memory")
+            if oom:
+                continue
+            try:
+                if last:
+                    self.inject_oom(in_last_backward=True)
+                self.scaler.scale(loss / self.accum).backward()
+            except torch.OutOfMemoryError:
+                # In the last backward the other ranks may be in the gradient all-reduce: the back-off's own
+                # collective then works only if they ran out of memory too (the usual case: the same shapes).
+                if last or not self.ddp.enabled:
+                    raise
+                oom = True
+                continue
+            total += loss.detach()
+        if self.step + 1 in self.test_nan_steps:
+            total = total * float("nan")
+        try:  # a smaller micro-batch saves nothing from here on: no retry (and no half-done update redone)
+            return self._update(total)
+        except torch.OutOfMemoryError:
+            raise hardware.HardwareError(
+                "out of memory in the optimizer update (AdamW keeps two fp32 copies of the parameters, and the "
+                "batch's activations are freed by then): use a smaller model (n_layer, n_embd) or a GPU with more "
+                "memory") from None
+
+    def inject_oom(self, in_last_backward):
+        """Test hook: a real OutOfMemoryError above GPT_TEST_OOM_ABOVE_BATCH, in the forward or (if asked) the
+        last micro-batch's backward."""
+        if (self.test_oom_above is not None and self.batch_size > self.test_oom_above
+                and in_last_backward == self.test_oom_in_last_backward):
+            raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
+
+    def _update(self, total):
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
+        loss = total.item() / self.accum
+        if self.ddp.enabled:
+            t = torch.tensor([loss], device=self.device)
+            dist.all_reduce(t)
+            loss = t.item() / self.ddp.world_size
+        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm.item()))
+        if finite:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=not self.plan.cuda_graphs)
+        self.scheduler.step()
+        self.grad_norm = norm.item()
+        return loss if finite else float("nan")
+
+    def check_graph_skips(self):
+        """After a step with cuda_graphs: say so when inductor has newly decided to run compiled graphs without them
+        (mostly when it compiles, at the first step; also later, e.g. a graph re-recorded too often)."""
+        skipped = hardware.cuda_graph_skips() - self.graph_skips_seen
+        if skipped > 0:
+            self.graph_skips_seen += skipped
+            self.log(f"warning: cuda_graphs: inductor runs {skipped} compiled {plural(skipped, 'graph')} of the step "
+                     f"without CUDA graphs (PyTorch's log says why; TORCH_LOGS=perf_hints on older versions)")
+
+    def back_off_oom(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.plan.cuda_graphs:
+            # A graph recorded for the old micro-batch is of no use for the new one, and an error while one was
+            # being recorded may have left PyTorch's graph bookkeeping half done: drop them all (and the memory
+            # they hold), and go on compiled without graphs.
+            if self.device_type == "cuda":
+                torch.cuda.synchronize()  # a failed warm-up can leave its side stream running
+            self.plan = dataclasses.replace(self.plan, cuda_graphs=False)
+            torch._dynamo.reset()
+            gc.collect()  # cycles (the error's frames, inductor's objects) may hold tensors of the graphs' memory
+            self.train_model = hardware.compile_or_eager(self.model, True)
+            self.log("out of memory: cuda_graphs off for the rest of this session (their memory is freed)")
+        if self.device_type == "cuda":
+            torch.cuda.empty_cache()
+        # The largest micro-batch of at most half the size that divides this process's sequences per step,
+        # so that the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation).
+        per_step = self.batch_size * self.accum
+        new_batch = max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
+        new_batch = min_over_ranks(new_batch, self.ddp, self.device)
+        if new_batch < 1:
+            raise hardware.HardwareError("out of memory even at batch_size=1; lower max_length or the model size, "
+                                         "or use a GPU with more memory")
+        self.batch_size, self.accum = new_batch, per_step // new_batch
+        self.log(f"out of memory: micro-batch now {self.batch_size} x {self.accum * self.ddp.world_size} accumulation "
+                 f"steps (same effective batch); redoing step {self.step + 1}")
+        if self.ddp.enabled:  # a rank that got through its synchronised forward left DDP waiting for a backward
+            self.train_model = self.wrap_ddp(self.train_model.module)
+        self.train_bins.load_state_dict(self.step_start[0])
+        ckpt.restore_rng_state(self.step_start[1])
+
+    # evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self):
+        """Mean val loss over the val split (or its first eval_iters x batch_size windows, whatever the
+        number of processes and any out-of-memory back-off), averaged over all ranks."""
+        if self.step == self.test_error_at_eval:
+            self.test_error_at_eval = 0  # once per process
+            raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
+        self.model.eval()
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        windows = self.cfg.eval_iters * self.cfg.batch_size or None
+        for x, y in self.val_bins.eval_batches(self.batch_size, windows, self.device):
+            with self.autocast:
+                _, loss = self.model(x, y, return_logits=False)
+            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
+        if self.ddp.enabled:
+            dist.all_reduce(total)
+        self.model.train()
+        return (total[0] / total[1]).item() if total[1] else float("nan")
+
+    def sample(self):
+        if not self.cfg.sample_prompt or not self.ddp.master or self.cfg.vocab_size < N_VOCAB:
+            return  # (a model smaller than the GPT-2 vocabulary, on data of its own ids, has no text to show)
+        if self.stop.signum is not None:  # a stop is due: its seconds go to the save (a sample is for show)
+            return
+        if not math.isfinite(self.val_loss):  # weights gone NaN: nothing to draw from (multinomial would raise)
+            self.log("sample: none, the model's outputs are not finite")
+            return
+        # Read and drawn as sample.py does (its settings): the sample here is what sample.py gives for that prompt.
+        idx = sample.encode_prompt(self.cfg.sample_prompt, self.cfg.n_positions).to(self.device)
+        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
+        with self.autocast:
+            # A vocabulary larger than the tokenizer's has ids nothing decodes: never drawn.
+            out = self.model.generate(idx, self.cfg.sample_tokens, temperature=sample.TEMPERATURE, top_k=sample.TOP_K,
+                                      eos_token_id=EOT_TOKEN, generator=gen, vocab_limit=N_VOCAB)
+        text = get_tokenizer().decode(out[0].tolist()).replace("\n", " ")
+        self.log(f"sample: {text}")
+
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.t0
+
+    def run_eval(self, lr, epoch_end):
+        """Evaluate, record it, close the epoch if this step ends one, then save the best model: after the
+        epoch record, so that a resume from best_model.pt starts the next epoch's train loss afresh."""
+        val = self.evaluate()
+        self.val_loss = val
+        improved = val < self.best_val_loss
+        ppl = plot.perplexity(val)
+        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+        if self.ddp.master:
+            self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
+                "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
+                "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
+                "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")}]
+            self.write_history(plot.EVAL_HISTORY, self.eval_history)
+        self.tracker.log(self.step, {"val/loss": val, "val/perplexity": ppl})
+        if epoch_end:
+            self.end_epoch()
+        if improved:
+            # best_model.pt holds its own val loss as the best; a failed save leaves the one on disk the best.
+            previous, self.best_val_loss = self.best_val_loss, val
+            if not self.save("best"):
+                self.best_val_loss = previous
+        self.sample()
+
+    def after_step(self, lr):
+        """The evaluation, epoch record and best model due after the step just completed."""
+        epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
+        if self.step % self.cfg.eval_steps == 0 or epoch_end:
+            self.run_eval(lr, epoch_end)
+            self.refresh_plot()  # once, with this evaluation and any epoch record it closed
+        self.pending_after_step = None
+
+    def refresh_plot(self):
+        """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
+        if not self.ddp.master or not plot.matplotlib_available():
+            return
+        try:
+            plot.plot_history(self.out_dir)
+        except Exception as e:
+            self.log(f"warning: could not draw the loss curve: {e}")
+
+    def end_epoch(self):
+        epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
+        # (no finite loss in the whole epoch: nan, written as null, not a mean of 0)
+        train_loss = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else float("nan")
+        val = self.val_loss if self.val_loss is not None else float("nan")
+        done = self.step - (epoch - 1) * self.steps_per_epoch
+        what = "done" if done == self.steps_per_epoch else f"ended after {done} of its {self.steps_per_epoch} steps"
+        self.log(f"epoch {epoch} {what}: train loss {train_loss:.4f}, val loss {val:.4f}")
+        if self.ddp.master:
+            self.history = [r for r in self.history if r.get("epoch") != epoch] + [{
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val, "val_perplexity": plot.perplexity(val),
+                "timestamp": datetime.now().isoformat(timespec="seconds")}]
+            self.write_history(plot.EPOCH_HISTORY, self.history)
+        if done == self.steps_per_epoch:  # a run stopped inside an epoch keeps its sums for a longer resume
+            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
+
+    def banner(self, n_params, n_params_ne):
+        cfg = self.cfg
+        self.log(hardware.describe(self.facts, self.plan))
+        hint = hardware.multi_gpu_hint(self.facts, self.ddp.world_size)
+        if hint:
+            self.log(hint)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
+        self.log(f"batch: {self.batch_size} x {self.accum * self.ddp.world_size} accumulation x {cfg.max_length} tokens = "
+                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
+                 f"{plural(self.ddp.world_size, 'process', 'processes')}")
+        self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} "
+                 f"{plural(self.steps_per_epoch, 'step')} per epoch, "
+                 f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
+
+    # checkpoints ------------------------------------------------------------------------------
+    def state(self, data_state=None, rng_state=None, after_step_pending=False):
+        """The run as a checkpoint holds it. after_step_pending: the step is done but its evaluation, epoch
+        record and best-model save are not (a resume does them first)."""
+        state = {
+            "format_version": ckpt.FORMAT_VERSION,
+            "model_state_dict": ckpt.unwrapped_state_dict(self.model),
+            "optimizer_state_dict": self.optimizer.state_dict(),
+            "scheduler_state_dict": self.scheduler.state_dict(),
+            "scaler_state_dict": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "epoch": max(1, math.ceil(self.step / self.steps_per_epoch)),  # the epoch this step belongs to
+            "step": self.step,
+            "train_loss": self.last_train_loss,
+            "val_loss": self.val_loss,
+            "best_val_loss": self.best_val_loss,
+            "tokens_seen": self.tokens_seen,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "epoch_loss_count": self.epoch_loss_count,
+            "elapsed_s": self.elapsed(),
+            "config": dataclasses.asdict(self.cfg),
+            "data_state": data_state or self.train_bins.state_dict(),
+            "rng_state": rng_state or ckpt.capture_rng_state(),
+            "batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accum * self.ddp.world_size,
+        }
+        if after_step_pending:
+            state["after_step_pending"] = True
+        return state
+
+    def save(self, kind, **state_parts):
+        """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run.
+        Returns whether it was written, on every rank."""
+        failed = False
+        ranks = None
+        if self.ddp.enabled:  # every rank's RNG streams (its dropout), for a resume on as many processes
+            state_parts["rng_state"] = state_parts.get("rng_state") or ckpt.capture_rng_state()
+            ranks = [None] * self.ddp.world_size
+            dist.all_gather_object(ranks, state_parts["rng_state"])
+        if self.ddp.master:
+            state = self.state(**state_parts)
+            if ranks is not None:
+                state["rank_rng_states"] = ranks
+            try:
+                if kind == "rotated":
+                    path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)
+                elif kind == "best":
+                    path = ckpt.save_best(state, self.out_dir, self.checkpoint_dir)
+                else:
+                    path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
+                self.log(f"saved {path}")
+            except ckpt.CheckpointError as e:
+                self.log(f"warning: {e}")
+                failed = True
+        return not any_rank(failed, self.ddp, self.device)  # under DDP also what keeps the ranks together
+
+    def write_history(self, name, records):
+        """out_dir/name rewritten whole; a failed write (a full disk) is a warning, the next one catches up."""
+        try:
+            ckpt.atomic_write_json(self.out_dir / name, records)
+        except ckpt.CheckpointError as e:
+            self.log(f"warning: {e}")
+
+    # resume -----------------------------------------------------------------------------------
     def load_init_source(self, resume):
         """The model named by init_from (a checkpoint or a HuggingFace GPT-2 folder), or None for 'scratch'.
 
@@ -742,16 +1214,11 @@ class Trainer:
 
     def refuse_a_moved_checkpoint_dir(self, resume):
         """checkpoint_dir changed since the run's last session: an 'auto'/'latest' resume from out_dir's best or
-        emergency checkpoint would go back past the newer rotated checkpoints left in the old folder (refused);
-        a fresh start (no checkpoint found anywhere) would overwrite the run's history in out_dir (moved aside)."""
-        if resume is None:
-            if not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):  # (with some: refused below)
-                self.keep_an_earlier_history()
-            return
-        if self.cfg.resume_from_checkpoint not in ("auto", "latest") or resume.parent != self.out_dir:
+        emergency checkpoint would go back past the newer rotated checkpoints left in the old folder (refused)."""
+        if resume is None or self.cfg.resume_from_checkpoint not in ("auto", "latest") or resume.parent != self.out_dir:
             return  # a checkpoint named by path: the run goes where this one's folders say
         before = ckpt.peek_config(resume).get("checkpoint_dir") or ""
-        before = Path(before).expanduser() if before else self.out_dir / "checkpoints"
+        before = Path(before).expanduser() if before else self.out_dir / ckpt.CHECKPOINTS_SUBDIR
         if not before.is_dir() or before.resolve() == self.checkpoint_dir.resolve():
             return
         step = ckpt.peek_step(resume)
@@ -766,7 +1233,7 @@ class Trainer:
         checkpoint_dir, or were never written): the history is moved aside with a warning, not overwritten."""
         if not self.ddp.master:
             return
-        for name in ("training_history.json", "eval_history.json"):
+        for name in (plot.EPOCH_HISTORY, plot.EVAL_HISTORY):
             path = self.out_dir / name
             if not _has_records(path):
                 continue
@@ -821,7 +1288,7 @@ class Trainer:
         # the schedule is rebuilt at the saved step from learning_rate, min_lr, warmup and decay as set now.
         for group in self.optimizer.param_groups:
             group["initial_lr"], group["betas"] = cfg.learning_rate, (cfg.beta1, cfg.beta2)
-        self.optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay  # the 2-D weights' group
+        set_weight_decay(self.optimizer, cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps),
                                                            last_epoch=state["step"] - 1)
         changed = [f"{k} {saved_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in
@@ -902,7 +1369,7 @@ class Trainer:
         if best is None:
             return False
         # A history file out_dir has already, readable or not, is read_history's to keep or move aside.
-        histories = [name for name in ("training_history.json", "eval_history.json")
+        histories = [name for name in (plot.EPOCH_HISTORY, plot.EVAL_HISTORY)
                      if (best.parent / name).is_file() and not (self.out_dir / name).exists()]
         try:  # the histories first: the best model copied marks the carry-over as done
             for name in histories:
@@ -915,413 +1382,7 @@ class Trainer:
                  + "".join(f", {name}" for name in histories) + f" to {self.out_dir}")
         return True
 
-    # checkpoints -------------------------------------------------------------------------------
-    def state(self, data_state=None, rng_state=None, after_step_pending=False):
-        """The run as a checkpoint holds it. after_step_pending: the step is done but its evaluation, epoch
-        record and best-model save are not (a resume does them first)."""
-        state = {
-            "format_version": ckpt.FORMAT_VERSION,
-            "model_state_dict": ckpt.unwrapped_state_dict(self.model),
-            "optimizer_state_dict": self.optimizer.state_dict(),
-            "scheduler_state_dict": self.scheduler.state_dict(),
-            "scaler_state_dict": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "epoch": max(1, math.ceil(self.step / self.steps_per_epoch)),  # the epoch this step belongs to
-            "step": self.step,
-            "train_loss": self.last_train_loss,
-            "val_loss": self.val_loss,
-            "best_val_loss": self.best_val_loss,
-            "tokens_seen": self.tokens_seen,
-            "epoch_loss_sum": self.epoch_loss_sum,
-            "epoch_loss_count": self.epoch_loss_count,
-            "elapsed_s": self.elapsed(),
-            "config": dataclasses.asdict(self.cfg),
-            "data_state": data_state or self.train_bins.state_dict(),
-            "rng_state": rng_state or ckpt.capture_rng_state(),
-            "batch_size": self.batch_size,
-            "gradient_accumulation_steps": self.accum * self.ddp.world_size,
-        }
-        if after_step_pending:
-            state["after_step_pending"] = True
-        return state
-
-    def save(self, kind, **state_parts):
-        """Write a checkpoint ('rotated', 'best' or 'emergency') on rank 0; a failed save never stops the run.
-        Returns whether it was written, on every rank."""
-        failed = False
-        ranks = None
-        if self.ddp.enabled:  # every rank's RNG streams (its dropout), for a resume on as many processes
-            state_parts["rng_state"] = state_parts.get("rng_state") or ckpt.capture_rng_state()
-            ranks = [None] * self.ddp.world_size
-            dist.all_gather_object(ranks, state_parts["rng_state"])
-        if self.ddp.master:
-            state = self.state(**state_parts)
-            if ranks is not None:
-                state["rank_rng_states"] = ranks
-            try:
-                if kind == "rotated":
-                    path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)
-                elif kind == "best":
-                    path = ckpt.save_best(state, self.out_dir, self.checkpoint_dir)
-                else:
-                    path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
-                self.log(f"saved {path}")
-            except ckpt.CheckpointError as e:
-                self.log(f"warning: {e}")
-                failed = True
-        return not any_rank(failed, self.ddp, self.device)  # under DDP also what keeps the ranks together
-
-    def write_history(self, name, records):
-        """out_dir/name rewritten whole; a failed write (a full disk) is a warning, the next one catches up."""
-        try:
-            ckpt.atomic_write_json(self.out_dir / name, records)
-        except ckpt.CheckpointError as e:
-            self.log(f"warning: {e}")
-
-    # one optimizer step ------------------------------------------------------------------------
-    def train_step(self):
-        """Forward/backward over the step's micro-batches and one update. Returns the mean loss, or None
-        when a stop was requested before the step finished (the step is then redone on resume)."""
-        self.step_start = (self.train_bins.state_dict(), ckpt.capture_rng_state())
-        while True:
-            try:
-                loss = self._accumulate_and_update()
-                if self.plan.cuda_graphs:
-                    self.check_graph_skips()
-                return loss
-            except torch.OutOfMemoryError:
-                pass
-            except Exception as e:
-                # A CUDA graph whose capture runs out of memory may end with an error of its own from the capture.
-                if not (self.plan.cuda_graphs and raised_by_oom(e)):
-                    raise
-            # Outside the except block: the exception's traceback no longer holds the failed step's tensors,
-            # so back_off_oom's empty_cache can hand their memory back.
-            self.back_off_oom()
-
-    def _accumulate_and_update(self):
-        total = torch.zeros((), device=self.device)
-        oom = False
-        for micro in range(self.accum):
-            if self.stop.signum is not None and not self.ddp.enabled:
-                return None
-            last = micro == self.accum - 1
-            time.sleep(self.test_step_delay / self.accum)
-            x, y = self.train_bins.next_batch(self.batch_size, self.device)
-            # Under DDP gradients are all-reduced only after the last micro-batch.
-            sync = contextlib.nullcontext() if (last or not self.ddp.enabled) else self.train_model.no_sync()
-            loss = None
-            if not oom:
-                try:
-                    if self.plan.cuda_graphs:  # each micro-batch's replay may reuse the last one's memory
-                        torch.compiler.cudagraph_mark_step_begin()
-                    with sync, self.autocast:
-                        self.inject_oom(in_last_backward=False)
-                        _, loss = self.train_model(x, y, return_logits=False)
-                except torch.OutOfMemoryError:
-                    oom = True
-            # A rank out of memory must not leave the others waiting in the all-reduce: all agree
-            # before the synchronising backward, and all back off together.
-            if (oom and not self.ddp.enabled) or (last and any_rank(oom, self.ddp, self.device)):
-                raise torch.OutOfMemoryError("out of memory")
-            if oom:
-                continue
-            try:
-                if last:
-                    self.inject_oom(in_last_backward=True)
-                self.scaler.scale(loss / self.accum).backward()
-            except torch.OutOfMemoryError:
-                # In the last backward the other ranks may be in the gradient all-reduce: the back-off's own
-                # collective then works only if they ran out of memory too (the usual case: the same shapes).
-                if last or not self.ddp.enabled:
-                    raise
-                oom = True
-                continue
-            total += loss.detach()
-        if self.step + 1 in self.test_nan_steps:
-            total = total * float("nan")
-        try:  # a smaller micro-batch saves nothing from here on: no retry (and no half-done update redone)
-            return self._update(total)
-        except torch.OutOfMemoryError:
-            raise hardware.HardwareError(
-                "out of memory in the optimizer update (AdamW keeps two fp32 copies of the parameters): use a "
-                "smaller model, or a smaller batch_size to leave it room") from None
-
-    def inject_oom(self, in_last_backward):
-        """Test hook: a real OutOfMemoryError above GPT_TEST_OOM_ABOVE_BATCH, in the forward or (if asked) the
-        last micro-batch's backward."""
-        if (self.test_oom_above is not None and self.batch_size > self.test_oom_above
-                and in_last_backward == self.test_oom_in_last_backward):
-            raise torch.OutOfMemoryError(f"injected: micro-batch {self.batch_size} > {self.test_oom_above}")
-
-    def _update(self, total):
-        self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm or float("inf"))
-        loss = total.item() / self.accum
-        if self.ddp.enabled:
-            t = torch.tensor([loss], device=self.device)
-            dist.all_reduce(t)
-            loss = t.item() / self.ddp.world_size
-        finite = math.isfinite(loss) and (self.scaler.is_enabled() or math.isfinite(norm.item()))
-        if finite:
-            self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=not self.plan.cuda_graphs)
-        self.scheduler.step()
-        self.grad_norm = norm.item()
-        return loss if finite else float("nan")
-
-    def check_graph_skips(self):
-        """After a step with cuda_graphs: say so when inductor has newly decided to run compiled graphs without them
-        (mostly when it compiles, at the first step; also later, e.g. a graph re-recorded too often)."""
-        skipped = hardware.cuda_graph_skips() - self.graph_skips_seen
-        if skipped > 0:
-            self.graph_skips_seen += skipped
-            self.log(f"warning: cuda_graphs: inductor runs {skipped} compiled {plural(skipped, 'graph')} of the step "
-                     f"without CUDA graphs (PyTorch's log says why; TORCH_LOGS=perf_hints on older versions)")
-
-    def back_off_oom(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.plan.cuda_graphs:
-            # A graph recorded for the old micro-batch is of no use for the new one, and an error while one was
-            # being recorded may have left PyTorch's graph bookkeeping half done: drop them all (and the memory
-            # they hold), and go on compiled without graphs.
-            if self.device_type == "cuda":
-                torch.cuda.synchronize()  # a failed warm-up can leave its side stream running
-            self.plan = dataclasses.replace(self.plan, cuda_graphs=False)
-            torch._dynamo.reset()
-            gc.collect()  # cycles (the error's frames, inductor's objects) may hold tensors of the graphs' memory
-            self.train_model = hardware.compile_or_eager(self.model, True)
-            self.log("out of memory: cuda_graphs off for the rest of this session (their memory is freed)")
-        if self.device_type == "cuda":
-            torch.cuda.empty_cache()
-        # The largest micro-batch of at most half the size that divides this process's sequences per step,
-        # so that the effective batch stays exactly what it was (10 -> 5 -> 2 x 5 accumulation).
-        per_step = self.batch_size * self.accum
-        new_batch = max((b for b in range(1, self.batch_size // 2 + 1) if per_step % b == 0), default=0)
-        new_batch = min_over_ranks(new_batch, self.ddp, self.device)
-        if new_batch < 1:
-            raise hardware.HardwareError("out of memory even at batch_size=1; lower max_length or the model size, "
-                                         "or use a GPU with more memory")
-        self.batch_size, self.accum = new_batch, per_step // new_batch
-        self.log(f"out of memory: micro-batch now {self.batch_size} x {self.accum * self.ddp.world_size} accumulation "
-                 f"steps (same effective batch); redoing step {self.step + 1}")
-        if self.ddp.enabled:  # a rank that got through its synchronised forward left DDP waiting for a backward
-            self.train_model = self.wrap_ddp(self.train_model.module)
-        self.train_bins.load_state_dict(self.step_start[0])
-        ckpt.restore_rng_state(self.step_start[1])
-
-    # evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self):
-        """Mean val loss over the val split (or its first eval_iters x batch_size windows, whatever the
-        number of processes and any out-of-memory back-off), averaged over all ranks."""
-        if self.step == self.test_error_at_eval:
-            self.test_error_at_eval = 0  # once per process
-            raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
-        self.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        windows = self.cfg.eval_iters * self.cfg.batch_size or None
-        for x, y in self.val_bins.eval_batches(self.batch_size, windows, self.device):
-            with self.autocast:
-                _, loss = self.model(x, y, return_logits=False)
-            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
-        if self.ddp.enabled:
-            dist.all_reduce(total)
-        self.model.train()
-        return (total[0] / total[1]).item() if total[1] else float("nan")
-
-    def sample(self):
-        if not self.cfg.sample_prompt or not self.ddp.master or self.cfg.vocab_size < N_VOCAB:
-            return  # (a model smaller than the GPT-2 vocabulary, on data of its own ids, has no text to show)
-        if self.stop.signum is not None:  # a stop is due: its seconds go to the save (a sample is for show)
-            return
-        if not math.isfinite(self.val_loss):  # weights gone NaN: nothing to draw from (multinomial would raise)
-            self.log("sample: none, the model's outputs are not finite")
-            return
-        enc = get_tokenizer()
-        idx = torch.tensor([enc.encode_ordinary(self.cfg.sample_prompt)], device=self.device)
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
-        with self.autocast:
-            # A vocabulary larger than the tokenizer's has ids nothing decodes: never drawn.
-            out = self.model.generate(idx, self.cfg.sample_tokens, temperature=0.8, top_k=200,
-                                      eos_token_id=EOT_TOKEN, generator=gen, vocab_limit=N_VOCAB)
-        text = enc.decode(out[0].tolist()).replace("\n", " ")
-        self.log(f"sample: {text}")
-
-    def elapsed(self):
-        return self.elapsed_before + time.time() - self.t0
-
-    def run_eval(self, lr, epoch_end):
-        """Evaluate, record it, close the epoch if this step ends one, then save the best model: after the
-        epoch record, so that a resume from best_model.pt starts the next epoch's train loss afresh."""
-        val = self.evaluate()
-        self.val_loss = val
-        improved = val < self.best_val_loss
-        ppl = math.exp(min(val, 50))
-        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
-        if self.ddp.master:
-            self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
-                "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
-                "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
-                "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")}]
-            self.write_history("eval_history.json", self.eval_history)
-        self.tracker.log(self.step, {"val/loss": val, "val/perplexity": ppl})
-        if epoch_end:
-            self.end_epoch()
-        if improved:
-            # best_model.pt holds its own val loss as the best; a failed save leaves the one on disk the best.
-            previous, self.best_val_loss = self.best_val_loss, val
-            if not self.save("best"):
-                self.best_val_loss = previous
-        self.sample()
-
-    def after_step(self, lr):
-        """The evaluation, epoch record and best model due after the step just completed."""
-        epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
-        if self.step % self.cfg.eval_steps == 0 or epoch_end:
-            self.run_eval(lr, epoch_end)
-            self.refresh_plot()  # once, with this evaluation and any epoch record it closed
-        self.pending_after_step = None
-
-    def refresh_plot(self):
-        """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
-        import plot
-        if not self.ddp.master or not plot.matplotlib_available():
-            return
-        try:
-            plot.plot_history(self.out_dir)
-        except Exception as e:
-            self.log(f"warning: could not draw the loss curve: {e}")
-
-    def end_epoch(self):
-        epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
-        # (no finite loss in the whole epoch: nan, written as null, not a mean of 0)
-        train_loss = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else float("nan")
-        val = self.val_loss if self.val_loss is not None else float("nan")
-        done = self.step - (epoch - 1) * self.steps_per_epoch
-        what = "done" if done == self.steps_per_epoch else f"ended after {done} of its {self.steps_per_epoch} steps"
-        self.log(f"epoch {epoch} {what}: train loss {train_loss:.4f}, val loss {val:.4f}")
-        if self.ddp.master:
-            self.history = [r for r in self.history if r.get("epoch") != epoch] + [{
-                "epoch": epoch, "train_loss": train_loss, "val_loss": val, "val_perplexity": math.exp(min(val, 50)),
-                "timestamp": datetime.now().isoformat(timespec="seconds")}]
-            self.write_history("training_history.json", self.history)
-        if done == self.steps_per_epoch:  # a run stopped inside an epoch keeps its sums for a longer resume
-            self.epoch_loss_sum, self.epoch_loss_count = 0.0, 0
-
-    def banner(self, n_params, n_params_ne):
-        cfg = self.cfg
-        self.log(hardware.describe(self.facts, self.plan))
-        hint = hardware.multi_gpu_hint(self.facts, self.ddp.world_size)
-        if hint:
-            self.log(hint)
-        self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_params_ne / 1e6:.2f}M without embeddings)")
-        self.log(f"batch: {self.batch_size} x {self.accum * self.ddp.world_size} accumulation x {cfg.max_length} tokens = "
-                 f"{self.tokens_per_step:,} tokens per step, {self.ddp.world_size} "
-                 f"{plural(self.ddp.world_size, 'process', 'processes')}")
-        self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} "
-                 f"{plural(self.steps_per_epoch, 'step')} per epoch, "
-                 f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
-
-    # the loop ----------------------------------------------------------------------------------
-    def run(self):
-        from tqdm import tqdm
-        cfg, ddp = self.cfg, self.ddp
-        self.t0 = time.time()
-        self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
-        self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-        done_epochs = self.step // self.steps_per_epoch
-        # The histories are rank 0's to read and write (one warning, one file moved aside if it is damaged).
-        self.history = read_history(self.out_dir / "training_history.json",
-                                    lambda r: r.get("epoch", 0) <= done_epochs) if ddp.master else []
-        self.eval_history = read_history(self.out_dir / "eval_history.json",
-                                         lambda r: r.get("step", 0) <= self.step) if ddp.master else []
-        self.stop.install()
-        self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
-                               start_step=self.step, enabled=ddp.master)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
-                   dynamic_ncols=True, unit="step")
-        self.log.bar = bar
-        nonfinite, session_start, session_steps, final_saved = 0, time.time(), 0, True
-        if self.step >= self.total_steps and self.pending_after_step is None:
-            self.log(f"nothing to train: the run is at step {self.step}, and "
-                     f"{f'max_steps={cfg.max_steps}' if cfg.max_steps else f'epochs={cfg.epochs}'} ends it at step "
-                     f"{self.total_steps} (raise it to train on)")
-        try:
-            if self.pending_after_step is not None:
-                self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
-                self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1))
-            while self.step < self.total_steps:
-                if self.train_bins.epoch != self.step // self.steps_per_epoch:
-                    self.train_bins.start_epoch(self.step // self.steps_per_epoch)
-                lr = self.scheduler.get_last_lr()[0]
-                loss = self.train_step()
-                if loss is None:  # stopped inside the step: it is redone on resume
-                    return self.emergency_exit(self.step_start)
-                self.step_start = (None, None)  # the step is done: an error from here on keeps it
-                self.step += 1
-                session_steps += 1
-                self.tokens_seen += self.tokens_per_step
-                if math.isfinite(loss):
-                    nonfinite = 0
-                    self.last_train_loss = loss
-                    self.epoch_loss_sum += loss
-                    self.epoch_loss_count += 1
-                else:
-                    nonfinite += 1
-                    self.log(f"step {self.step}: non-finite loss or gradient, update skipped ({nonfinite} in a row)")
-                    if nonfinite >= cfg.max_nonfinite:
-                        return self.nonfinite_exit(nonfinite)
-                self.pending_after_step = (self.epoch_loss_sum, self.epoch_loss_count)
-                tok_s = session_steps * self.tokens_per_step / max(1e-9, time.time() - session_start)
-                bar.set_description(f"epoch {self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)}/"
-                                    f"{math.ceil(self.total_steps / self.steps_per_epoch)}")
-                bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s {memory_note(self.device_type)}".strip())
-                bar.update(1)
-                self.tracker.log(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
-                                             "train/tokens_per_s": tok_s, **gpu_memory(self.device_type)})
-                if ddp.master and self.step % cfg.log_steps == 0:  # with a bar on screen: train.log's only
-                    (self.log if bar.disable else self.log.record)(
-                        f"step {self.step}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s "
-                        f"{memory_note(self.device_type)}".rstrip())
-                if session_steps == 10:
-                    left = (self.total_steps - self.step) * self.tokens_per_step / tok_s
-                    self.log(f"estimated time left: {fmt_duration(left)} at {tok_s:,.0f} tokens/s")
-                last = self.step == self.total_steps
-                self.after_step(lr)
-                out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
-                if self.step % cfg.save_steps == 0 or last or out_of_time:
-                    final_saved = self.save("rotated")
-                    if not final_saved and (last or out_of_time):  # a session's end must be on disk: out_dir then
-                        final_saved = self.save("emergency")
-                if self.step == self.test_error_after:
-                    raise RuntimeError(f"injected: an error after step {self.step}")
-                if out_of_time and not last:
-                    if final_saved:  # else the error line below says what is on disk
-                        self.log(f"max_runtime ({cfg.max_runtime}) reached at step {self.step}: stopped cleanly. "
-                                 f"Resume with: {self.resume_command()}")
-                    break
-                if any_rank(self.stop.signum is not None, ddp, self.device) and not last:
-                    return self.emergency_exit()
-        except BaseException:
-            # Anything unexpected: keep the last completed step's state, then let the error through.
-            if self.ddp.master and self.step > 0 and not isinstance(sys.exc_info()[1], SystemExit):
-                self.log("error during training: writing an emergency checkpoint of the last completed step")
-                self.save_emergency_local()
-            raise
-        finally:
-            bar.close()
-            self.tracker.close()
-        self.finish()
-        if not final_saved and self.ddp.master:  # the last step may be on disk all the same (best_model.pt)
-            newest = ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
-            if newest is None or newest[0] < self.step:  # not a success to a script or a notebook
-                self.log(f"error: the last checkpoint (step {self.step}) could not be saved (see the warning above); "
-                         f"{self.newest_note(newest)}. Fix what the warnings say (free disk space, a folder that can be "
-                         f"written) and run the same command again to redo those steps")
-                return 1
-        return 0
-
+    # endings ----------------------------------------------------------------------------------
     def elapsed_session(self):
         """Seconds since this process started: what a notebook's session limit counts."""
         return time.time() - PROCESS_START
@@ -1386,13 +1447,12 @@ class Trainer:
         if not self.ddp.master:
             return
         if self.cfg.export_final_model:
-            import export_hf
-            best = self.out_dir / "best_model.pt"
+            best, final = self.out_dir / ckpt.BEST_NAME, self.out_dir / ckpt.FINAL_MODEL_DIR
             try:
-                export_hf.export_hf(best if best.exists() else self.state(), self.out_dir / "final_model")
-                what = "best_model.pt" if best.exists() else "the last weights: no best_model.pt yet"
-                self.log(f"exported {self.out_dir / 'final_model'} from {what} (HuggingFace GPT2LMHeadModel + "
-                         f"GPT2Tokenizer)")
+                import export_hf
+                export_hf.export_hf(best if best.exists() else self.state(), final)
+                what = ckpt.BEST_NAME if best.exists() else f"the last weights: no {ckpt.BEST_NAME} yet"
+                self.log(f"exported {final} from {what} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
             except Exception as e:
                 self.log(f"warning: could not export final_model/: {e}")
         best = f"best val loss {self.best_val_loss:.4f}" if math.isfinite(self.best_val_loss) else "no evaluation yet"
@@ -1415,12 +1475,13 @@ def train_main(argv, held):
     try:
         cfg, given = load_config(argv)
         validate(cfg, launched_world)
+        device_type = hardware.choose_device(cfg.device)  # no such device: said before any folder is made
         if os.environ.get("RANK", "0") == "0":
             # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
             # with one line, where after connecting the other ranks would lose their peer mid-collective.
             make_run_folders(cfg)
             held.enter_context(run_lock(cfg))
-        ddp = init_distributed(hardware.choose_device(cfg.device))
+        ddp = init_distributed(device_type)
         trainer = Trainer(cfg, ddp, given)
         trainer.setup()
         code = trainer.run()
@@ -1438,7 +1499,7 @@ def train_main(argv, held):
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).
         before_connecting = launched_world > 1 and not ddp.enabled
-        if not (isinstance(e, ConfigError) and before_connecting and os.environ.get("RANK", "0") != "0"):
+        if not (isinstance(e, (ConfigError, hardware.HardwareError)) and before_connecting and os.environ.get("RANK", "0") != "0"):
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too

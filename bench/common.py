@@ -37,7 +37,10 @@ CONFIGS = {
 
 def hf_peer(model):
     """transformers.GPT2LMHeadModel (SDPA attention) with `model`'s config and weights, on its device."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise SystemExit("error: the benches compare against HF transformers: pip install -r requirements-dev.txt") from None
 
     from export_hf import hf_config, to_hf_state_dict
     hf = GPT2LMHeadModel(GPT2Config(**hf_config(model.config), attn_implementation="sdpa"))
