@@ -818,8 +818,7 @@ class Trainer:
     def report_progress(self, bar, loss, lr):
         """The bar, the tracker, a step line every log_steps, and after the session's tenth step the time left."""
         cfg, tok_s = self.cfg, self.throughput.tokens_per_s()
-        epoch = self.step // self.steps_per_epoch + (self.step % self.steps_per_epoch > 0)
-        bar.set_description(f"epoch {epoch}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
+        bar.set_description(f"epoch {self.epoch_of(self.step)}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
         bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s {memory_note(self.device_type)}".strip())
         bar.update(1)
         self.tracker.log(self.step, {"train/loss": loss, "train/lr": lr, "train/grad_norm": self.grad_norm,
@@ -1026,6 +1025,10 @@ class Trainer:
         text = get_tokenizer().decode(out[0].tolist()).replace("\n", " ")
         self.log(f"sample: {text}")
 
+    def epoch_of(self, step):
+        """The epoch (from 1) that `step` completes or lies in; step 0 is in the first."""
+        return max(1, math.ceil(step / self.steps_per_epoch))
+
     def elapsed(self):
         return self.elapsed_before + time.time() - self.t0
 
@@ -1071,7 +1074,7 @@ class Trainer:
             self.log(f"warning: could not draw the loss curve: {e}")
 
     def end_epoch(self):
-        epoch = math.ceil(self.step / self.steps_per_epoch)  # a run cut short by max_steps ends inside one
+        epoch = self.epoch_of(self.step)  # a run cut short by max_steps ends inside one
         # (no finite loss in the whole epoch: nan, written as null, not a mean of 0)
         train_loss = self.epoch_loss_sum / self.epoch_loss_count if self.epoch_loss_count else float("nan")
         val = self.val_loss if self.val_loss is not None else float("nan")
@@ -1110,7 +1113,7 @@ class Trainer:
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scheduler_state_dict": self.scheduler.state_dict(),
             "scaler_state_dict": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "epoch": max(1, math.ceil(self.step / self.steps_per_epoch)),  # the epoch this step belongs to
+            "epoch": self.epoch_of(self.step),
             "step": self.step,
             "train_loss": self.last_train_loss,
             "val_loss": self.val_loss,
@@ -1330,7 +1333,7 @@ class Trainer:
                 torch.manual_seed(self.cfg.seed + 1000003 * self.step + self.ddp.rank)
         del state  # nothing of it stays on the GPU (map_location='cpu')
         epoch = (self.step // self.steps_per_epoch + 1 if self.step < self.total_steps  # the epoch it goes on in,
-                 else max(1, math.ceil(self.step / self.steps_per_epoch)))  # or, with nothing left, its last one
+                 else self.epoch_of(self.step))  # or, with nothing left, its last one
         self.log(f"resumed from {path} at step {self.step} (epoch {epoch})")
 
     def carry_over_its_run(self, resume):

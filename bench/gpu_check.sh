@@ -46,11 +46,11 @@ for name in ${PARTS:-$ALL}; do
     tests_resume_eager) part $name 150 $T tests/test_cuda.py -k "resumed and eager" ;;
     tests_samples) part $name 90 $T tests/test_cuda.py -k "samples" ;;
     tests_oom) part $name 90 $T tests/test_cuda.py tests/test_checkpoint.py -k "(out_of_memory and not cuda_graphs) or cuda_rng" ;;
-    # train.py's cuda_graphs=True: accumulation and resume against the default compiled run; out of memory
     # Nsight Compute over one compiled bf16 step of ours (the default mode): per kernel, time and speed of light
     ncu_train) if command -v ncu >/dev/null; then part $name 300 ncu --profile-from-start off --clock-control none \
         --section SpeedOfLight --print-summary per-kernel $PY bench/train_throughput.py --device "$DEVICE" \
         --warmup 3 --ncu; else echo "=== $name: no ncu on this machine"; fi ;;
+    # train.py's cuda_graphs=True: accumulation and resume against the default compiled run, and out of memory
     tests_cudagraphs) part $name 240 $T tests/test_cuda.py -k "cuda_graph_training or with_cuda_graphs" ;;
     bench_train_auto) part $name 150 $PY bench/train_throughput.py --device "$DEVICE" --rounds "$ROUNDS" --warmup 3 \
       --profile 3 --json ;;
