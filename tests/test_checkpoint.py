@@ -77,6 +77,30 @@ def test_atomic_writes_round_trip_and_leave_no_temp(tmp_path):
     assert (tmp_path / "t.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_a_save_is_a_new_file_renamed_over_the_old_one_after_its_fsync(tmp_path, monkeypatch):
+    first = ck.save_best(state(1), tmp_path)
+    with open(first, "rb") as reader:  # a reader (sample.py, a resume) that opened the old file
+        inode = os.fstat(reader.fileno()).st_ino
+        ck.save_best(state(2), tmp_path)
+        assert first.stat().st_ino != inode  # never rewritten in place: a crash could leave it half-written
+        assert torch.load(reader, weights_only=True)["step"] == 1  # the reader still has the whole old one
+    # Durable in this order: the file's data, then the rename, then the folder that holds the new name.
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):  # recorded, then done for real
+        events.append("fsync folder" if Path(os.readlink(f"/proc/self/fd/{fd}")) == tmp_path else "fsync file")
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(f"rename to {Path(dst).name}")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ck.save_best(state(3), tmp_path)
+    assert events == ["fsync file", f"rename to {ck.BEST_NAME}", "fsync folder"]
+
+
 KILL_CHILD = """
 import sys, torch
 from pathlib import Path

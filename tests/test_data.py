@@ -487,6 +487,10 @@ def test_rerun_prepares_again_only_when_inputs_or_settings_change(tmp_path, caps
     (tmp_path / "b.txt").write_text(text_b.replace("delta", "DELTA"))  # same name, same size, other bytes
     said, text = prepare(tmp_path / "b.txt", val_fraction=0.2)
     assert "preparing it again" in said and text == text_b.replace("delta", "DELTA")
+    whole = (out / "train.bin").read_bytes()
+    (out / "train.bin").write_bytes(whole[:-2])  # a copy cut short is no prepared folder
+    said, text = prepare(tmp_path / "b.txt", val_fraction=0.2)
+    assert "already prepared" not in said and (out / "train.bin").read_bytes() == whole
 
 
 def test_val_split_of_text_without_line_breaks(tmp_path):
@@ -552,6 +556,7 @@ def test_hf_dataset_without_validation_holds_out_the_end_of_train(tmp_path):
     assert proc.returncode == 0, proc.stderr
     val = text_of(tokens_of(tmp_path / "out" / "val.bin")).decode()
     assert val == "".join(records["train"][90:])
+    assert text_of(tokens_of(tmp_path / "out" / "train.bin")).decode() == "".join(records["train"][:90])  # not both
     assert not (tmp_path / "out" / "test.bin").exists()
 
 
@@ -602,6 +607,10 @@ def test_bins_errors_name_the_file(tmp_path):
                                         r"2\).*vocab_size is 50257"):
         TokenBins(tmp_path, "big", 8, vocab_size=50257)
     assert TokenBins(tmp_path, "big", 8, vocab_size=50304).n_windows == 4
+    write_bin(tmp_path, "edge", [1, 2, 50257, 4] * 10)  # the first id past GPT-2's vocabulary
+    with pytest.raises(DataError, match="edge.bin holds token ids up to 50257"):
+        TokenBins(tmp_path, "edge", 8, vocab_size=50257)
+    assert TokenBins(tmp_path, "edge", 8, vocab_size=50258).n_windows == 4
     with pytest.raises(DataError, match="big.bin has 40 tokens, less than one window"):
         TokenBins(tmp_path, "big", 40)
 

@@ -100,6 +100,7 @@ def test_folder_holds_config_weights_and_tokenizer(exported):
     encoder_json, vocab_bpe = gpt2_bpe_files()
     assert (folder / "vocab.json").read_bytes() == encoder_json.read_bytes()
     assert (folder / "merges.txt").read_bytes() == vocab_bpe.read_bytes()
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 128  # n_positions
 
 
 def test_hf_greedy_generate_gives_our_tokens(exported):

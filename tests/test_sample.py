@@ -101,15 +101,16 @@ def test_compile_that_fails_warns_once_and_samples_uncompiled(run_dir, tmp_path)
 
 def test_prompt_file_without_its_byte_order_mark_and_final_line_break(run_dir, tmp_path):
     (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8-sig")  # as Notepad saves it
+    # (a hot temperature with --top_k 1 is greedy all the same: the option reaches the sampler)
     result = run_sample("--out_dir", run_dir / "out", "--start", f"FILE:{tmp_path / 'prompt.txt'}",
-                        "--temperature", "0", "--max_new_tokens", "15", *CPU)
+                        "--temperature", "3", "--top_k", "1", "--max_new_tokens", "15", *CPU)
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy_text(tiny_model(), "Hello", 15) + "\n"
 
 def test_latest_rotated_checkpoint(tmp_path):
     save_checkpoint(tiny_model(seed=3), tmp_path / "out" / "checkpoints" / "checkpoint_epoch1_step10.pt")
-    result = run_sample("--checkpoint", "latest", "--out_dir", tmp_path / "out", "--start", "Hi",
-                        "--temperature", "0", "--max_new_tokens", "8", *CPU)
+    result = run_sample("--checkpoint", "latest", "--out_dir", tmp_path / "out", "--start", "Hi",  # top_p: greedy too
+                        "--temperature", "3", "--top_p", "1e-6", "--max_new_tokens", "8", *CPU)
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy_text(tiny_model(seed=3), "Hi", 8) + "\n"
 

@@ -221,8 +221,10 @@ def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, b
     # the step-4 saves fail: the rotated one, the best model, and the emergency checkpoint tried in its place
     for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt", "emergency_checkpoint.pt"):
         (out / blocked / "in the way").mkdir(parents=True)
-    p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
+    # (learning_rate 0: every evaluation scores the same, so only a failed save makes step 4's a new best)
+    p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--learning_rate=0", check=False)
     assert p.returncode == 1, p.stderr
+    assert p.stdout.count(f"could not save {out / 'best_model.pt'}") == 2  # a best not on disk is no best
     newest = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
     assert p.stdout.splitlines()[-1] == (
         f"error: the last checkpoint (step 4) could not be saved (see the warning above); the newest on disk is "
@@ -230,12 +232,12 @@ def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, b
         f"folder that can be written) and run the same command again to redo those steps")
     # Where the rotated save fails at the end, the emergency checkpoint in out_dir holds the last step: a success.
     again = tmp_path / "again"
-    for blocked in ("checkpoints/checkpoint_epoch1_step4.pt", "best_model.pt"):
-        (again / blocked / "in the way").mkdir(parents=True)
-    p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=100", check=False)
+    (again / "checkpoints/checkpoint_epoch1_step4.pt" / "in the way").mkdir(parents=True)
+    p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--learning_rate=0", check=False)
     assert p.returncode == 0 and "warning: could not save" in p.stdout
     assert f"saved {again / 'emergency_checkpoint.pt'}" in p.stdout
     assert ckpt.load_checkpoint(again / "emergency_checkpoint.pt")["step"] == 4
+    assert ckpt.load_checkpoint(again / "best_model.pt")["step"] == 2  # step 4's equal loss is no better
 
 
 def run_train_on_a_terminal(out_dir, bins, *extra):
@@ -300,12 +302,13 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
 
 @pytest.mark.parametrize("dtype", ["float32"])  # bf16's exact resume: the compiled resume test
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins, dtype):
+    # With dropout: the random streams must go on from where the stop left them, too.
     straight = tmp_path / "straight"
     run_train(straight, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-              "--gradient_accumulation_steps=4", f"--dtype={dtype}")
+              "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--dropout=0.1")
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(train_cmd(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-                                      "--gradient_accumulation_steps=4", f"--dtype={dtype}"),
+                                      "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--dropout=0.1"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "GPT_TEST_STEP_DELAY": "0.3"})
     log = interrupted / "train.log"
@@ -321,7 +324,7 @@ def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins,
     assert 5 <= emergency["step"] < 16
 
     run_train(interrupted, bins, "--max_steps=16", "--save_steps=100", "--eval_steps=100",
-              "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--resume_from_checkpoint=latest")
+              "--gradient_accumulation_steps=4", f"--dtype={dtype}", "--dropout=0.1", "--resume_from_checkpoint=latest")
     assert_same_weights(final_state(straight)["model_state_dict"], final_state(interrupted)["model_state_dict"])
     assert step_losses(interrupted) == step_losses(straight)
     assert f"dtype: {dtype}" in (interrupted / "train.log").read_text()  # the run really was in that dtype
@@ -358,6 +361,15 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
     assert ckpt.load_checkpoint(out / "emergency_checkpoint.pt")["step"] >= 3
     log = (out / "train.log").read_text()
     assert "interrupted at step" in log and "Resume with: python train.py" in log
+
+
+def test_nohup_keeps_a_hangup_from_stopping_the_run():
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves a program
+    try:
+        assert signal.SIGHUP not in train.stop_signals()
+    finally:
+        signal.signal(signal.SIGHUP, old)
+    assert signal.SIGHUP in train.stop_signals()
 
 
 def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothing(tmp_path, bins):
@@ -410,7 +422,8 @@ def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     # SIGTERM again later (Jupyter's kernel shutdown sends seven over 4.4 s): a reminder, the save goes on.
     proc, stderr = signal_twice_inside_the_first_step(tmp_path / "reminded", 6, signal.SIGTERM)  # a 3 s micro-step
     assert proc.returncode == 128 + signal.SIGTERM and "exiting now" not in stderr, stderr
-    assert (tmp_path / "reminded" / "emergency_checkpoint.pt").exists()
+    emergency = ckpt.load_checkpoint(tmp_path / "reminded" / "emergency_checkpoint.pt")
+    assert emergency["step"] == 0 and emergency["data_state"]["position"] == 0  # the cut step: redone from its start
     # Ctrl-C again after the grace period: the user means it, and the run exits at once, without waiting for the step.
     proc, stderr = signal_twice_inside_the_first_step(tmp_path / "later", 20, signal.SIGINT)  # a 10 s micro-step
     assert proc.returncode == 128 + signal.SIGINT and "Ctrl-C (SIGINT) during the stop: exiting now" in stderr, stderr
@@ -538,6 +551,9 @@ def test_out_of_memory_halves_micro_batch_and_keeps_the_result(tmp_path, bins):
                        timeout=300)
     assert "resume: micro-batch 1 x 8 accumulation, as the checkpoint's run backed off to after running out" in p.stdout
     assert ckpt.load_checkpoint(backed_off / "checkpoints" / "checkpoint_epoch1_step7.pt")["batch_size"] == 1
+    p = run_train(backed_off, bins, "--max_steps=8", "--save_steps=8", "--eval_steps=100")  # names the batch
+    assert "resume: micro-batch" not in p.stdout
+    assert ckpt.load_checkpoint(backed_off / "checkpoints" / "checkpoint_epoch1_step8.pt")["batch_size"] == 4
 
 
 def test_out_of_memory_keeps_an_odd_effective_batch_exactly(tmp_path, bins):
@@ -735,6 +751,16 @@ def test_a_history_that_is_not_a_list_of_records_is_moved_aside(tmp_path, capsys
 def test_a_damaged_history_file_is_kept_aside_not_overwritten(tmp_path, bins):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
+    # A copy as a kill -9 after step 4's evaluation leaves it (no checkpoint past step 2): a resume from step 2
+    # drops step 4's record, so that the history matches the weights.
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    for path in (killed / "checkpoints" / "checkpoint_epoch1_step4.pt", killed / "best_model.pt"):
+        if ckpt.load_checkpoint(path)["step"] > 2:
+            path.unlink()
+    run_train(killed, bins, "--max_steps=3", "--eval_steps=100")
+    assert [r["step"] for r in json.loads((killed / "eval_history.json").read_text())] == [2, 3]
+
     history = out / "eval_history.json"
     damaged = history.read_bytes()[:-3]  # cut short
     history.write_bytes(damaged)
