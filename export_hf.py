@@ -227,10 +227,12 @@ def load_checkpoint_model(source, name=None):
 
 
 def add_model_args(parser, default_out_dir="out"):
-    """The options naming the model a script reads (sample.py, evaluate.py): --checkpoint, --out_dir, --model_dir."""
-    parser.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
+    """The options naming the model a script reads (sample.py, evaluate.py): --checkpoint, --out_dir, --model_dir
+    (a checkpoint or an HF folder, not both: refused as the command line is read)."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
+    which.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
     parser.add_argument("--out_dir", default=default_out_dir, help="train.py's out_dir, searched for best_model.pt")
-    parser.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
 
 
 def load_model(checkpoint=None, model_dir=None, out_dir="out"):

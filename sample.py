@@ -54,13 +54,14 @@ def read_prompt(start):
     return text.removeprefix("\ufeff").removesuffix("\n")  # a UTF-8 byte-order mark (Notepad's) is no text
 
 
-def encode_prompt(text, n_positions):
+def encode_prompt(text, n_positions, say=None):
     """Prompt token ids, (1, T): <|endoftext|> alone for an empty prompt (an unconditional sample);
-    a prompt longer than the context keeps its last n_positions tokens."""
+    a prompt longer than the context keeps its last n_positions tokens, with a note (to stderr, or to `say`)."""
     ids = get_tokenizer().encode(text, allowed_special="all") or [EOT_TOKEN]
     if len(ids) > n_positions:
-        print(f"note: the prompt is {len(ids)} tokens, longer than the model's context "
-              f"(n_positions={n_positions}); keeping its last {n_positions} tokens", file=sys.stderr)
+        note = (f"note: the prompt is {len(ids)} tokens, longer than the model's context "
+                f"(n_positions={n_positions}); keeping its last {n_positions} tokens")
+        (say or (lambda line: print(line, file=sys.stderr)))(note)
         ids = ids[-n_positions:]
     return torch.tensor([ids])
 

@@ -277,7 +277,7 @@ def validate(cfg, world_size=1):
         raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} lies in {final}, which the export at the end "
                           f"replaces whole: pick another checkpoint_dir")
     for name in ("max_length", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
-                 "max_checkpoints", "log_steps"):
+                 "max_checkpoints", "log_steps", "max_nonfinite"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay"):
@@ -793,6 +793,7 @@ class Trainer:
                    dynamic_ncols=True, unit="step")
         self.log.bar = bar
         self.nonfinite = 0  # non-finite losses in a row
+        self.sample_ids = None  # sample_prompt's tokens, read at the first sample
         self.throughput = Throughput(self.tokens_per_step)
         if self.step >= self.total_steps and self.pending_after_step is None:
             self.log(f"nothing to train: the run is at step {self.step}, and "
@@ -1016,7 +1017,9 @@ class Trainer:
             self.log("sample: none, the model's outputs are not finite")
             return
         # Read and drawn as sample.py does (its settings): the sample here is what sample.py gives for that prompt.
-        idx = sample.encode_prompt(self.cfg.sample_prompt, self.cfg.n_positions).to(self.device)
+        if self.sample_ids is None:  # once a session (a prompt longer than the context says so once)
+            self.sample_ids = sample.encode_prompt(self.cfg.sample_prompt, self.cfg.n_positions, say=self.log)
+        idx = self.sample_ids.to(self.device)
         gen = torch.Generator(device=self.device).manual_seed(self.cfg.seed)  # leaves the training RNG alone
         with self.autocast:
             # A vocabulary larger than the tokenizer's has ids nothing decodes: never drawn.
@@ -1495,14 +1498,17 @@ def train_main(argv, held):
             sys.stderr.flush()
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
-    except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with the loop)
+    except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with start_session)
         print("\ninterrupted before training started: nothing to save", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).
+        # A device error, found on each node before connecting, is said once a node.
         before_connecting = launched_world > 1 and not ddp.enabled
-        if not (isinstance(e, (ConfigError, hardware.HardwareError)) and before_connecting and os.environ.get("RANK", "0") != "0"):
+        said_elsewhere = (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0") or (
+            isinstance(e, hardware.HardwareError) and os.environ.get("LOCAL_RANK", "0") != "0")
+        if not (before_connecting and said_elsewhere):
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too

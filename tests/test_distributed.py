@@ -129,6 +129,14 @@ def worker_pids(launcher_pid):
     return [int(p) for p in out]
 
 
+def killed_output(proc):
+    """What a torchrun a test gives up on printed: its workers (sessions of their own) killed, then torchrun."""
+    for pid in worker_pids(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    return proc.communicate(timeout=60)[0]
+
+
 def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins):
     straight = tmp_path / "straight"
     launch(2, straight, bins, "--max_steps=10")
@@ -136,7 +144,7 @@ def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins):
     proc = launch(2, run, bins, "--max_steps=10", popen=True, env={"GPT_TEST_STEP_DELAY": "0.4"})
     deadline = time.time() + 120
     while not ((run / "eval_history.json").exists() and len(train_losses(run)) >= 3):
-        assert time.time() < deadline and proc.poll() is None, (proc.kill(), proc.communicate(timeout=60))[1][0]
+        assert time.time() < deadline and proc.poll() is None, killed_output(proc)
         time.sleep(0.05)
     workers = worker_pids(proc.pid)
     assert len(workers) == 2

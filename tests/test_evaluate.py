@@ -177,7 +177,7 @@ def test_cli_model_dir_gives_the_same_figures_and_prints_a_table(run_dir):
     (["--split", "train"], "has test, val): pick another split"),
     (["--stride", "13"], "--stride must be between 1 and --block_size (12)"),
     (["--block_size", "17"], "exceeds the model's context n_positions=16"),
-    (["--checkpoint", "out/best_model.pt", "--model_dir", "out/final_model"], "not both"),
+    (["--checkpoint", "out/best_model.pt", "--model_dir", "out/final_model"], "not allowed with argument"),
     (["--dtype", "float16"], "float16' is not supported on CPU"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])

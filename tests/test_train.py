@@ -98,10 +98,11 @@ def test_help_lists_every_setting():
                  "resume_from_checkpoint='auto'", "max_runtime=''"):
         assert f"--{name}" in p.stdout
     assert "keep only the newest N rotated checkpoints" in p.stdout
-    settings = [line.strip() for line in p.stdout.splitlines() if line.startswith("  --")]
+    settings = [line[2:] for line in p.stdout.splitlines() if line.startswith("  --")]
     assert len(settings) == len(dataclasses.fields(train.TrainConfig))
     readme = (ROOT / "README.md").read_text()
-    assert [s for s in settings if s not in readme] == []  # README's list of settings is the same
+    block = readme.split("<summary>all settings</summary>\n\n```\n")[1].split("\n```")[0]
+    assert block.splitlines() == settings  # README's list of settings is --help's, line for line
 
 
 @pytest.mark.parametrize("args, message", [
@@ -138,6 +139,7 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins):
     (dict(beta1=1.0), "beta1 must be in [0, 1), got 1.0 (AdamW's defaults: 0.9, 0.95)"),
     (dict(beta2=-0.5), "beta2 must be in [0, 1), got -0.5"),
     (dict(max_length=0), "max_length must be at least 1, got 0"),
+    (dict(max_nonfinite=0), "max_nonfinite must be at least 1, got 0"),
     (dict(learning_rate=5e-4, min_lr=1e-3), "min_lr (0.001) is above learning_rate (0.0005), where the decay would"),
     (dict(out_dir=" "), "out_dir is empty; name a folder (out_dir='.' for the current one)"),
     (dict(out_dir="run", checkpoint_dir="run/final_model/ck"), "checkpoint_dir run/final_model/ck lies in "),
@@ -233,8 +235,11 @@ def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, b
     # Where the rotated save fails at the end, the emergency checkpoint in out_dir holds the last step: a success.
     again = tmp_path / "again"
     (again / "checkpoints/checkpoint_epoch1_step4.pt" / "in the way").mkdir(parents=True)
-    p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--learning_rate=0", check=False)
+    long_prompt = "one two three " * 20  # 61 tokens, past the 32-token context: said once, not at each evaluation
+    p = run_train(again, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--learning_rate=0",
+                  f"--sample_prompt={long_prompt}", check=False)
     assert p.returncode == 0 and "warning: could not save" in p.stdout
+    assert p.stdout.count("note: the prompt is 61 tokens") == 1 and p.stdout.count("sample: ") == 2
     assert f"saved {again / 'emergency_checkpoint.pt'}" in p.stdout
     assert ckpt.load_checkpoint(again / "emergency_checkpoint.pt")["step"] == 4
     assert ckpt.load_checkpoint(again / "best_model.pt")["step"] == 2  # step 4's equal loss is no better
@@ -377,16 +382,18 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothi
     # (steps enough to outlive the two runs below on a slow machine: it is killed, never finished)
     first = start_and_wait_for(out, bins, "step 2/", 0.2, "--max_steps=100000", "--save_steps=100000",
                                "--eval_steps=100000")
-    p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-3", check=False)
-    assert p.returncode == 2 and p.stderr == (
-        f"error: {out} is in use by another train.py (pid {first.pid} on {socket.gethostname()}): two runs in one "
-        f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run other folders "
-        f"(out_dir, checkpoint_dir)\n")
-    # Another out_dir sharing the first run's checkpoint_dir is refused too.
-    p = run_train(tmp_path / "other", bins, f"--checkpoint_dir={out / 'checkpoints'}", check=False)
-    assert p.returncode == 2 and f"{out / 'checkpoints'} is in use by another train.py" in p.stderr
-    first.kill()  # kill -9: the kernel drops its lock
-    first.wait()
+    try:
+        p = run_train(out, bins, "--max_steps=4", "--learning_rate=1e-3", check=False)
+        assert p.returncode == 2 and p.stderr == (
+            f"error: {out} is in use by another train.py (pid {first.pid} on {socket.gethostname()}): two runs in one "
+            f"folder would overwrite each other's checkpoints; wait for it, stop it, or give this run other folders "
+            f"(out_dir, checkpoint_dir)\n")
+        # Another out_dir sharing the first run's checkpoint_dir is refused too.
+        p = run_train(tmp_path / "other", bins, f"--checkpoint_dir={out / 'checkpoints'}", check=False)
+        assert p.returncode == 2 and f"{out / 'checkpoints'} is in use by another train.py" in p.stderr
+    finally:
+        first.kill()  # kill -9: the kernel drops its lock
+        first.wait()
     p = run_train(out, bins, "--max_steps=4")
     assert "done: 4 steps" in p.stdout
 
