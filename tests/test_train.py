@@ -399,8 +399,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothi
     finally:
         first.kill()  # kill -9: the kernel drops its lock
         first.wait()
-    p = run_train(out, bins, "--max_steps=4")
-    assert "done: 4 steps" in p.stdout
+    p = run_train(out, bins, "--max_steps=4")  # the lock is free (it resumes what the killed run saved, if anything)
+    assert p.returncode == 0 and "done: " in p.stdout
 
 
 def test_one_folder_spelled_two_ways_is_locked_once(tmp_path, monkeypatch):
