@@ -47,6 +47,7 @@ import sample
 from tracking import Tracker
 
 PROCESS_START = time.time()
+SAID_BY_ANOTHER_RANK_WAIT_S = 10.0  # see train_main
 
 
 @dataclass
@@ -1508,7 +1509,11 @@ def train_main(argv, held):
         before_connecting = launched_world > 1 and not ddp.enabled
         said_elsewhere = (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0") or (
             isinstance(e, hardware.HardwareError) and os.environ.get("LOCAL_RANK", "0") != "0")
-        if not (before_connecting and said_elsewhere):
+        if before_connecting and said_elsewhere:
+            # torchrun stops every process once one exits: leave the saying to rank 0 (which meets the same mistake),
+            # and time to say it, instead of having it stopped before it has (seen on a slow machine).
+            time.sleep(SAID_BY_ANOTHER_RANK_WAIT_S)
+        else:
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too
