@@ -85,6 +85,7 @@ class TrainConfig:
     log_steps: int = 10  # a step line every N steps: in train.log always, on screen when stderr is no terminal
     sample_prompt: str = "The future of AI"  # sample printed at each evaluation ('' = off)
     sample_tokens: int = 40  # length of that sample
+    plot: bool = True  # redraw out_dir/loss_curve.png after each evaluation (when matplotlib is installed)
     # checkpoints
     out_dir: str = "out"  # best_model.pt, final_model/, history and logs go here
     checkpoint_dir: str = ""  # rotated checkpoints ('' = out_dir/checkpoints)
@@ -1070,7 +1071,7 @@ class Trainer:
 
     def refresh_plot(self):
         """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
-        if not self.ddp.master or not plot.matplotlib_available():
+        if not self.cfg.plot or not self.ddp.master or not plot.matplotlib_available():
             return
         try:
             plot.plot_history(self.out_dir)

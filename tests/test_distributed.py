@@ -137,6 +137,7 @@ def killed_output(proc):
     return proc.communicate(timeout=60)[0]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_worker_stops_all_and_resume_is_exact(tmp_path, bins):
     straight = tmp_path / "straight"
     launch(2, straight, bins, "--max_steps=10")

@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -489,6 +490,11 @@ def _gloo_worker(rank, stall, out_dir):
                 result = "ok"
             except HardwareError as e:
                 result = f"HardwareError: {e}"
+                # Its all_reduce, still waiting, must be issued before the barrier (on a loaded machine the
+                # check's thread can be that late), or the two ranks' collectives pair up crosswise.
+                for t in threading.enumerate():
+                    if t.name == "nccl_check":
+                        t.join(60)
         dist.barrier()
     finally:
         dist.destroy_process_group()

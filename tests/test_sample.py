@@ -72,6 +72,7 @@ def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
 
 
 
+@pytest.mark.slow
 def test_compile_gives_the_same_greedy_text(run_dir, tmp_path):
     """--compile on a CPU: the one-token steps compiled (the device line says so, and inductor wrote its code to the
     cache folder given here), the eager greedy text."""
