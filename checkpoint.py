@@ -30,6 +30,7 @@ FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
 
 BEST_NAME = "best_model.pt"
 EMERGENCY_NAME = "emergency_checkpoint.pt"
+DEFAULT_OUT_DIR = "out"  # train.py's out_dir unless set; where sample.py, evaluate.py and export_hf.py look
 CHECKPOINTS_SUBDIR = "checkpoints"  # the rotated checkpoints' folder in out_dir unless checkpoint_dir says otherwise
 FINAL_MODEL_DIR = "final_model"  # the HuggingFace export at a run's end, in out_dir
 # Only files with exactly this name are ever listed or rotated.

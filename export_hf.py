@@ -22,8 +22,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from checkpoint import (FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes, remove_stale_temps,
-                        atomic_write_json, load_checkpoint, load_model_checkpoint, unwrapped)
+from checkpoint import (DEFAULT_OUT_DIR, FORMAT_VERSION, CheckpointError, atomic_save, atomic_write_bytes,
+                        atomic_write_json, load_checkpoint, load_model_checkpoint, remove_stale_temps, unwrapped)
 from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
 from cli import fail, one_line, plural
@@ -226,16 +226,16 @@ def load_checkpoint_model(source, name=None):
     return model.eval()
 
 
-def add_model_args(parser, default_out_dir="out"):
+def add_model_args(parser):
     """The options naming the model a script reads (sample.py, evaluate.py): --checkpoint, --out_dir, --model_dir
     (a checkpoint or an HF folder, not both: refused as the command line is read)."""
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", help="a checkpoint .pt, or 'latest' in OUT_DIR (default: OUT_DIR/best_model.pt)")
     which.add_argument("--model_dir", help="a HuggingFace GPT-2 folder (export_hf.py output, e.g. out/final_model)")
-    parser.add_argument("--out_dir", default=default_out_dir, help="train.py's out_dir, searched for best_model.pt")
+    parser.add_argument("--out_dir", default=DEFAULT_OUT_DIR, help="train.py's out_dir, searched for best_model.pt")
 
 
-def load_model(checkpoint=None, model_dir=None, out_dir="out"):
+def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """(model, training config dict, description) for add_model_args' options: an HF folder (model_dir), a
     checkpoint (a path, 'latest' or 'auto', resolved in out_dir and out_dir/checkpoints), or else
     out_dir/best_model.pt. The config ({} for an HF folder, which records none) has the run's data_dir and context."""

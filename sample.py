@@ -19,7 +19,7 @@ import torch
 
 import hardware
 import export_hf
-from checkpoint import CheckpointError
+from checkpoint import DEFAULT_OUT_DIR, CheckpointError
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
 from cli import fail, plural, quiet_on_closed_pipe
@@ -31,7 +31,7 @@ class SampleError(Exception):
     """A wrong option or a missing model; one line saying what to do."""
 
 
-def load_model(checkpoint=None, model_dir=None, out_dir="out"):
+def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
     """The GPT to sample from (export_hf.load_model's), of the GPT-2 vocabulary."""
     model = export_hf.load_model(checkpoint, model_dir, out_dir)[0]
     try:

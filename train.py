@@ -87,7 +87,7 @@ class TrainConfig:
     sample_tokens: int = 40  # length of that sample
     plot: bool = True  # redraw out_dir/loss_curve.png after each evaluation (when matplotlib is installed)
     # checkpoints
-    out_dir: str = "out"  # best_model.pt, final_model/, history and logs go here
+    out_dir: str = ckpt.DEFAULT_OUT_DIR  # best_model.pt, final_model/, history and logs go here
     checkpoint_dir: str = ""  # rotated checkpoints ('' = out_dir/checkpoints)
     save_steps: int = 1000  # save a checkpoint every N steps (and at the run's end and at max_runtime)
     max_checkpoints: int = 4  # keep only the newest N rotated checkpoints
