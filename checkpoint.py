@@ -559,18 +559,18 @@ def checkpoints_after(checkpoint_dir, out_dir, step):
 def find_model_checkpoint(spec, out_dir):
     """The checkpoint to sample from or evaluate: spec (a path, 'latest' or 'auto', looked up in out_dir and
     out_dir/checkpoints), or else out_dir/best_model.pt. CheckpointError saying where it looked if none."""
-    path = Path(out_dir) / BEST_NAME
+    path, checkpoints = Path(out_dir) / BEST_NAME, Path(out_dir) / CHECKPOINTS_SUBDIR
     if spec:  # 'latest' with nothing there falls through to the message below
-        path = find_checkpoint("auto" if spec == "latest" else spec, Path(out_dir) / CHECKPOINTS_SUBDIR, out_dir,
+        path = find_checkpoint("auto" if spec == "latest" else spec, checkpoints, out_dir,
                                fix="give a model by path with --checkpoint PATH, or a HuggingFace folder with --model_dir")
     if path is None or not path.is_file():
-        where = path or f"{out_dir} or {Path(out_dir) / CHECKPOINTS_SUBDIR}"
-        if not spec and _candidates(Path(out_dir) / CHECKPOINTS_SUBDIR, out_dir):  # a run without a best model yet
+        where = path or f"{out_dir} or {checkpoints}"
+        if not spec and _candidates(checkpoints, out_dir):  # a run without a best model yet
             raise CheckpointError(f"no model at {where}, but {out_dir} holds checkpoints of a run: use "
                                   f"--checkpoint latest (the newest of them)")
         raise CheckpointError(f"no model at {where}: train one with `python train.py` (it writes {BEST_NAME} to "
                               f"its out_dir), or point at one with --checkpoint PATH, --out_dir DIR or "
-                              f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / 'final_model'})")
+                              f"--model_dir DIR (a HuggingFace folder such as {Path(out_dir) / FINAL_MODEL_DIR})")
     return path
 
 

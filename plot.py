@@ -157,13 +157,13 @@ def plot_history(out_dir, output=None):
     The PNG is replaced atomically, so a viewer never sees a half-written file. Returns its path;
     PlotError when there is nothing to draw yet or matplotlib is missing.
     """
-    out_dir = Path(out_dir)
-    if not (out_dir / EVAL_HISTORY).exists():
-        raise PlotError(f"{out_dir} has no eval_history.json: give train.py's out_dir (it writes that file at the "
+    out_dir, evals_path = Path(out_dir), Path(out_dir) / EVAL_HISTORY
+    if not evals_path.exists():
+        raise PlotError(f"{out_dir} has no {EVAL_HISTORY}: give train.py's out_dir (it writes that file at the "
                         f"first evaluation)")
-    evals = read_records(out_dir / EVAL_HISTORY, "step")
+    evals = read_records(evals_path, "step")
     if not evals:
-        raise PlotError(f"no evaluations in {out_dir / 'eval_history.json'} yet: train.py writes one record "
+        raise PlotError(f"no evaluations in {evals_path} yet: train.py writes one record "
                         f"per evaluation (every eval_steps steps)")
     fig = draw(evals, read_records(out_dir / EPOCH_HISTORY, "epoch"), title=out_dir.resolve().name)
     buf = io.BytesIO()
