@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 # Set before any test module imports transformers, datasets or wandb (and inherited by every subprocess).
 os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "WANDB_MODE": "offline", "TRANSFORMERS_VERBOSITY": "error",
@@ -17,3 +19,19 @@ def pytest_collection_modifyitems(items):
     """The tests marked slow first: with the suite split over processes (`-n 2`), a long test collected last
     would run on alone while the other process waits."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+@pytest.fixture
+def main_in_process(monkeypatch, capsys):
+    """run(main, argv, cwd) -> (exit code, stdout, stderr) of a script's main(argv) called in this process from
+    cwd: what `python script.py *argv` gives, in a second instead of a Python and torch start. The error tables
+    run one case of each script as a real process and the rest through this."""
+    def run(main, argv, cwd):
+        monkeypatch.chdir(cwd)
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run

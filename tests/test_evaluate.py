@@ -182,15 +182,12 @@ def test_cli_model_dir_gives_the_same_figures_and_prints_a_table(run_dir):
     (["--dtype", "float16"], "float16' is not supported on CPU"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
-def test_cli_errors_are_one_line(run_dir, args, message, monkeypatch, capsys):
+def test_cli_errors_are_one_line(run_dir, args, message, main_in_process):
     if args[0] == "--checkpoint":  # one case through a real process, as a user runs it
         result = run_eval(*CPU, *args, cwd=run_dir)
         code, out, err = result.returncode, result.stdout, result.stderr
-    else:  # the others through the same main() in this process: a second each, not a Python and torch start each
-        monkeypatch.chdir(run_dir)
-        with pytest.raises(SystemExit) as e:
-            evaluate_main([*CPU, *args])
-        (out, err), code = capsys.readouterr(), e.value.code
+    else:
+        code, out, err = main_in_process(evaluate_main, [*CPU, *args], run_dir)
     assert code == 2
     assert out == ""
     assert len(err.strip().splitlines()) == 1, err

@@ -226,16 +226,13 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
                                                 "folder: train.py takes it as --init_from, sample.py and evaluate.py "
                                                 "as --model_dir)"),
 ])
-def test_errors_are_one_line(tmp_path, run_dir, args, fragment, monkeypatch, capsys):
+def test_errors_are_one_line(tmp_path, run_dir, args, fragment, main_in_process):
     args = [a.format(run=run_dir) for a in args]
     if not args:  # one case through a real process, as a user runs it
         result = run_sample(*CPU, cwd=tmp_path)
         code, out, err = result.returncode, result.stdout, result.stderr
-    else:  # the others through the same main() in this process: a second each, not a Python and torch start each
-        monkeypatch.chdir(tmp_path)
-        with pytest.raises(SystemExit) as e:
-            sample_main([*args, *CPU])
-        (out, err), code = capsys.readouterr(), e.value.code
+    else:
+        code, out, err = main_in_process(sample_main, [*args, *CPU], tmp_path)
     assert code == 2
     assert err.startswith("error: ") and fragment in err, err
     assert err.count("\n") == 1 and out == ""

@@ -120,7 +120,7 @@ def test_help_lists_every_setting():
     (["--epochs=0"], "epochs must be at least 1 (or set max_steps), got 0"),
     (["--n_positions=1000000000000000", "--max_length=32"], "the model's weights (~1,024,000,000.1 GB in fp32) do not"),
 ])
-def test_bad_settings_get_one_line(args, message, tmp_path, bins, monkeypatch, capsys):
+def test_bad_settings_get_one_line(args, message, tmp_path, bins, main_in_process):
     out = tmp_path / "run"
     argv = ["--device=cpu", f"--out_dir={out}", f"--data_dir={bins}", *args]
     # Settings are checked before the run makes its folders; what needs the data or the device is found after.
@@ -128,9 +128,8 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins, monkeypatch, c
     if found_in_setup or args == ["--learnig_rate=1e-3"]:  # a real process, as a user runs it
         p = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
         code, err = p.returncode, p.stderr
-    else:  # a mistake in the settings alone: the same main() in this process (no Python and torch start each)
-        monkeypatch.chdir(ROOT)
-        code, err = train.main(argv), capsys.readouterr().err
+    else:  # a mistake in the settings alone
+        code, _, err = main_in_process(train.main, argv, ROOT)
     assert code == 2
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
