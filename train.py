@@ -8,43 +8,50 @@ A step is one optimizer step (gradient_accumulation_steps micro-batches). Checkp
 handling and the time budget keep a run safe: see README.md, "Training".
 """
 
-import ast
-import contextlib
-import dataclasses
-import difflib
-import gc
-import inspect
-import json
-import math
-import os
-import re
-import runpy
-import shlex
 import signal
-import socket
 import sys
-import time
-import traceback
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
-# Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages. A CPU step makes its
-# (B, T, vocab) logits afresh (400 MB in bf16 at the default size) and the kernel faults them in 2 MB at a time
-# instead of 4 KB: +8-11% tokens/s for the compiled bf16 step on 2 cores (bench/NOTES.md). No effect on GPUs.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+NOT_STARTED = "interrupted before training started: nothing to save"
 
-import torch
-import torch.distributed as dist
+try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line, not a traceback from an import
+    import ast
+    import contextlib
+    import dataclasses
+    import difflib
+    import gc
+    import inspect
+    import json
+    import math
+    import os
+    import re
+    import runpy
+    import shlex
+    import socket
+    import time
+    import traceback
+    from dataclasses import dataclass
+    from datetime import datetime
+    from pathlib import Path
 
-import checkpoint as ckpt
-import hardware
-from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe
-from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
-from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
-import plot
-import sample
-from tracking import Tracker
+    # Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages. A CPU step makes its
+    # (B, T, vocab) logits afresh (400 MB in bf16 at the default size) and the kernel faults them in 2 MB at a time
+    # instead of 4 KB: +8-11% tokens/s for the compiled bf16 step on 2 cores (bench/NOTES.md). No effect on GPUs.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+    import torch
+    import torch.distributed as dist
+
+    import checkpoint as ckpt
+    import hardware
+    from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe
+    from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
+    from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
+    import plot
+    import sample
+    from tracking import Tracker
+except KeyboardInterrupt:
+    print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
 
 PROCESS_START = time.time()
 SAID_BY_ANOTHER_RANK_WAIT_S = 10.0  # see train_main
@@ -1501,7 +1508,7 @@ def train_main(argv, held):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with start_session)
-        print("\ninterrupted before training started: nothing to save", file=sys.stderr, flush=True)
+        print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
