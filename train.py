@@ -461,9 +461,16 @@ class Logger:
             print(msg, flush=True)
         self.record(msg)
 
+    def close(self):
+        """At the run's end (main() may be called again in the same process, as the tests do): lines after it go to
+        the terminal only."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
     def record(self, msg):
         """Write msg to train.log only (e.g. the error line main() prints to stderr)."""
-        if not self.enabled:
+        if self.file is None:
             return
         # A full disk must not stop training here (nor the emergency save after an error): the terminal has
         # every line anyway, and the file catches up as soon as there is room.
@@ -1529,6 +1536,8 @@ def train_main(argv, held):
             os._exit(2)  # a collective may be hung (see hardware.nccl_check): tearing the group down could hang too
         return 2
     finally:
+        if trainer is not None:
+            trainer.log.close()
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
