@@ -465,7 +465,10 @@ class Logger:
         """At the run's end (main() may be called again in the same process, as the tests do): lines after it go to
         the terminal only."""
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # its last lines could not be written (a full disk): said when they were
+                pass
             self.file = None
 
     def record(self, msg):

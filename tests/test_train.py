@@ -387,14 +387,20 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
 
 
 def test_ctrl_c_while_python_loads_pytorch_is_one_line_and_makes_nothing(tmp_path, bins):
-    # The real train.py run as __main__ by a launcher that says when it starts it: the Ctrl-C then lands in
-    # train.py's imports (`import torch` alone takes seconds).
+    # The real train.py run as __main__ by a launcher that says when the import of torch begins (an audit hook):
+    # the Ctrl-C then lands inside it (`import torch` alone takes seconds).
     out = tmp_path / "out"
-    launcher = ("import signal, sys; sys.argv = sys.argv[1:]; code = compile(open(sys.argv[0]).read(), sys.argv[0], "
-                "'exec'); print('importing', flush=True); exec(code, {'__name__': '__main__', '__file__': sys.argv[0]})")
+    launcher = """if True:
+        import runpy, sys
+        def say_when_torch_loads(event, args):
+            if event == "import" and args[0] == "torch" and "torch" not in sys.modules:
+                print("importing torch", flush=True)
+        sys.argv = sys.argv[1:]
+        sys.addaudithook(say_when_torch_loads)
+        runpy.run_path(sys.argv[0], run_name="__main__")"""
     proc = subprocess.Popen([sys.executable, "-c", launcher, *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout.readline() == "importing\n"
+    assert proc.stdout.readline() == "importing torch\n"
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stdout, stderr) == (128 + signal.SIGINT, "", f"\n{train.NOT_STARTED}\n")
