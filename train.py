@@ -50,6 +50,8 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import sample
     from tracking import Tracker
 except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported (tests, benches): the importer's own Ctrl-C handling
+        raise
     print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
     sys.exit(128 + signal.SIGINT)
 

@@ -22,16 +22,17 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture
-def main_in_process(monkeypatch, capsys):
+def main_in_process(monkeypatch, capfd):
     """run(main, argv, cwd) -> (exit code, stdout, stderr) of a script's main(argv) called in this process from
     cwd: what `python script.py *argv` gives, in a second instead of a Python and torch start. The error tables
-    run one case of each script as a real process and the rest through this."""
+    run one case of each script as a real process and the rest through this. Captured at the file descriptors,
+    so that what a library writes there directly counts too."""
     def run(main, argv, cwd):
         monkeypatch.chdir(cwd)
         try:
             code = main(argv)
         except SystemExit as e:
             code = e.code
-        out, err = capsys.readouterr()
+        out, err = capfd.readouterr()
         return code, out, err
     return run
