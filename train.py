@@ -623,7 +623,6 @@ class Trainer:
         self.out_dir, self.checkpoint_dir = run_folders(cfg)
         if ddp.master:
             make_run_folders(cfg)
-        self.log = Logger(self.out_dir / "train.log", ddp.master)
         self.stop = StopRequest(verbose=ddp.master, distributed=ddp.enabled)
         self.max_runtime = parse_duration(cfg.max_runtime)
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank only,
@@ -639,6 +638,7 @@ class Trainer:
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
         self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
+        self.log = Logger(self.out_dir / "train.log", ddp.master)  # last: train_main closes it once it has a Trainer
 
     # setup ------------------------------------------------------------------------------------
     def setup(self):
