@@ -840,7 +840,9 @@ class GPT(nn.Module):
                 if cache.length + step_input.size(1) > n_ctx:
                     cache.length = 0
                     step_input = tokens[:, -n_ctx:]
-                if step is not None and step_input.size(1) == 1:
+                # The prompt's pass is forward(), a one-token prompt's too: at cache length 0 CompiledDecode would
+                # compile a second time (torch specialises a dimension of size 1), which costs as much as the first.
+                if step is not None and step_input.size(1) == 1 and cache.length > 0:
                     logits = step(step_input)
                 else:
                     logits = self(step_input, cache=cache)[0][:, -1, :]
