@@ -8,6 +8,11 @@ import pytest
 os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                    "WANDB_MODE": "offline", "TRANSFORMERS_VERBOSITY": "error",
                    "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"})
+# One torch thread in this process and in every process a test starts, unless a test asks for more. The suite runs
+# two tests at once (`-n 2`) on two cores: two-thread processes then wait on each other's OpenMP threads, which
+# spin for the core the other process holds (two tiny train.py runs side by side: 15-16 s at two threads each,
+# 9 s at one). Results compared within a test come from processes of the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from data import gpt2_bpe_files  # noqa: E402
 

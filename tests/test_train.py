@@ -576,12 +576,15 @@ def test_raised_by_oom_follows_the_chain_an_error_was_raised_in():
 
 
 def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, bins):
+    """At two torch threads, as a user's CPU run has (the suite's processes have one: tests/conftest.py): a resume
+    is exact with the work split over threads too."""
+    threads = {"OMP_NUM_THREADS": "2"}
     straight = tmp_path / "straight"
-    run_train(straight, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")
+    run_train(straight, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100", env=threads)
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100"),
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "GPT_TEST_STEP_DELAY": "0.3"})  # 4.8 s left to see 2 saves
+                            env={**os.environ, **threads, "GPT_TEST_STEP_DELAY": "0.3"})  # 4.8 s left to see 2 saves
     deadline = time.time() + 120
     while len(ckpt.list_checkpoints(killed / "checkpoints")) < 2:
         assert time.time() < deadline and proc.poll() is None
@@ -591,8 +594,9 @@ def test_kill_9_leaves_loadable_checkpoints_and_auto_resume_is_exact(tmp_path, b
     for path in (killed / "checkpoints").iterdir():
         if path.name.startswith("checkpoint_"):
             ckpt.load_checkpoint(path)  # every file under a final name is whole
-    p = run_train(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100")  # resume_from_checkpoint='auto'
+    p = run_train(killed, bins, "--max_steps=20", "--save_steps=2", "--eval_steps=100", env=threads)  # resume: 'auto'
     assert "epoch 2 ended after 9 of its 11 steps" in p.stdout  # max_steps=20 stops inside epoch 2
+    assert "(2 threads," in p.stdout
     assert_same_weights(weights(straight / "checkpoints" / "checkpoint_epoch2_step20.pt"),
                         weights(killed / "checkpoints" / "checkpoint_epoch2_step20.pt"), context=p.stdout)
 
