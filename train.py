@@ -473,6 +473,13 @@ class Logger:
                 pass
             self.file = None
 
+    def reopen(self):
+        """A new train.log where the run's was deleted, as the run's next saves make their folders again."""
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        new = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
+        self.close()
+        self.file = new
+
     def record(self, msg):
         """Write msg to train.log only (e.g. the error line main() prints to stderr)."""
         if self.file is None:
@@ -480,6 +487,8 @@ class Logger:
         # A full disk must not stop training here (nor the emergency save after an error): the terminal has
         # every line anyway, and the file catches up as soon as there is room.
         try:
+            if os.fstat(self.file.fileno()).st_nlink == 0:  # deleted under the run (out_dir with it, perhaps)
+                self.reopen()
             self.file.write(f"{datetime.now().isoformat(timespec='seconds')} {msg}\n")
             self.file.flush()
         except OSError as e:

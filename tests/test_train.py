@@ -239,6 +239,21 @@ def test_a_full_disk_under_train_log_does_not_stop_the_run(tmp_path, bins):
     assert [ckpt.load_checkpoint(c)["step"] for c in ckpt.list_checkpoints(out / "checkpoints")] == [2, 4]
 
 
+def test_train_log_deleted_under_the_run_starts_again(tmp_path, capsys):
+    """out_dir deleted mid-run: the next saves make their folders again, and so does train.log, with the lines
+    from then on (writing on into the deleted file would lose them all)."""
+    (tmp_path / "out").mkdir()
+    log = train.Logger(tmp_path / "out" / "train.log", True)
+    log("step 1")
+    shutil.rmtree(tmp_path / "out")
+    log("step 2")
+    log("step 3")
+    log.close()
+    assert [line.split(" ", 1)[1] for line in (tmp_path / "out" / "train.log").read_text().splitlines()] == [
+        "step 2", "step 3"]
+    assert capsys.readouterr().err == ""
+
+
 def test_train_log_takes_undecodable_text(tmp_path, capsys):
     """A path or prompt with bytes the locale could not decode (surrogate escapes) is written escaped, not raised."""
     log = train.Logger(tmp_path / "train.log", True)
