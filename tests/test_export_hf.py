@@ -326,7 +326,8 @@ def test_a_model_smaller_than_the_gpt2_vocabulary_is_not_exported(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_import_never_overwrites_a_file_it_did_not_write(tmp_path):
+def test_import_never_overwrites_a_file_it_did_not_write(tmp_path, main_in_process):
+    """Through export_hf.main in this process (test_cli_export_then_import_round_trip runs --import as a real one)."""
     hf = export(randomized(SMALL), tmp_path / "hf")
     trained = tmp_path / "best_model.pt"
     write_checkpoint(trained, randomized(SMALL, seed=3), optimizer_state_dict={})
@@ -335,12 +336,13 @@ def test_import_never_overwrites_a_file_it_did_not_write(tmp_path):
     for dst, fragment in ((trained, "is not a checkpoint an import wrote"), (notes, "is not a checkpoint an import"),
                           (hf / "config.json", "is not a checkpoint an import"), (tmp_path, "is a folder")):
         before = dst.read_bytes() if dst.is_file() else None
-        result = run_cli("--import", hf, dst)
-        assert result.returncode == 2 and fragment in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        code, out, err = main_in_process(export_hf.main, ["--import", str(hf), str(dst)], REPO)
+        assert code == 2 and fragment in err and err.count("\n") == 1, err
         assert before is None or dst.read_bytes() == before
     # An earlier import's file is replaced (running the same command twice works).
     for _ in range(2):
-        assert run_cli("--import", hf, tmp_path / "gpt2.pt").returncode == 0
+        code, out, err = main_in_process(export_hf.main, ["--import", str(hf), str(tmp_path / "gpt2.pt")], REPO)
+        assert code is None and out.startswith(f"wrote {tmp_path / 'gpt2.pt'} ("), err
     assert load_checkpoint(tmp_path / "gpt2.pt")["step"] == 0
 
 
