@@ -349,9 +349,15 @@ def _not_utf8(name, offset, raw, e):
     if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark
         return DataError(f"{name} is UTF-16 text ({where}): convert it, e.g. `iconv -f utf-16 -t utf-8`")
     if b"\0" in raw:  # never in text of a one-byte encoding
-        return DataError(f"{name} is not text: it holds NUL bytes ({where}), as binary files and UTF-16 without "
-                         f"a byte-order mark do; give text files (UTF-16: `iconv -f utf-16le -t utf-8`)")
+        return _holds_nul(name, where)
     return DataError(f"{name} is not UTF-8 text ({where}): convert it, e.g. `iconv -f latin1 -t utf-8`")
+
+
+def _holds_nul(name, where):
+    """The DataError for bytes of `name` with NUL bytes in them: a binary file, or UTF-16 without a byte-order mark
+    (whose ASCII text is valid UTF-8 too)."""
+    return DataError(f"{name} is not text: it holds NUL bytes ({where}), as binary files and UTF-16 without "
+                     f"a byte-order mark do; give text files (UTF-16: `iconv -f utf-16le -t utf-8`)")
 
 
 def _encode_task(items, titles=False, prior=False):
@@ -375,6 +381,9 @@ def _encode_task(items, titles=False, prior=False):
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise _not_utf8(name, offset, raw, e) from None
+                nul = raw.find(b"\0")
+                if nul >= 0:
+                    raise _holds_nul(name, f"NUL byte at offset {offset + nul}")
                 if offset == 0 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Notepad's) is no text
                     text = text[1:]
                 n_bytes += len(raw)
@@ -624,7 +633,8 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
         total = sum(info.file_size for _, info in members)
         return _wikitext_tasks(zip_path, members), total, {"dataset": name, "source": src}, workers
 
-    return _run(out_dir, ("train", "val", "test"), force, make)
+    # (another WikiText, or other text, prepared into the same folder is prepared again, not taken for this one)
+    return _run(out_dir, ("train", "val", "test"), force, make, lambda meta: meta.get("dataset") == name)
 
 
 def _jsonl_docs(f, path, text_field, sha):

@@ -321,10 +321,18 @@ def test_mirror_list_falls_over_and_checks_known_hashes(tmp_path, server, wikite
     assert not (tmp_path / "other" / "wikitext-2-raw-v1.zip").exists()
 
 
-def test_source_zip_and_file_url(tmp_path, wikitext_zip):
+def test_source_zip_and_file_url(tmp_path, wikitext_zip, capsys):
     zip_path, raw, _ = wikitext_zip
     meta = data.prepare_wikitext("wikitext2", tmp_path / "a", source=zip_path, num_workers=1)
     assert meta["source"]["path"] == str(zip_path) and not (tmp_path / "a" / zip_path.name).exists()
+    # The same dataset again is already there; another one in the same folder is prepared, not taken for it.
+    capsys.readouterr()
+    data.prepare_wikitext("wikitext2", tmp_path / "a", source=zip_path, num_workers=1)
+    assert "is already prepared" in capsys.readouterr().out
+    meta = data.prepare_wikitext("wikitext103", tmp_path / "a", source=zip_path, num_workers=1)
+    assert meta["dataset"] == "wikitext103"
+    assert "was prepared from other inputs or settings; preparing it again" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["dataset"] == "wikitext103"
     data.prepare_wikitext("wikitext2", tmp_path / "b", url=zip_path.as_uri(), num_workers=1)
     for d in ("a", "b"):
         assert text_of(tokens_of(tmp_path / d / "val.bin")) == raw["val"]
@@ -434,6 +442,11 @@ def test_text_input_errors(tmp_path):
     torch.save({"weights": torch.arange(1000)}, tmp_path / "model.txt")  # a .pt saved under the wrong name
     with pytest.raises(DataError, match=r"model.txt is not text: it holds NUL bytes"):
         data.prepare_text([tmp_path / "model.txt"], tmp_path / "o", num_workers=1)
+    # UTF-16 without a byte-order mark: ASCII text in it is valid UTF-8, with a NUL after each letter.
+    (tmp_path / "u16le.txt").write_text("no byte-order mark\n" * 50, encoding="utf-16-le")
+    with pytest.raises(DataError, match=r"u16le.txt is not text: it holds NUL bytes \(NUL byte at offset 1\), as "
+                                        r"binary files and UTF-16 without a byte-order mark do"):
+        data.prepare_text([tmp_path / "u16le.txt"], tmp_path / "o", num_workers=1)
 
 
 def test_a_utf8_byte_order_mark_is_not_tokenized(tmp_path):
