@@ -490,6 +490,16 @@ def generation_compile(facts, compile):
     return True, "on (set by compile: generation's one-token steps, compiled before the first sample)"
 
 
+def without_steps_to_compile(plan, min_new_tokens):
+    """The plan of a generation with no one-token steps (GPT.prepares_one_token_steps: fewer than min_new_tokens
+    new tokens, or a prompt that fills the context): compile off, and the device line says why."""
+    if not plan.compile:
+        return plan
+    why = (f"off (--compile: no one-token steps to compile in a sample of fewer than {min_new_tokens} new tokens "
+           f"or one whose prompt fills the context)")
+    return replace(plan, compile=False, reasons={**plan.reasons, "compile": why})
+
+
 def inference_plan(device="auto", dtype="auto", compile=None):
     """(facts, plan) for sampling or evaluation on `device`, preflight-checked; compile: see generation_compile."""
     device_type = choose_device(device)

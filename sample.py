@@ -135,6 +135,8 @@ def main(argv=None):
         n_ctx = model.config.n_positions
         idx = encode_prompt(prompt, n_ctx).to(plan.device)
         beyond = min(args.max_new_tokens, idx.size(1) + args.max_new_tokens - n_ctx)
+        if not model.prepares_one_token_steps(idx.size(1), args.max_new_tokens):
+            plan = hardware.without_steps_to_compile(plan, PACK_MIN_NEW_TOKENS)
         if beyond > 0:
             print(f"note: up to {beyond} of the new tokens lie beyond the model's context (n_positions={n_ctx}): "
                   f"each of those recomputes the last {n_ctx} tokens (exact, but slower per token)", file=sys.stderr)
@@ -148,7 +150,7 @@ def main(argv=None):
                       top_k=args.top_k or None, top_p=args.top_p, generator=generator, compile=plan.compile)
     try:
         # Compile before the timed samples (their speed is then generation's own), where the samples would use it.
-        if plan.compile and model.prepares_one_token_steps(idx.size(1), args.max_new_tokens):
+        if plan.compile:
             t0 = time.perf_counter()
             with hardware.autocast(plan.device, plan.dtype):
                 model.generate(idx, PACK_MIN_NEW_TOKENS, temperature=0, compile=True)  # greedy: no random draws

@@ -100,6 +100,17 @@ def test_compile_that_fails_warns_once_and_samples_uncompiled(run_dir, tmp_path)
     assert result.stdout == f"{text}\n{'-' * 40}\n{text}\n"
 
 
+def test_compile_with_no_steps_to_compile_says_off(run_dir, main_in_process):
+    """Fewer than 16 new tokens have no one-token steps: --compile compiles nothing, and the device line says so."""
+    code, out, err = main_in_process(sample_main, ["--out_dir", str(run_dir / "out"), "--start", "Hello",
+                                                   "--temperature", "0", "--max_new_tokens", "10", "--compile", *CPU],
+                                     run_dir)
+    assert code is None and out == greedy_text(tiny_model(), "Hello", 10) + "\n"
+    assert ("| compile: off (--compile: no one-token steps to compile in a sample of fewer than 16 new tokens or "
+            "one whose prompt fills the context)") in err, err
+    assert "compiles the steps" not in err
+
+
 def test_prompt_file_without_its_byte_order_mark_and_final_line_break(run_dir, tmp_path):
     (tmp_path / "prompt.txt").write_text("Hello\n", encoding="utf-8-sig")  # as Notepad saves it
     # (a hot temperature with --top_k 1 is greedy all the same: the option reaches the sampler)
