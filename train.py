@@ -52,6 +52,9 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 except KeyboardInterrupt:
     if __name__ != "__main__":  # imported (tests, benches): the importer's own Ctrl-C handling
         raise
+    # First: a second Ctrl-C, or a copy of this one (`timeout -s INT`, a process group's), would cut the line short
+    # or end the process in Python's shutdown with a traceback (one already pending is dropped too).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
     sys.exit(128 + signal.SIGINT)
 
@@ -1529,6 +1532,8 @@ def train_main(argv, held):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with start_session)
+        if __name__ == "__main__":  # (not in an importer's process) as at the imports above
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:

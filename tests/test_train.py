@@ -412,29 +412,41 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
     assert "interrupted at step" in log and "Resume with: python train.py" in log
 
 
-def test_ctrl_c_while_python_loads_pytorch_is_one_line_and_makes_nothing(tmp_path, bins):
-    # The real train.py run as __main__ by a launcher that says when the import of torch begins (an audit hook):
-    # the Ctrl-C then lands inside it (`import torch` alone takes seconds).
+@pytest.mark.parametrize("during", ["import torch", "set-up"])
+def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during):
+    """The real train.py run as __main__ by a launcher that says when the import of torch begins, or when set-up
+    opens train.bin (audit hooks): the Ctrl-C lands there (`import torch` alone takes seconds, set-up
+    makes the model and the optimizer). A copy of the signal after the line (as `timeout -s INT` or a process
+    group sends one) changes nothing: no traceback from Python's shutdown, the same exit code."""
     out = tmp_path / "out"
     launcher = """if True:
         import runpy, sys
-        def say_when_torch_loads(event, args):
+        def say_when(event, args):
             if event == "import" and args[0] == "torch" and "torch" not in sys.modules:
-                print("importing torch", flush=True)
+                print("import torch", flush=True)
+            if event == "open" and str(args[0]).endswith("train.bin"):
+                print("set-up", flush=True)
         sys.argv = sys.argv[1:]
-        sys.addaudithook(say_when_torch_loads)
+        sys.addaudithook(say_when)
         runpy.run_path(sys.argv[0], run_name="__main__")"""
     proc = subprocess.Popen([sys.executable, "-c", launcher, *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert proc.stdout.readline() == "importing torch\n"
+        while (line := proc.stdout.readline()) not in (f"{during}\n", ""):
+            pass
+        assert line == f"{during}\n"
+        proc.send_signal(signal.SIGINT)
+        said = proc.stderr.readline() + proc.stderr.readline()
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()  # (a no-op once it has exited)
         proc.communicate()
-    assert (proc.returncode, stdout, stderr) == (128 + signal.SIGINT, "", f"\n{train.NOT_STARTED}\n")
-    assert not out.exists()
+    assert (proc.returncode, said + stderr) == (128 + signal.SIGINT, f"\n{train.NOT_STARTED}\n")
+    if during == "import torch":
+        assert stdout == "" and not out.exists()
+    else:
+        assert not list(out.rglob("*.pt")) and not (out / "training_history.json").exists()
 
 
 def test_nohup_keeps_a_hangup_from_stopping_the_run():
