@@ -357,7 +357,8 @@ def _holds_nul(name, where):
     """The DataError for bytes of `name` with NUL bytes in them: a binary file, or UTF-16 without a byte-order mark
     (whose ASCII text is valid UTF-8 too)."""
     return DataError(f"{name} is not text: it holds NUL bytes ({where}), as binary files and UTF-16 without "
-                     f"a byte-order mark do; give text files (UTF-16: `iconv -f utf-16le -t utf-8`)")
+                     f"a byte-order mark do; give text files (UTF-16: `iconv -f utf-16le -t utf-8`; stray NULs in "
+                     f"text: `tr -d '\\000'`)")
 
 
 def _encode_task(items, titles=False, prior=False):

@@ -497,7 +497,8 @@ class Logger:
         except OSError as e:
             if not self.failing:
                 print(f"warning: could not write {self.path}: {e.strerror}; training goes on, lines are missing "
-                      f"from it until the disk has room", file=sys.stderr, flush=True)
+                      f"from it until it can be written again (a full disk: once there is room)", file=sys.stderr,
+                      flush=True)
             self.failing = True
         else:
             self.failing = False

@@ -253,8 +253,11 @@ def test_compiled_generate_gives_the_eager_tokens_and_leaves_the_model_alone(mon
     assert torch.equal(compiled, model.generate(idx, n, temperature=0))
     # A one-token prompt (sample.py's default, <|endoftext|>) goes through forward(), as longer ones do: a step at
     # cache length 0 would compile again, as long as the first time.
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    steps.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True), warnings.catch_warnings():
+        warnings.filterwarnings("error", message="generation runs without")  # a recompile is not swallowed
         compiled = model.generate(idx[:, :1], 20, temperature=0, compile=True)
+    assert len(steps) == 1 + 15  # the warm-up, then positions 1-15 (0 is the prompt's forward())
     assert torch.equal(compiled, model.generate(idx[:, :1], 20, temperature=0))
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

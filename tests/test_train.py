@@ -548,15 +548,18 @@ def test_a_compiled_run_resumes_bit_identically(tmp_path, bins, dtype):
     In fp32 the resumed run takes cuda_graphs' bookkeeping (hook: on a CPU inductor compiles the step in
     reduce-overhead mode, skips the graphs and counts them skipped, which train.py reports): gradients kept
     allocated and zeroed in place, so that a replay cannot overwrite an earlier micro-batch's .grad, must sum as
-    the default path does, to the bit. The graphs themselves: tests/test_cuda.py."""
-    graphs = {"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"} if dtype == "float32" else None
+    the default path does, to the bit. The graphs themselves: tests/test_cuda.py.
+
+    At two torch threads (the suite's processes have one): the atomics' order varies only between threads."""
+    threads, graphs = {"OMP_NUM_THREADS": "2"}, dtype == "float32"
 
     def run(out, b, *args):
-        return run_train(out, b, *args, env=graphs if out.name == "resumed" else None)
+        hook = {"GPT_TEST_CUDA_GRAPHS_ON_CPU": "1"} if graphs and out.name == "resumed" else {}
+        return run_train(out, b, *args, env={**threads, **hook})
 
     p, _, _ = assert_resumed_run_is_bit_identical(run, tmp_path, bins, "--compile=True", f"--dtype={dtype}",
                                                   from_straight=True)  # compiling is slow: two runs, not three
-    assert "compile: on" in p.stdout and "torch.compile failed" not in p.stderr
+    assert "compile: on" in p.stdout and "torch.compile failed" not in p.stderr and "(2 threads," in p.stdout
     skipped = "warning: cuda_graphs: inductor runs 1 compiled graph of the step without CUDA graphs"
     assert (tmp_path / "resumed" / "train.log").read_text().count(skipped) == (1 if graphs else 0)
 
