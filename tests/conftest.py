@@ -1,6 +1,7 @@
 """What every test runs under: offline, whatever order the files are collected in."""
 
 import os
+import warnings
 
 import pytest
 
@@ -31,13 +32,17 @@ def main_in_process(monkeypatch, capfd):
     """run(main, argv, cwd) -> (exit code, stdout, stderr) of a script's main(argv) called in this process from
     cwd: what `python script.py *argv` gives, in a second instead of a Python and torch start. The error tables
     run one case of each script as a real process and the rest through this. Captured at the file descriptors,
-    so that what a library writes there directly counts too."""
+    so that what a library writes there directly counts too. A warning would have been on a real process's
+    stderr (here Python may have shown it once already, in an earlier test): it fails the test."""
     def run(main, argv, cwd):
         monkeypatch.chdir(cwd)
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code
         out, err = capfd.readouterr()
+        assert not caught, f"exit {code}\n{out}\n{err}\n{[str(w.message) for w in caught]}"
         return code, out, err
     return run
