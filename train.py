@@ -447,7 +447,7 @@ class Logger:
     def __init__(self, path, enabled):
         self.enabled, self.path = enabled, path
         try:
-            self.file = open(path, "a", encoding="utf-8", errors="backslashreplace") if enabled else None
+            self.file = self._open() if enabled else None
         except OSError as e:
             raise ConfigError(f"cannot write {path}: {e.strerror}; point out_dir at a writable folder "
                               f"(on Kaggle: under /kaggle/working)") from None
@@ -476,10 +476,13 @@ class Logger:
                 pass
             self.file = None
 
+    def _open(self):
+        return open(self.path, "a", encoding="utf-8", errors="backslashreplace")
+
     def reopen(self):
         """A new train.log where the run's was deleted, as the run's next saves make their folders again."""
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        new = open(self.path, "a", encoding="utf-8", errors="backslashreplace")
+        new = self._open()
         self.close()
         self.file = new
 
