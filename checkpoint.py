@@ -565,6 +565,12 @@ def find_model_checkpoint(spec, out_dir):
                                fix="give a model by path with --checkpoint PATH, or a HuggingFace folder with --model_dir")
     if path is None or not path.is_file():
         where = path or f"{out_dir} or {checkpoints}"
+        if not spec and Path(out_dir).is_file():
+            raise CheckpointError(f"--out_dir {out_dir} is a file, not a run's folder: give a checkpoint file with "
+                                  f"--checkpoint {out_dir}")
+        if not spec and (Path(out_dir) / "config.json").is_file():
+            raise CheckpointError(f"--out_dir {out_dir} is a HuggingFace folder, not a run's folder: give it with "
+                                  f"--model_dir {out_dir}")
         if not spec and _candidates(checkpoints, out_dir):  # a run without a best model yet
             raise CheckpointError(f"no model at {where}, but {out_dir} holds checkpoints of a run: use "
                                   f"--checkpoint latest (the newest of them)")

@@ -38,6 +38,18 @@ def quiet_on_closed_pipe():
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
+def tolerant_output(stdout_errors="backslashreplace"):
+    """Let the script's output hold any text: what the encoding of stdout or stderr cannot (Windows writes a
+    redirected stdout in its ANSI code page, e.g. cp1252) is escaped (\\u65e5) instead of ending the program
+    with a UnicodeEncodeError; stdout_errors="replace" shows it as "?". With no stdout at all (`>&-`), output
+    goes nowhere. For a script's own process (`if __name__ == "__main__"`), not for an importer's."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")
+    for stream, errors in ((sys.stdout, stdout_errors), (sys.stderr, "backslashreplace")):
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors=errors)
+
+
 class _OutlivesItsReader:
     """A text stream (stdout, stderr) whose writes cannot fail: once its reader is gone (a `| tee` that the same
     Ctrl-C stopped, a `| head` that has its lines, a closed terminal), the file descriptor is pointed at

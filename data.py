@@ -34,7 +34,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import fail, one_line, plural
+from cli import fail, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
@@ -342,10 +342,19 @@ def _split_articles(text, prior):
     return out
 
 
+# How an archive or a compressed file starts (a .gz, .bz2, .xz, .zst or .zip given as text): (magic, what, fix).
+_PACKED = ((b"\x1f\x8b", "gzip-compressed", "`gunzip` it"), (b"BZh", "bzip2-compressed", "`bunzip2` it"),
+           (b"\xfd7zXZ\x00", "xz-compressed", "`unxz` it"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "`unzstd` it"),
+           (b"PK\x03\x04", "a zip archive (or a file torch.save wrote)", "unzip an archive"))
+
+
 def _not_utf8(name, offset, raw, e):
     """The DataError for bytes of `name` (from byte `offset` of it) that UTF-8 cannot decode (e): how to convert
     text in another encoding, or that it is not text."""
     where = f"bad byte at offset {offset + e.start}"
+    packed = next((p for p in _PACKED if raw.startswith(p[0])), None) if offset == 0 else None
+    if packed:
+        return DataError(f"{name} is {packed[1]}, not text: {packed[2]} and give the text files in it")
     if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark
         return DataError(f"{name} is UTF-16 text ({where}): convert it, e.g. `iconv -f utf-16 -t utf-8`")
     if b"\0" in raw:  # never in text of a one-byte encoding
@@ -401,6 +410,7 @@ def _encode_task(items, titles=False, prior=False):
 
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is for the parent (its pool ends us so)
     get_tokenizer()
 
 
@@ -409,11 +419,12 @@ def default_num_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _tokenize(tasks, out_dir, splits, total_bytes, num_workers):
+def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
     """Encode the tasks into out_dir/{split}.bin, in order, in parallel; return per-split stats.
 
     Memory stays bounded: at most 2 * num_workers + 2 tasks are in flight, and tokens go straight to
-    disk. Each bin is written under a .tmp name and renamed only once all of them are complete.
+    disk. Each bin is written under a .tmp name and renamed only once all of them are complete, right
+    after before_rename() is called; until then the folder holds what it held before.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = {s: out_dir / f"{s}.bin.tmp" for s in splits}
@@ -454,6 +465,7 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers):
                 raise DataError(f"the {s} split came out empty: give more input text"
                                 + (" or a larger --val_fraction" if s == "val" else ""))
             stats[s]["documents"] += 1  # EOTs separate documents: one more document than EOTs
+        before_rename()
         for s in splits:
             os.replace(tmp[s], out_dir / f"{s}.bin")
     finally:
@@ -477,6 +489,23 @@ def _prepared(out_dir, splits):
     return None
 
 
+def _not_of_data_py(out_dir):
+    """Files in out_dir that a preparation would replace or delete but that data.py did not write: a meta.json
+    that is not one of data.py's, and bins with no meta.json of data.py's beside them (another tool's, or those
+    of a preparation by an older data.py that was stopped)."""
+    bins = [out_dir / f"{s}.bin" for s in ("train", "val", "test") if (out_dir / f"{s}.bin").exists()]
+    meta_path = out_dir / "meta.json"
+    if not meta_path.exists():
+        return bins
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if isinstance(meta, dict) and meta.get("tokenizer") and isinstance(meta.get("splits"), dict):
+            return []
+    except (OSError, ValueError):  # (a UnicodeDecodeError is a ValueError)
+        pass
+    return [meta_path, *bins]
+
+
 def _same(meta, recipe):
     """Whether meta holds recipe's values (a dict in recipe is compared by its own keys only)."""
     return isinstance(meta, dict) and all(
@@ -489,6 +518,11 @@ def _run(out_dir, splits, force, make, reusable=None):
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out_dir {out_dir} is a file, not a folder: name a folder for the bins")
+    foreign = [] if force or not out_dir.is_dir() else _not_of_data_py(out_dir)
+    if foreign:
+        raise DataError(f"--out_dir {out_dir} holds {', '.join(p.name for p in foreign)}, which data.py did not "
+                        f"write: preparing would replace them; pick another --out_dir, move them away, or pass "
+                        f"--force to replace them")
     meta = None if force else _prepared(out_dir, splits)
     if meta is not None and reusable is not None and not reusable(meta):
         print(f"note: {out_dir} was prepared from other inputs or settings; preparing it again")
@@ -509,14 +543,18 @@ def _run(out_dir, splits, force, make, reusable=None):
 def _make(out_dir, splits, make):
     """_run's preparation proper: the bins, then meta.json."""
     tasks, total_bytes, meta, num_workers = make()
-    # A stale meta.json must not vouch for the half-written bins of a run that gets killed, and a split this
-    # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's.
-    (out_dir / "meta.json").unlink(missing_ok=True)
-    for split in ("train", "val", "test"):
-        if split not in splits:
-            (out_dir / f"{split}.bin").unlink(missing_ok=True)
+
+    def before_rename():
+        # Every new bin is complete: the folder's old meta.json must not vouch for them, and a split this
+        # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's. A
+        # preparation stopped before this point (Ctrl-C, an error) leaves the folder's earlier dataset whole.
+        (out_dir / "meta.json").unlink(missing_ok=True)
+        for split in ("train", "val", "test"):
+            if split not in splits:
+                (out_dir / f"{split}.bin").unlink(missing_ok=True)
+
     start = time.perf_counter()
-    stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers)
+    stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename)
     seconds = time.perf_counter() - start
     enc = get_tokenizer()
     meta = {"dataset": meta.pop("dataset"), "tokenizer": enc.name, "vocab_size": enc.n_vocab,
@@ -549,34 +587,54 @@ def _workers(num_workers):
 
 # --- the datasets ---------------------------------------------------------------------------------
 
-def _wikitext_tasks(zip_path, members):
-    """Tasks for the WikiText splits; an EOT goes before every article title but a split's first."""
+def _wikitext_tasks(source, members, remedy):
+    """Tasks for the WikiText splits of `source`, a zip or the folder it unzips to; members: [(split, ZipInfo or
+    path)] (_wikitext_members). An EOT goes before every article title but a split's first. remedy: what to do
+    about a damaged zip."""
     def segments(zf):
-        for split, info in members:
-            with zf.open(info) as raw:
+        for split, member in members:
+            with zf.open(member) if zf else open(member, "rb") as raw:
+                name = f"{source}:{member.filename}" if zf else str(member)
                 for offset, block in _blocks(raw):
-                    yield split, len(block), (f"{zip_path}:{info.filename}", offset, block), False
+                    yield split, len(block), (name, offset, block), False
 
+    if source.is_dir():
+        yield from _tasks(segments(None), titles=True)
+        return
     try:
-        with zipfile.ZipFile(zip_path) as zf:
+        with zipfile.ZipFile(source) as zf:
             yield from _tasks(segments(zf), titles=True)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:  # zlib: damaged compressed data inside a member
-        raise DataError(f"{zip_path} is corrupt ({e}): delete it and run again, or pass --source") from None
+        raise DataError(f"{source} is corrupt ({e}): {remedy}") from None
 
 
-def _wikitext_members(zip_path):
-    """[(split, ZipInfo)] for train/val/test of a WikiText zip, checking its layout."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            by_name = {Path(i.filename).name: i for i in zf.infolist()}
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f"{zip_path} is not a readable zip ({e}): delete it and run again, "
-                        f"or pass --source") from None
+def _wikitext_members(source, remedy):
+    """[(split, ZipInfo or path)] for train/val/test of a WikiText zip or of the folder it unzips to (the
+    wiki.*.raw files anywhere under it), checking the layout. remedy: what to do about an unreadable zip."""
+    if source.is_dir():
+        found = {}
+        for path in sorted(source.rglob("wiki.*.raw")):
+            found.setdefault(path.name, []).append(path)
+        twice = [paths for paths in found.values() if len(paths) > 1]
+        if twice:
+            raise DataError(f"{source} holds more than one {twice[0][0].name} ({', '.join(map(str, twice[0]))}): "
+                            f"give the folder of one WikiText with --source")
+        by_name = {name: paths[0] for name, paths in found.items()}
+    else:
+        try:
+            with zipfile.ZipFile(source) as zf:
+                by_name = {Path(i.filename).name: i for i in zf.infolist()}
+        except (zipfile.BadZipFile, OSError) as e:
+            raise DataError(f"{source} is not a readable zip ({e}): {remedy}") from None
     missing = [name for name in WIKITEXT_SPLITS if name not in by_name]
     if missing:
-        raise DataError(f"{zip_path} has no {', '.join(missing)}: expected the WikiText layout "
+        raise DataError(f"{source} has no {', '.join(missing)}: expected the WikiText layout "
                         f"wikitext-*-raw/wiki.{{train,valid,test}}.raw")
     return [(split, by_name[name]) for name, split in WIKITEXT_SPLITS.items()]
+
+
+def _member_size(member):
+    return member.file_size if isinstance(member, zipfile.ZipInfo) else member.stat().st_size
 
 
 def _fetch_zip(name, out_dir, url, sha256, retries):
@@ -611,36 +669,66 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
                      force=False, retries=4):
     """Download WikiText (`wikitext103` or `wikitext2`, raw v1) and write {train,val,test}.bin + meta.json.
 
-    `url` replaces the mirror list, `source` is a zip already on disk (used in place); `sha256` is
-    checked against whichever zip is used. Returns the meta dict.
+    `url` replaces the mirror list; `source` is a zip already on disk, or the folder it unzips to (Kaggle
+    unzips an uploaded zip), used in place; `sha256` is checked against whichever zip is used. Returns the
+    meta dict.
     """
     out_dir = Path(out_dir or f"data/{name}")
+    sha256 = sha256.strip().lower() if sha256 else None  # hex digits in either case
     if url and source:
         raise DataError("give --url or --source, not both")
+    given = None  # (path, members, source info for meta.json) of --source, read before anything else
+    if source:
+        path = Path(source)
+        remedy = "download the zip again, or give the folder it unzips to"
+        if path.is_dir():
+            if sha256 is not None:
+                raise DataError(f"--sha256 checks a zip, and --source {source} is a folder: drop --sha256, or give "
+                                f"the zip")
+            members = _wikitext_members(path, remedy)
+            info = {"path": str(path), "files": {str(m.relative_to(path)): m.stat().st_size for _, m in members},
+                    "verified": False}
+        elif path.is_file():
+            got = sha256_file(path)
+            if sha256 is not None and got != sha256:
+                raise DataError(f"--source {source} has sha256 {got}, expected {sha256}: it is not that file, or "
+                                f"it is damaged")
+            members = _wikitext_members(path, remedy)
+            info = {"path": str(path), "sha256": got, "verified": sha256 is not None}
+        else:
+            raise DataError(f"--source {source} does not exist: give the downloaded zip, or the folder it unzips to")
+        given = path, members, info, remedy
 
     def make():
         workers = _workers(num_workers)
-        if source:
-            zip_path = Path(source)
-            if not zip_path.is_file():
-                raise DataError(f"--source {source} does not exist: give the path of the downloaded zip")
-            got = sha256_file(zip_path)
-            if sha256 is not None and got != sha256:
-                raise DataError(f"--source {source} has sha256 {got}, expected {sha256}")
-            src = {"path": str(zip_path), "sha256": got, "verified": sha256 is not None}
+        if given:
+            path, members, src, remedy = given
         else:
-            zip_path, src = _fetch_zip(name, out_dir, url, sha256, retries)
-        members = _wikitext_members(zip_path)
-        total = sum(info.file_size for _, info in members)
-        return _wikitext_tasks(zip_path, members), total, {"dataset": name, "source": src}, workers
+            path, src = _fetch_zip(name, out_dir, url, sha256, retries)
+            remedy = "delete it and run again, or pass --source"
+            members = _wikitext_members(path, remedy)
+        total = sum(_member_size(m) for _, m in members)
+        return _wikitext_tasks(path, members, remedy), total, {"dataset": name, "source": src}, workers
 
-    # (another WikiText, or other text, prepared into the same folder is prepared again, not taken for this one)
-    return _run(out_dir, ("train", "val", "test"), force, make, lambda meta: meta.get("dataset") == name)
+    def reusable(meta):  # another WikiText, or other text, is prepared again, not taken for this one; so is
+        # another --source than the folder was prepared from (a zip by its bytes, an unzipped folder by its files)
+        if given is None:
+            return meta.get("dataset") == name
+        src = given[2]
+        same = {"sha256": src["sha256"]} if "sha256" in src else {"path": src["path"], "files": src["files"]}
+        return meta.get("dataset") == name and _same(meta.get("source"), same)
+
+    return _run(out_dir, ("train", "val", "test"), force, make, reusable)
+
+
+# A UTF-16 surrogate alone, which JSON's \uXXXX escapes can spell (a scraped emoji cut in half) but UTF-8 cannot.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _jsonl_docs(f, path, text_field, sha):
-    """Yield (n_bytes, text) for each record of a JSON Lines file."""
-    offset = 0
+    """Yield (n_bytes, text) for each record of a JSON Lines file. A lone surrogate in a record's text becomes
+    U+FFFD (the replacement character), with a note on how many records had one."""
+    offset, broken = 0, []
     for lineno, raw in enumerate(f, 1):
         sha.update(raw)
         try:
@@ -659,7 +747,14 @@ def _jsonl_docs(f, path, text_field, sha):
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno} has no string field {text_field!r}: name the field "
                             f"holding the text with --text_field")
+        if (b"\\ud" in raw or b"\\uD" in raw) and _LONE_SURROGATE.search(text):  # (only escapes spell one)
+            text = _LONE_SURROGATE.sub("\ufffd", text)
+            broken.append(lineno)
         yield len(raw), text
+    if broken:
+        tqdm.write(f"note: {path}: {len(broken)} {plural(len(broken), 'record')} (line {broken[0]}"
+                   f"{', ...' if len(broken) > 1 else ''}) held a lone UTF-16 surrogate, half of a \\uXXXX pair that "
+                   f"UTF-8 cannot hold: tokenized as U+FFFD", file=sys.stderr)
 
 
 def _input_files(inputs):
@@ -674,11 +769,21 @@ def _input_files(inputs):
             files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise DataError(f"--input {p} is not a regular file (a pipe or a device): save the text to a file and "
+                            f"give that")
         else:
             raise DataError(f"--input {p} does not exist")
     if not files:
         raise DataError("no input: give --input FILE_OR_FOLDER ...")
-    return files
+    first = {}
+    for f in files:
+        first.setdefault(f.resolve(), f)
+    unique = list(first.values())
+    if len(unique) < len(files):
+        print(f"note: {len(files) - len(unique)} {plural(len(files) - len(unique), 'file')} given more than once "
+              f"(by --input and a folder, or twice): each is read once")
+    return unique
 
 
 def _text_segments(files, total, val_fraction, text_field, sha):
@@ -921,6 +1026,24 @@ class TokenBins:
 
 # --- command line ---------------------------------------------------------------------------------
 
+def _sha256_arg(value):
+    """--sha256: 64 hex digits in either case (PowerShell's Get-FileHash prints capitals), spaces around ignored."""
+    digest = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256: give its 64 hex digits")
+    return digest
+
+
+def _retries_arg(value):
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r} (give 0 or more)")
+    return n
+
+
 def _parser():
     p = argparse.ArgumentParser(description="Download and tokenize a dataset into uint16 token bins "
                                             "(GPT-2 BPE) for train.py.")
@@ -932,7 +1055,7 @@ def _parser():
         sp.add_argument("--out_dir", default=None, help=f"where the bins go (default {out_default})")
         sp.add_argument("--num_workers", type=int, default=None,
                         help="tokenizer processes (default: every CPU core)")
-        sp.add_argument("--force", action="store_true", help="tokenize again even if the bins are there")
+        sp.add_argument("--force", action="store_true", help="tokenize again even if the bins are there (and replace bins data.py did not write)")
 
     for name in DATASETS:
         sp = sub.add_parser(name, help=f"download {DATASETS[name]['zip']} and tokenize it")
@@ -940,8 +1063,9 @@ def _parser():
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--url", help="download from this http(s):// or file:// URL instead of the mirrors")
         where.add_argument("--source", help="use this already-downloaded zip")
-        sp.add_argument("--sha256", help="the zip's expected sha256 (checked before use)")
-        sp.add_argument("--retries", type=int, default=4, help="download retries after a failure (default 4)")
+        sp.add_argument("--sha256", type=_sha256_arg, help="the zip's expected sha256 (checked before use)")
+        sp.add_argument("--retries", type=_retries_arg, default=4,
+                        help="download retries after a failure (default 4)")
     sp = sub.add_parser("text", help="your own .txt / .jsonl files or folders of them")
     common(sp, "data/text")
     sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -957,6 +1081,15 @@ def _parser():
     sp.add_argument("--val_fraction", type=float, default=0.05,
                     help="fraction of train held out as val when there is no validation split (default 0.05)")
     return p
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: raised in the main thread so that the preparation's clean-up runs (a BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` takes it)."""
+
+
+def _terminated(signum, frame):
+    raise _Terminated
 
 
 def main(argv=None):
@@ -983,12 +1116,14 @@ def main(argv=None):
         print(f"error: {e}; free disk space or pick a folder you can write (--out_dir), then run the same command "
               f"again", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: no partial file was left under a final name; run the same command again",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, _Terminated) as e:
+        print("interrupted: no partial file was left under a final name, and a folder's bins are replaced only "
+              "once all the new ones are complete; run the same command again", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     return 0
 
 
 if __name__ == "__main__":
+    tolerant_output()
+    signal.signal(signal.SIGTERM, _terminated)  # a `kill`, a notebook's stop button: cleaned up as Ctrl-C is
     sys.exit(main())

@@ -41,7 +41,7 @@ import hardware
 from checkpoint import CheckpointError
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, add_model_args, load_model
-from cli import fail, quiet_on_closed_pipe
+from cli import fail, quiet_on_closed_pipe, tolerant_output
 
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
 
@@ -207,6 +207,10 @@ def main(argv=None):
         stride = args.stride or max(1, block_size // 2)
         check_window(block_size, stride, n_positions)
         data_dir = args.data_dir or config.get("data_dir") or DEFAULT_DATA_DIR
+        if not args.data_dir and config.get("data_dir") and not Path(data_dir).is_dir():
+            relative = "" if Path(data_dir).is_absolute() else ", relative to the folder train.py ran in,"
+            raise EvalError(f"no folder {data_dir}: that data_dir is the one the model was trained on{relative} "
+                            f"as its checkpoint says; give the folder of the bins with --data_dir")
         tokens = read_bin(Path(data_dir) / f"{args.split}.bin", model.config.vocab_size)
         dataset = dataset_name(data_dir)
         print(hardware.describe(facts, plan), file=sys.stderr)
@@ -226,5 +230,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tolerant_output()
     quiet_on_closed_pipe()
     main()

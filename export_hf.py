@@ -26,7 +26,7 @@ from checkpoint import (DEFAULT_OUT_DIR, FORMAT_VERSION, CheckpointError, atomic
                         atomic_write_json, load_checkpoint, load_model_checkpoint, remove_stale_temps, unwrapped)
 from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
-from cli import fail, one_line, plural
+from cli import fail, one_line, plural, tolerant_output
 
 # HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -408,4 +408,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tolerant_output()
     main()

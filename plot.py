@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint import CheckpointError, atomic_write_bytes
-from cli import fail, is_number
+from cli import fail, is_number, tolerant_output
 
 PNG_NAME = "loss_curve.png"
 EVAL_HISTORY = "eval_history.json"  # one record per evaluation (train.py writes both)
@@ -190,4 +190,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tolerant_output()
     main()

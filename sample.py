@@ -22,7 +22,7 @@ import export_hf
 from checkpoint import DEFAULT_OUT_DIR, CheckpointError
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
-from cli import fail, plural, quiet_on_closed_pipe
+from cli import fail, plural, quiet_on_closed_pipe, tolerant_output
 
 TEMPERATURE, TOP_K = 0.8, 200  # the defaults here, and what train.py's samples at each evaluation use
 
@@ -143,8 +143,6 @@ def main(argv=None):
     except (SampleError, CheckpointError, export_hf.ExportError, hardware.HardwareError, ValueError) as e:
         fail(str(e))
     print(hardware.describe(facts, plan), file=sys.stderr)
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="replace")  # a console that cannot show a character gets "?"
     generator = torch.Generator(device=plan.device).manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k or None, top_p=args.top_p, generator=generator, compile=plan.compile)
@@ -174,5 +172,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    tolerant_output(stdout_errors="replace")  # a console that cannot show a generated character shows "?"
     quiet_on_closed_pipe()
     main()

@@ -43,7 +43,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 
     import checkpoint as ckpt
     import hardware
-    from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe
+    from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe, tolerant_output
     from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
@@ -1566,6 +1566,7 @@ def train_main(argv, held):
 
 
 if __name__ == "__main__":
+    tolerant_output()
     code = main(sys.argv[1:])
     # The run is over: a late copy of a stop signal (torchrun or a process group passing it on) must not reach the
     # default handlers that Python puts back while it shuts down, which would kill it with another exit code.

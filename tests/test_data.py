@@ -1,5 +1,6 @@
 """data.py: tokenizer, WikiText download + tokenization (over a local HTTP server), text/JSONL input, TokenBins."""
 
+import gzip
 import hashlib
 import http.server
 import io
@@ -7,6 +8,7 @@ import importlib.util
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -342,6 +344,44 @@ def test_source_zip_and_file_url(tmp_path, wikitext_zip, capsys):
         data.prepare_wikitext("wikitext2", tmp_path / "c", source=zip_path, sha256="0000")
 
 
+def test_source_folder_as_kaggle_unzips_it_and_sha256_in_capitals(tmp_path, wikitext_zip, capsys):
+    zip_path, raw, _ = wikitext_zip
+    unzipped = tmp_path / "input" / "wikitext103"  # what Kaggle makes of an uploaded zip
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(unzipped)
+    meta = data.prepare_wikitext("wikitext103", tmp_path / "a", source=unzipped, num_workers=1)
+    assert meta["source"]["path"] == str(unzipped) and meta["source"]["files"]["wikitext-103-raw/wiki.test.raw"] > 0
+    for split in raw:
+        assert text_of(tokens_of(tmp_path / "a" / f"{split}.bin")) == raw[split]
+    from_zip = tmp_path / "b"
+    digest = hashlib.sha256(zip_path.read_bytes()).hexdigest().upper()  # as PowerShell's Get-FileHash prints it
+    proc = run_cli("wikitext103", "--source", zip_path, "--sha256", f" {digest}", "--out_dir", from_zip)
+    assert proc.returncode == 0, proc.stderr
+    for split in raw:
+        assert (from_zip / f"{split}.bin").read_bytes() == (tmp_path / "a" / f"{split}.bin").read_bytes()
+    capsys.readouterr()
+    data.prepare_wikitext("wikitext103", tmp_path / "a", source=unzipped, num_workers=1)
+    assert "is already prepared" in capsys.readouterr().out
+    # Another --source than the folder was prepared from is prepared again, not taken for it.
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        for member, split in data.WIKITEXT_SPLITS.items():
+            z.writestr(f"wikitext-103-raw/{member}", " = Other = \n other words \n" * 50)
+    data.prepare_wikitext("wikitext103", tmp_path / "a", source=other, num_workers=1)
+    assert "preparing it again" in capsys.readouterr().out
+    assert text_of(tokens_of(tmp_path / "a" / "test.bin")) == b" = Other = \n other words \n" * 50
+    with pytest.raises(DataError, match="--sha256 checks a zip, and --source .* is a folder"):
+        data.prepare_wikitext("wikitext103", tmp_path / "c", source=unzipped, sha256="0" * 64)
+    raw_file = unzipped / "wikitext-103-raw" / "wiki.train.raw"
+    with pytest.raises(DataError, match="wiki.train.raw is not a readable zip .*: download the zip again, or give the "
+                                        "folder it unzips to"):
+        data.prepare_wikitext("wikitext103", tmp_path / "c", source=raw_file)
+    (tmp_path / "input" / "copy").mkdir()
+    (tmp_path / "input" / "copy" / "wiki.test.raw").write_bytes(raw["test"])
+    with pytest.raises(DataError, match="holds more than one wiki.test.raw"):
+        data.prepare_wikitext("wikitext103", tmp_path / "c", source=tmp_path / "input")
+
+
 def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
     missing = tmp_path / "missing.zip"
     with zipfile.ZipFile(missing, "w") as z:
@@ -363,11 +403,49 @@ def test_bad_zips_leave_nothing_that_looks_complete(tmp_path):
     raw = bytearray(damaged.read_bytes())
     raw[200:260] = bytes(60)
     damaged.write_bytes(bytes(raw))
-    with pytest.raises(DataError, match=r"damaged.zip is corrupt \(.*\): delete it and run again"):
+    with pytest.raises(DataError, match=r"damaged.zip is corrupt \(.*\): download the zip again, or give the folder "
+                                        r"it unzips to"):  # the user's own file: never "delete it"
         data.prepare_wikitext("wikitext2", tmp_path / "out2", source=damaged, num_workers=1)
+    downloaded = tmp_path / "out3" / data.DATASETS["wikitext2"]["zip"]  # as a download into out_dir left it
+    downloaded.parent.mkdir()
+    downloaded.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"wikitext-2-raw-v1.zip is corrupt \(.*\): delete it and run again, or pass "
+                                        r"--source"):
+        data.prepare_wikitext("wikitext2", tmp_path / "out3", url=damaged.as_uri(), num_workers=1)
 
 
 # --- your own text -----------------------------------------------------------------------------------
+
+def test_a_lone_surrogate_in_jsonl_becomes_the_replacement_character(tmp_path):
+    # A scraped emoji cut in half: JSON may spell it (\ud83d), UTF-8 cannot hold it.
+    (tmp_path / "s.jsonl").write_text('{"text": "broken \\ud83d emoji"}\n{"text": "whole \\ud83d\\ude00 one"}\n'
+                                      + '{"text": "filler line"}\n' * 40)
+    proc = run_cli("text", "--input", tmp_path / "s.jsonl", "--out_dir", tmp_path / "o")
+    assert proc.returncode == 0, proc.stderr
+    assert "s.jsonl: 1 record (line 1) held a lone UTF-16 surrogate" in proc.stderr and "U+FFFD" in proc.stderr
+    assert text_of(tokens_of(tmp_path / "o" / "train.bin")).decode().startswith("broken \ufffd emojiwhole 😀 one")
+
+
+def test_a_console_that_cannot_show_a_path_does_not_stop_the_preparation(tmp_path):
+    # Windows writes a redirected stdout in its ANSI code page (here cp1252, which has no 日本).
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
+    out = tmp_path / "データ"
+    proc = subprocess.run([sys.executable, str(ROOT / "data.py"), "text", "--input", str(tmp_path / "a.txt"),
+                           "--out_dir", str(out)], cwd=ROOT, capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "cp1252"})
+    assert proc.returncode == 0, proc.stderr.decode("cp1252")
+    assert b"\\u30c7\\u30fc\\u30bf/train.bin" in proc.stdout and (out / "meta.json").is_file()
+
+
+def test_an_input_given_twice_is_read_once(tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("alpha beta gamma\n" * 300)
+    data.prepare_text([tmp_path / "in", tmp_path / "in" / "a.txt"], tmp_path / "o", num_workers=1)
+    assert "note: 1 file given more than once (by --input and a folder, or twice): each is read once" in \
+        capsys.readouterr().out
+    assert (text_of(tokens_of(tmp_path / "o" / "train.bin")) + text_of(tokens_of(tmp_path / "o" / "val.bin"))) == \
+        b"alpha beta gamma\n" * 300
+
 
 def test_text_folders_and_jsonl(tmp_path):
     docs = ["First file.\nIt has two lines.\n", "Second file ünï 日本\n\nwith a blank line.",
@@ -440,8 +518,17 @@ def test_text_input_errors(tmp_path):
                                         r"`iconv -f latin1"):
         data.prepare_text([tmp_path / "l1.jsonl"], tmp_path / "o", num_workers=1)
     torch.save({"weights": torch.arange(1000)}, tmp_path / "model.txt")  # a .pt saved under the wrong name
-    with pytest.raises(DataError, match=r"model.txt is not text: it holds NUL bytes"):
+    with pytest.raises(DataError, match=r"model.txt is a zip archive \(or a file torch.save wrote\), not text"):
         data.prepare_text([tmp_path / "model.txt"], tmp_path / "o", num_workers=1)
+    np.save(tmp_path / "weights.npy", np.arange(1000))
+    with pytest.raises(DataError, match=r"weights.npy is not text: it holds NUL bytes"):
+        data.prepare_text([tmp_path / "weights.npy"], tmp_path / "o", num_workers=1)
+    (tmp_path / "corpus.txt.gz").write_bytes(gzip.compress(b"compressed text\n" * 100))
+    with pytest.raises(DataError, match=r"corpus.txt.gz is gzip-compressed, not text: `gunzip` it and give the text"):
+        data.prepare_text([tmp_path / "corpus.txt.gz"], tmp_path / "o", num_workers=1)
+    with pytest.raises(DataError, match=r"--input /dev/null is not a regular file \(a pipe or a device\): save the "
+                                        r"text to a file"):
+        data.prepare_text(["/dev/null"], tmp_path / "o", num_workers=1)
     # UTF-16 without a byte-order mark: ASCII text in it is valid UTF-8, with a NUL after each letter.
     (tmp_path / "u16le.txt").write_text("no byte-order mark\n" * 50, encoding="utf-16-le")
     with pytest.raises(DataError, match=r"u16le.txt is not text: it holds NUL bytes \(NUL byte at offset 1\), as "
@@ -456,12 +543,53 @@ def test_a_utf8_byte_order_mark_is_not_tokenized(tmp_path):
     assert (text_of(tokens_of(tmp_path / "o" / "train.bin")) + text_of(tokens_of(tmp_path / "o" / "val.bin"))).decode() == text
 
 
-def test_preparing_a_folder_again_removes_splits_it_does_not_write(tmp_path):
+def test_preparing_a_folder_again_removes_splits_it_does_not_write(tmp_path, wikitext_zip):
     out = tmp_path / "out"
-    write_bin(out, "test", [1, 2, 3])  # an earlier dataset's test split
+    data.prepare_wikitext("wikitext103", out, source=wikitext_zip[0], num_workers=1)  # with a test split
     (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
     data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_files_data_py_did_not_write_are_not_replaced_without_force(tmp_path):
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
+    theirs = tmp_path / "theirs"
+    write_bin(theirs, "test", [1, 2, 3])
+    (theirs / "meta.json").write_text('{"license": "mine"}')
+    before = {p.name: p.read_bytes() for p in theirs.iterdir()}
+    proc = run_cli("text", "--input", tmp_path / "a.txt", "--out_dir", theirs)
+    assert_one_line_error(proc, f"--out_dir {theirs} holds meta.json, test.bin, which data.py did not write",
+                          "pass --force to replace them")
+    assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
+    bare = tmp_path / "bare"  # bins without a meta.json (another tool's, as nanoGPT's prepare.py writes them)
+    write_bin(bare, "train", [1, 2, 3])
+    with pytest.raises(DataError, match="holds train.bin, which data.py did not write"):
+        data.prepare_text([tmp_path / "a.txt"], bare, num_workers=1)
+    assert tokens_of(bare / "train.bin").tolist() == [1, 2, 3]
+    data.prepare_text([tmp_path / "a.txt"], theirs, num_workers=1, force=True)
+    assert sorted(p.name for p in theirs.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stopped_preparation_leaves_the_folders_earlier_dataset_whole(tmp_path, sig):
+    """Stopped while it tokenizes (Ctrl-C, a `kill`): the folder still holds its earlier dataset, bins and meta.json
+    as they were, so train.py cannot read the old bins as new ones; nothing else is left behind."""
+    (tmp_path / "small.txt").write_text("alpha beta gamma\n" * 300)
+    out = tmp_path / "out"
+    data.prepare_text([tmp_path / "small.txt"], out, num_workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "big.txt").write_text("".join(f"line {i} of a much larger text to tokenize\n" for i in range(400_000)))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "text", "--input", str(tmp_path / "big.txt"),
+                             "--out_dir", str(out), "--num_workers", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    tmp = out / "train.bin.tmp"
+    while not (tmp.exists() and tmp.stat().st_size):  # tokenizing (its first tokens are written)
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == (130 if sig == "SIGINT" else 143), err
+    assert "Traceback" not in err and "interrupted: no partial file was left under a final name" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 
@@ -470,6 +598,8 @@ def test_preparing_a_folder_again_removes_splits_it_does_not_write(tmp_path):
     (("wikitext101",), "invalid choice: 'wikitext101'"),
     (("text",), "arguments are required: --input"),
     (("wikitext2", "--retries", "many"), "--retries: invalid int value: 'many'"),
+    (("wikitext2", "--retries", "-1"), "--retries: invalid int value: '-1' (give 0 or more)"),
+    (("wikitext2", "--sha256", "abc123"), "--sha256: 'abc123' is not a sha256: give its 64 hex digits"),
 ])
 def test_usage_mistakes_are_one_line(args, message):
     proc = run_cli(*args)

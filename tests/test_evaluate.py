@@ -194,6 +194,16 @@ def test_cli_errors_are_one_line(run_dir, args, message, main_in_process):
     assert err.startswith("error: ") and message in err
 
 
+def test_a_relative_data_dir_from_the_checkpoint_names_its_origin_and_the_fix(tmp_path, run_dir, main_in_process):
+    state = torch.load(run_dir / "out" / "best_model.pt", weights_only=True)
+    state["config"]["data_dir"] = "bins"  # as `python train.py --data_dir=bins` saved it, elsewhere
+    torch.save(state, tmp_path / "best_model.pt")
+    code, out, err = main_in_process(evaluate_main, [*CPU, "--checkpoint", str(tmp_path / "best_model.pt")], tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert ("error: no folder bins: that data_dir is the one the model was trained on, relative to the folder train.py "
+            "ran in, as its checkpoint says; give the folder of the bins with --data_dir") in err
+
+
 def test_checkpoint_with_an_invalid_config_is_one_line(tmp_path):
     model = GPT(GPTConfig(n_positions=16, n_embd=32, n_layer=1, n_head=2, n_inner=64))
     config = dict(model.config.to_dict(), n_head=5)  # 32 is not divisible by 5

@@ -233,6 +233,10 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--max_new_tokens", "ten"], "argument --max_new_tokens: invalid int value"),
     (["--seed", str(10 ** 23)], "--seed must be a 64-bit integer"),
+    (["--out_dir", "{run}/out/final_model"], "/out/final_model is a HuggingFace folder, not a run's folder: give it "
+                                             "with --model_dir"),
+    (["--out_dir", "{run}/out/best_model.pt"], "/out/best_model.pt is a file, not a run's folder: give a checkpoint "
+                                               "file with --checkpoint"),
     (["--checkpoint", "{run}/out/final_model"], "is not a file; give the path of a .pt checkpoint (a HuggingFace "
                                                 "folder: train.py takes it as --init_from, sample.py and evaluate.py "
                                                 "as --model_dir)"),

@@ -314,6 +314,15 @@ def _read_or_empty(fd):
         return b""
 
 
+def test_a_console_that_cannot_show_a_character_does_not_stop_a_run(tmp_path, bins):
+    """Windows writes a redirected stdout in its ANSI code page (cp1252 here, which has no 日本): what it cannot
+    show is escaped on the console; train.log keeps it."""
+    out = tmp_path / "日本"
+    p = run_train(out, bins, "--max_steps=2", "--save_steps=2", env={"PYTHONIOENCODING": "cp1252"})
+    assert "out_dir='" + str(tmp_path) + "/\\u65e5\\u672c'" in p.stdout and "done: 2 steps" in p.stdout
+    assert f"out_dir='{out}'" in (out / "train.log").read_text(encoding="utf-8")
+
+
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
     p, terminal = run_train_on_a_terminal(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3",
