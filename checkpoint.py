@@ -140,17 +140,18 @@ def _fsync_dir(folder):
 def _save_error(path, err):
     reason = err.strerror or str(err)
     is_checkpoint = Path(path).suffix == ".pt"
+    rotated = is_checkpoint and Path(path).name.startswith("checkpoint_")  # (lower max_checkpoints: fewer of them)
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        fix = "free disk space or lower max_checkpoints" if is_checkpoint else "free disk space"
+        fix = "free disk space or lower max_checkpoints" if rotated else "free disk space"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = "point checkpoint_dir/out_dir elsewhere" if is_checkpoint else "write to another folder"
         fix = f"make {Path(path).parent} writable or {where}"
     else:
         fix = "check the disk"
-    if is_checkpoint:
-        intact = "earlier checkpoints are intact"
+    if Path(path).exists():
+        intact = f"the {Path(path).name} there before is intact"
     else:
-        intact = f"the {Path(path).name} there before is intact" if Path(path).exists() else "nothing was written"
+        intact = "earlier checkpoints are intact" if rotated else "nothing was written"
     return CheckpointError(f"could not save {path}: {reason}; {intact}; {fix}")
 
 
@@ -392,7 +393,11 @@ def _read(path, map_location, mmap):
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
     # torch.save writes a zip whose directory is at the very end: a file cut short has none.
-    if not zipfile.is_zipfile(path):
+    try:
+        whole = zipfile.is_zipfile(path)
+    except zipfile.BadZipFile as e:  # the end record is there but damaged (is_zipfile lets this one through)
+        raise CheckpointError(f"{path} is corrupt ({_reason(e)}); {_USE_ANOTHER}") from e
+    if not whole:
         raise CheckpointError(
             f"{path} is truncated or not a PyTorch checkpoint (no zip directory at its end); {_USE_ANOTHER}")
     try:
@@ -444,6 +449,28 @@ def load_checkpoint(path, map_location="cpu"):
 def peek_step(path):
     """The step stored in checkpoint `path`, read without loading its tensors (mmap)."""
     return int(_read(path, "cpu", mmap=True)["step"])
+
+
+def peek_run_id(path):
+    """The run id stored in checkpoint `path` (train.py draws one when a run starts, and every checkpoint of the
+    run carries it), or None for a checkpoint from before run ids were stored."""
+    return _read(path, "cpu", mmap=True).get("run_id")
+
+
+def other_runs(checkpoint_dir, out_dir, run_id):
+    """The readable checkpoint files (rotated, emergency, best) that store a run id other than run_id: another
+    run's. A file without one (from before run ids were stored), or a run_id of None, matches any."""
+    if run_id is None:
+        return []
+    found = []
+    for path, _ in _candidates(checkpoint_dir, out_dir):
+        try:
+            other = peek_run_id(path)
+        except CheckpointError:
+            continue
+        if other is not None and other != run_id:
+            found.append(path)
+    return found
 
 
 def peek_config(path):
@@ -518,16 +545,17 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside t
 
 
 def copy_as_rotated(path, checkpoint_dir):
-    """Copy checkpoint `path` into checkpoint_dir as checkpoint_epoch{E}_step{S}.pt (unless that file is there
-    already); returns that path. CheckpointError if it cannot be read or written."""
+    """Copy checkpoint `path` into checkpoint_dir as checkpoint_epoch{E}_step{S}.pt, unless that file is there
+    already; returns (that path, whether it was copied). CheckpointError if it cannot be read or written."""
     state = _read(path, "cpu", mmap=True)
     target = checkpoint_path(checkpoint_dir, state["epoch"], state["step"])
-    if not target.exists():
-        try:
-            atomic_copy(path, target)
-        except OSError as e:  # reading `path` (a write's failure is a CheckpointError already)
-            raise _save_error(target, e) from e
-    return target
+    if target.exists():
+        return target, False
+    try:
+        atomic_copy(path, target)
+    except OSError as e:  # reading `path` (a write's failure is a CheckpointError already)
+        raise _save_error(target, e) from e
+    return target, True
 
 
 def best_of_its_run(path):

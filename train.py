@@ -29,6 +29,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import socket
     import time
     import traceback
+    import uuid
     from dataclasses import dataclass
     from datetime import datetime
     from pathlib import Path
@@ -716,6 +717,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.scaler = hardware.grad_scaler(self.plan)
         self.step, self.tokens_seen, self.best_val_loss = 0, 0, float("inf")
+        # Which run a checkpoint belongs to: drawn when a run starts (from os.urandom: no RNG stream moves), kept
+        # by its resumes, so that a resume is refused into folders holding another run's checkpoints.
+        self.run_id = uuid.uuid4().hex[:16]
         self.val_loss, self.last_train_loss, self.epoch_loss_sum, self.epoch_loss_count = None, None, 0.0, 0
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
         # (epoch loss sums) from a completed step until its evaluation is done: an error in between
@@ -1149,6 +1153,7 @@ class Trainer:
         record and best-model save are not (a resume does them first)."""
         state = {
             "format_version": ckpt.FORMAT_VERSION,
+            "run_id": self.run_id,
             "model_state_dict": ckpt.unwrapped_state_dict(self.model),
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scheduler_state_dict": self.scheduler.state_dict(),
@@ -1294,6 +1299,12 @@ class Trainer:
         """A fresh run, or one resumed from an older checkpoint, must not rotate away, overwrite or later be
         auto-resumed into checkpoints beyond its own start."""
         step = ckpt.peek_step(resume) if resume else -1
+        others = ckpt.other_runs(self.checkpoint_dir, self.out_dir, ckpt.peek_run_id(resume)) if resume else []
+        if others:
+            names = ", ".join(str(p) for p in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise ConfigError(f"resuming from {resume}, but {names} belong to another run (its run id differs): "
+                              f"the two runs would mix (rotation, best_model.pt, the histories); resume into another "
+                              f"out_dir, or move them away first")
         newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, step) if p != resume]
         if not newer:
             return
@@ -1347,6 +1358,7 @@ class Trainer:
         if state.get("scaler_state_dict"):
             self.scaler.load_state_dict(state["scaler_state_dict"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.run_id = state.get("run_id") or self.run_id  # (a checkpoint from before run ids: its run gets one now)
         self.best_val_loss, self.val_loss, self.last_train_loss = state["best_val_loss"], state["val_loss"], state["train_loss"]
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -1377,23 +1389,27 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {epoch})")
 
     def carry_over_its_run(self, resume):
-        """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy). The checkpoint is copied
+        """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy), or into an out_dir without
+        the run's best model (a new out_dir beside the old one's checkpoint_dir). A checkpoint from outside is copied
         into checkpoint_dir, so that a later 'auto' resume (after a kill before the first save) goes on from it, not
         from an older file here or from scratch. Into an out_dir with no best model come the best_model.pt and
         histories of the checkpoint's run, so that best_model.pt, final_model/ and the curves stay the whole run's;
         without that best model the best starts over from here, with a warning (else no best_model.pt would be
         written until the old best val loss is beaten). Rank 0 copies and decides: the others may see its copies."""
-        own = {folder.resolve() for folder in (self.out_dir, self.checkpoint_dir)}
-        if not any_rank(self.ddp.master and resume.parent.resolve() not in own, self.ddp, self.device):
+        outside = resume.parent.resolve() not in {folder.resolve() for folder in (self.out_dir, self.checkpoint_dir)}
+        needs_best = math.isfinite(self.best_val_loss) and not (self.out_dir / ckpt.BEST_NAME).exists()
+        if not any_rank(self.ddp.master and (outside or needs_best), self.ddp, self.device):
             return
         lost_best = False
         if self.ddp.master:
-            try:
-                copy = ckpt.copy_as_rotated(resume, self.checkpoint_dir)
-                self.log(f"resume: copied {resume} to {copy}: a later 'auto' resume goes on from this run's folders")
-            except ckpt.CheckpointError as e:
-                self.log(f"warning: {e}")
-            if math.isfinite(self.best_val_loss) and not (self.out_dir / ckpt.BEST_NAME).exists():
+            if outside:
+                try:
+                    copy, copied = ckpt.copy_as_rotated(resume, self.checkpoint_dir)
+                    self.log(f"resume: copied {resume} to {copy}: a later 'auto' resume goes on from this run's "
+                             f"folders" if copied else f"resume: {copy} is there already (the same step of this run)")
+                except ckpt.CheckpointError as e:
+                    self.log(f"warning: {e}")
+            if needs_best:
                 lost_best = not self.copy_its_best(resume)
         if any_rank(lost_best, self.ddp, self.device):
             if self.ddp.master:
@@ -1430,11 +1446,13 @@ class Trainer:
         """Seconds since this process started: what a notebook's session limit counts."""
         return time.time() - PROCESS_START
 
-    def resume_command(self):
-        # Quoted for a shell: a --sample_prompt with spaces pastes back as one argument.
-        args = [a for a in sys.argv[1:] if not a.startswith("--resume_from_checkpoint=")]
+    def resume_command(self, again=False):
+        """The command that resumes this run (again: the command as it was given, for a run with nothing on disk to
+        resume from). Quoted for a shell: a --sample_prompt with spaces pastes back as one argument."""
+        args = [a for a in sys.argv[1:] if again or not a.startswith("--resume_from_checkpoint=")]
         launcher = f"torchrun --nproc_per_node={self.ddp.world_size}" if self.ddp.enabled else "python"
-        return " ".join([launcher, "train.py", *map(shlex.quote, args), "--resume_from_checkpoint=latest"])
+        return " ".join([launcher, "train.py", *map(shlex.quote, args), *([] if again else
+                                                                         ["--resume_from_checkpoint=latest"])])
 
     def save_emergency_local(self):
         """After an error: inside a step, the last completed step with the data and RNG state it left; after
@@ -1454,7 +1472,13 @@ class Trainer:
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
         self.optimizer.zero_grad(set_to_none=True)
         saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
-        self.log(f"interrupted at step {self.step}: {self.kept_note(saved)}. Resume with: {self.resume_command()}")
+        newest = () if saved or not self.ddp.master else ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
+        if newest is None:  # (a failed save with no checkpoint on disk: there is nothing to resume)
+            self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)}, so this run starts "
+                     f"again from its beginning with: {self.resume_command(again=True)}")
+        else:
+            self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)}. Resume with: "
+                     f"{self.resume_command()}")
         signum = self.stop.signum or signal.SIGTERM
         return 128 + int(signum)
 
@@ -1470,12 +1494,12 @@ class Trainer:
                  f"{self.kept_note(saved, 'the last weights with a finite loss')}.{hint}")
         return 3
 
-    def kept_note(self, saved, what="the last completed step"):
+    def kept_note(self, saved, what="the last completed step", newest=()):
         """Where the run's progress is, for the message of a stopped run: the emergency checkpoint, or, when
-        that save failed, the newest checkpoint that is on disk."""
+        that save failed, the newest checkpoint that is on disk (newest: as newest_note takes it)."""
         if saved:
             return f"{self.out_dir / ckpt.EMERGENCY_NAME} holds {what}"
-        return f"the emergency checkpoint could not be written; {self.newest_note()}"
+        return f"the emergency checkpoint could not be written; {self.newest_note(newest)}"
 
     def newest_note(self, newest=()):
         """Which checkpoint a resume would start from, as a message says it (rank 0 looks, unless `newest`, what
@@ -1498,7 +1522,12 @@ class Trainer:
                 self.log(f"exported {final} from {what} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
             except Exception as e:
                 self.log(f"warning: could not export final_model/: {e}")
-        best = f"best val loss {self.best_val_loss:.4f}" if math.isfinite(self.best_val_loss) else "no evaluation yet"
+        if math.isfinite(self.best_val_loss):
+            best = f"best val loss {self.best_val_loss:.4f}"
+        elif self.val_loss is not None:  # evaluated, but no best_model.pt could be written (a full disk)
+            best = f"last val loss {self.val_loss:.4f}, no {ckpt.BEST_NAME} saved"
+        else:
+            best = "no evaluation yet"
         self.log(f"done: {self.step} {plural(self.step, 'step')}, {best} in {fmt_duration(self.elapsed())}")
 
 

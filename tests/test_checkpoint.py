@@ -374,6 +374,11 @@ def write_bad(tmp_path, kind):
     elif kind == "bit_rot":
         ck.atomic_save({**state(5, numel=4096), "format_version": ck.FORMAT_VERSION}, path)
         damage(path, 5.0)
+    elif kind == "damaged_end_record":  # a byte flipped in the zip64 end locator at the file's end: its disk number
+        ck.atomic_save({**state(5), "format_version": ck.FORMAT_VERSION}, path)
+        data = bytearray(path.read_bytes())
+        data[data.rindex(b"PK\x06\x07") + 4] ^= 0xFF
+        path.write_bytes(bytes(data))
     elif kind == "a_list":
         torch.save([1, 2, 3], path)
     elif kind == "missing_keys":
@@ -394,6 +399,7 @@ BAD = {
     "empty": "is truncated or not a PyTorch checkpoint",
     "a_plain_zip": "is corrupt (Expected hasRecord(\"version\")",
     "bit_rot": "is corrupt (checksum mismatch in archive/data/0)",
+    "damaged_end_record": "is corrupt (zipfiles that span multiple disks are not supported)",
     "a_list": "holds a list, not a checkpoint dict",
     "missing_keys": "missing format_version, config, step",
     "newer_format": f"has checkpoint format {ck.FORMAT_VERSION + 1} but this code reads up to "

@@ -267,6 +267,7 @@ def test_a_run_whose_last_checkpoint_fails_does_not_end_as_a_success(tmp_path, b
     p = run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2", "--learning_rate=0", check=False)
     assert p.returncode == 1, p.stderr
     assert p.stdout.count(f"could not save {out / 'best_model.pt'}") == 2  # a best not on disk is no best
+    assert re.search(r"done: 4 steps, last val loss \d+\.\d{4}, no best_model.pt saved in", p.stdout), p.stdout
     newest = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
     assert p.stdout.splitlines()[-1] == (
         f"error: the last checkpoint (step 4) could not be saved (see the warning above); the newest on disk is "
@@ -752,6 +753,14 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused
     err = refused(train_cmd(out, bins, "--max_steps=6", f"--resume_from_checkpoint={older}"))
     assert f"resuming from {older} at step 2, but" in err and "move them away" in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
+    # Another run's checkpoint, resumed by path into this folder: refused even where it is further on than every file
+    # here (a run id, drawn at each fresh start and kept by resumes, tells the runs apart).
+    other = tmp_path / "other"
+    run_train(other, bins, "--max_steps=8", "--save_steps=8", "--eval_steps=100")
+    theirs = other / "checkpoints" / "checkpoint_epoch1_step8.pt"
+    err = refused(train_cmd(out, bins, "--max_steps=10", f"--resume_from_checkpoint={theirs}"))
+    assert f"resuming from {theirs}, but " in err and "belong to another run (its run id differs)" in err, err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
 
 
 def test_compile_auto_counts_the_tokens_a_resume_has_left(tmp_path, bins):
@@ -820,6 +829,16 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     assert f"resume: copied {src / 'best_model.pt'}" in p.stdout, p.stdout
     for name in ("best_model.pt", "eval_history.json", "training_history.json", "checkpoints/checkpoint_epoch1_step4.pt"):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name  # the last: what 'auto' resumes from
+    # A new out_dir beside the run's checkpoint_dir ('auto' resumes from there): the run's best model and histories
+    # come too, so that this out_dir's best_model.pt and final_model/ are the run's best.
+    beside = tmp_path / "beside"
+    p = run_train(beside, bins, "--max_steps=5", "--save_steps=5", "--eval_steps=100",
+                  f"--checkpoint_dir={src / 'checkpoints'}")
+    assert f"resumed from {src / 'checkpoints' / 'checkpoint_epoch1_step4.pt'} at step 4" in p.stdout, p.stdout
+    assert f"resume: copied {src / 'best_model.pt'}" in p.stdout
+    earlier = json.loads((src / "eval_history.json").read_text())
+    assert json.loads((beside / "eval_history.json").read_text())[:len(earlier)] == earlier
+    assert ckpt.load_checkpoint(beside / "best_model.pt")["val_loss"] <= min(r["val_loss"] for r in earlier)
     # The checkpoint alone: the best starts over from its step (else, on a val split where the run does worse,
     # there would be no best_model.pt at all), with a warning.
     lone, worse = tmp_path / "lone", tmp_path / "worse"
@@ -969,6 +988,22 @@ def test_a_failed_emergency_save_says_which_checkpoint_holds_the_run(tmp_path, b
     assert shlex.split(command) == ["python", "train.py", *train_cmd(out, bins)[2:],
                                     "--max_steps=10", "--save_steps=2", "--eval_steps=100",
                                     "--resume_from_checkpoint=latest"]
+    # With no checkpoint on disk at all there is nothing to resume: the line gives the command as it was.
+    fresh = tmp_path / "fresh"
+    (fresh / "emergency_checkpoint.pt" / "in the way").mkdir(parents=True)
+    args = ["--max_steps=10", "--save_steps=100", "--eval_steps=100"]
+    proc = subprocess.Popen(train_cmd(fresh, bins, *args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "GPT_TEST_STEP_DELAY": "1.0"})
+    while "step 2/10" not in ((fresh / "train.log").read_text() if (fresh / "train.log").exists() else ""):
+        assert time.time() < deadline + 120 and proc.poll() is None, killed_output(proc)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Resume with" not in stdout, stdout
+    said = "the emergency checkpoint could not be written; there is no other checkpoint, so this run starts again " \
+           "from its beginning with: "
+    assert said in stdout, stdout
+    assert shlex.split(stdout.split(said)[1].splitlines()[0]) == ["python", "train.py", *train_cmd(fresh, bins, *args)[2:]]
 
 
 def test_max_runtime_stops_cleanly_with_a_checkpoint(tmp_path, bins):
