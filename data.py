@@ -343,18 +343,25 @@ def _split_articles(text, prior):
 
 
 # How an archive or a compressed file starts (a .gz, .bz2, .xz, .zst or .zip given as text): (magic, what, fix).
-_PACKED = ((b"\x1f\x8b", "gzip-compressed", "`gunzip` it"), (b"BZh", "bzip2-compressed", "`bunzip2` it"),
-           (b"\xfd7zXZ\x00", "xz-compressed", "`unxz` it"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "`unzstd` it"),
-           (b"PK\x03\x04", "a zip archive (or a file torch.save wrote)", "unzip an archive"))
+_PACKED = ((rb"\x1f\x8b", "gzip-compressed", "`gunzip` it"), (rb"BZh[1-9]1AY&SY", "bzip2-compressed", "`bunzip2` it"),
+           (rb"\xfd7zXZ\x00", "xz-compressed", "`unxz` it"), (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "`unzstd` it"),
+           (rb"PK\x03\x04", "a zip archive (or a file torch.save wrote)", "unzip an archive"))
+
+
+def _packed(name, offset, raw):
+    """The DataError for bytes of `name` (from byte `offset` of it) that start an archive or a compressed file, else
+    None."""
+    packed = next((p for p in _PACKED if re.match(p[0], raw)), None) if offset == 0 else None
+    return DataError(f"{name} is {packed[1]}, not text: {packed[2]} and give the text files in it") if packed else None
 
 
 def _not_utf8(name, offset, raw, e):
     """The DataError for bytes of `name` (from byte `offset` of it) that UTF-8 cannot decode (e): how to convert
     text in another encoding, or that it is not text."""
     where = f"bad byte at offset {offset + e.start}"
-    packed = next((p for p in _PACKED if raw.startswith(p[0])), None) if offset == 0 else None
+    packed = _packed(name, offset, raw)
     if packed:
-        return DataError(f"{name} is {packed[1]}, not text: {packed[2]} and give the text files in it")
+        return packed
     if offset == 0 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte-order mark
         return DataError(f"{name} is UTF-16 text ({where}): convert it, e.g. `iconv -f utf-16 -t utf-8`")
     if b"\0" in raw:  # never in text of a one-byte encoding
@@ -387,6 +394,9 @@ def _encode_task(items, titles=False, prior=False):
                 n_bytes += len(text.encode("utf-8"))
             else:
                 name, offset, raw = item
+                packed = _packed(name, offset, raw)  # (a stored zip of ASCII text is valid UTF-8)
+                if packed:
+                    raise packed
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
@@ -410,7 +420,6 @@ def _encode_task(items, titles=False, prior=False):
 
 def _init_worker():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the parent's handler is for the parent (its pool ends us so)
     get_tokenizer()
 
 
@@ -478,32 +487,34 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
     return stats
 
 
+def _read_meta(out_dir):
+    """out_dir/meta.json if it is one of data.py's (a dict naming its tokenizer and splits), else None."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (a UnicodeDecodeError is a ValueError)
+        return None
+    return meta if isinstance(meta, dict) and meta.get("tokenizer") and isinstance(meta.get("splits"), dict) else None
+
+
 def _prepared(out_dir, splits):
     """meta.json of a finished preparation whose bins are all present and whole, else None."""
+    meta = _read_meta(out_dir)
     try:
-        meta = json.loads((out_dir / "meta.json").read_text())
-        if all((out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in splits):
+        if meta and all((out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in splits):
             return meta
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, KeyError, TypeError):
         pass
     return None
 
 
 def _not_of_data_py(out_dir):
-    """Files in out_dir that a preparation would replace or delete but that data.py did not write: a meta.json
-    that is not one of data.py's, and bins with no meta.json of data.py's beside them (another tool's, or those
-    of a preparation by an older data.py that was stopped)."""
-    bins = [out_dir / f"{s}.bin" for s in ("train", "val", "test") if (out_dir / f"{s}.bin").exists()]
-    meta_path = out_dir / "meta.json"
-    if not meta_path.exists():
-        return bins
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if isinstance(meta, dict) and meta.get("tokenizer") and isinstance(meta.get("splits"), dict):
-            return []
-    except (OSError, ValueError):  # (a UnicodeDecodeError is a ValueError)
-        pass
-    return [meta_path, *bins]
+    """Files in out_dir that a preparation would replace or delete but that no meta.json of data.py's vouches for:
+    another tool's meta.json, and bins without data.py's meta.json beside them (another tool's, or those of a
+    preparation by an older data.py that was stopped)."""
+    if _read_meta(out_dir) is not None:
+        return []
+    meta = out_dir / "meta.json"
+    return [p for p in (meta, *(out_dir / f"{s}.bin" for s in ("train", "val", "test"))) if p.exists()]
 
 
 def _same(meta, recipe):
@@ -520,9 +531,10 @@ def _run(out_dir, splits, force, make, reusable=None):
         raise DataError(f"--out_dir {out_dir} is a file, not a folder: name a folder for the bins")
     foreign = [] if force or not out_dir.is_dir() else _not_of_data_py(out_dir)
     if foreign:
-        raise DataError(f"--out_dir {out_dir} holds {', '.join(p.name for p in foreign)}, which data.py did not "
-                        f"write: preparing would replace them; pick another --out_dir, move them away, or pass "
-                        f"--force to replace them")
+        raise DataError(f"--out_dir {out_dir} holds {', '.join(p.name for p in foreign)}, which no meta.json of "
+                        f"data.py's vouches for (another tool's files, or an older data.py's stopped preparation): "
+                        f"preparing would replace them; pick another --out_dir, move them away, or pass --force to "
+                        f"replace them")
     meta = None if force else _prepared(out_dir, splits)
     if meta is not None and reusable is not None and not reusable(meta):
         print(f"note: {out_dir} was prepared from other inputs or settings; preparing it again")
@@ -547,11 +559,22 @@ def _make(out_dir, splits, make):
     def before_rename():
         # Every new bin is complete: the folder's old meta.json must not vouch for them, and a split this
         # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's. A
-        # preparation stopped before this point (Ctrl-C, an error) leaves the folder's earlier dataset whole.
-        (out_dir / "meta.json").unlink(missing_ok=True)
+        # preparation stopped before this point (Ctrl-C, an error) leaves the folder's earlier dataset whole; one
+        # stopped after it leaves this placeholder, which says "data.py's folder, not prepared": the next run
+        # prepares it again.
+        write_meta({"tokenizer": get_tokenizer().name, "splits": {}, "preparing": True})
         for split in ("train", "val", "test"):
             if split not in splits:
                 (out_dir / f"{split}.bin").unlink(missing_ok=True)
+
+    def write_meta(content):
+        # checkpoint imports torch: imported here, never in the workers. Its folder fsync makes the renames durable.
+        from checkpoint import CheckpointError, atomic_write_json
+
+        try:
+            atomic_write_json(out_dir / "meta.json", content)
+        except CheckpointError as e:
+            raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None
 
     start = time.perf_counter()
     stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename)
@@ -561,14 +584,7 @@ def _make(out_dir, splits, make):
             "eot_token": EOT_TOKEN, "dtype": "uint16",
             "max_token_id": max(st.pop("max_token_id") for st in stats.values()),
             "splits": {s: {"file": f"{s}.bin", **stats[s]} for s in splits}, **meta}
-    # meta.json, written last, is what marks the folder as prepared; its folder fsync also makes the
-    # bins' renames durable. checkpoint imports torch, so it is imported here, never in the workers.
-    from checkpoint import CheckpointError, atomic_write_json
-
-    try:
-        atomic_write_json(out_dir / "meta.json", meta)
-    except CheckpointError as e:
-        raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None
+    write_meta(meta)  # written last: what marks the folder as prepared
     for s in splits:
         print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
               f"{stats[s]['documents']:,} {plural(stats[s]['documents'], 'document')}")
@@ -665,6 +681,15 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
                     "every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
 
 
+def _normal_sha256(value):
+    """A sha256 as given (64 hex digits in either case: PowerShell's Get-FileHash prints capitals; spaces around
+    ignored), in lowercase; DataError if it is none."""
+    digest = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise DataError(f"{value!r} is not a sha256: give its 64 hex digits")
+    return digest
+
+
 def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num_workers=None,
                      force=False, retries=4):
     """Download WikiText (`wikitext103` or `wikitext2`, raw v1) and write {train,val,test}.bin + meta.json.
@@ -674,7 +699,7 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
     meta dict.
     """
     out_dir = Path(out_dir or f"data/{name}")
-    sha256 = sha256.strip().lower() if sha256 else None  # hex digits in either case
+    sha256 = _normal_sha256(sha256) if sha256 else None
     if url and source:
         raise DataError("give --url or --source, not both")
     given = None  # (path, members, source info for meta.json) of --source, read before anything else
@@ -715,7 +740,7 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
         if given is None:
             return meta.get("dataset") == name
         src = given[2]
-        same = {"sha256": src["sha256"]} if "sha256" in src else {"path": src["path"], "files": src["files"]}
+        same = {"sha256": src["sha256"]} if "sha256" in src else {"files": src["files"]}  # (wherever it is mounted)
         return meta.get("dataset") == name and _same(meta.get("source"), same)
 
     return _run(out_dir, ("train", "val", "test"), force, make, reusable)
@@ -1027,11 +1052,10 @@ class TokenBins:
 # --- command line ---------------------------------------------------------------------------------
 
 def _sha256_arg(value):
-    """--sha256: 64 hex digits in either case (PowerShell's Get-FileHash prints capitals), spaces around ignored."""
-    digest = value.strip().lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a sha256: give its 64 hex digits")
-    return digest
+    try:
+        return _normal_sha256(value)
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _retries_arg(value):
@@ -1055,14 +1079,15 @@ def _parser():
         sp.add_argument("--out_dir", default=None, help=f"where the bins go (default {out_default})")
         sp.add_argument("--num_workers", type=int, default=None,
                         help="tokenizer processes (default: every CPU core)")
-        sp.add_argument("--force", action="store_true", help="tokenize again even if the bins are there (and replace bins data.py did not write)")
+        sp.add_argument("--force", action="store_true",
+                        help="tokenize again even if the bins are there (and replace bins data.py did not write)")
 
     for name in DATASETS:
         sp = sub.add_parser(name, help=f"download {DATASETS[name]['zip']} and tokenize it")
         common(sp, f"data/{name}")
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--url", help="download from this http(s):// or file:// URL instead of the mirrors")
-        where.add_argument("--source", help="use this already-downloaded zip")
+        where.add_argument("--source", help="use this already-downloaded zip, or the folder it unzips to")
         sp.add_argument("--sha256", type=_sha256_arg, help="the zip's expected sha256 (checked before use)")
         sp.add_argument("--retries", type=_retries_arg, default=4,
                         help="download retries after a failure (default 4)")
@@ -1088,8 +1113,14 @@ class _Terminated(BaseException):
     KeyboardInterrupt is, so that no `except Exception` takes it)."""
 
 
-def _terminated(signum, frame):
-    raise _Terminated
+def _stop(signum, frame):
+    """SIGINT or SIGTERM: end the preparation through its clean-up, once. A repeated signal (a notebook kernel's
+    shutdown sends several) is ignored from here on, so that it cannot cut the clean-up short."""
+    if multiprocessing.parent_process() is not None:  # a worker: the pool's terminate(), or a group's signal
+        os._exit(128 + signum)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
 def main(argv=None):
@@ -1125,5 +1156,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tolerant_output()
-    signal.signal(signal.SIGTERM, _terminated)  # a `kill`, a notebook's stop button: cleaned up as Ctrl-C is
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a `kill`, a notebook's stop button
+        signal.signal(sig, _stop)
     sys.exit(main())

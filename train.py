@@ -1301,14 +1301,13 @@ class Trainer:
         step = ckpt.peek_step(resume) if resume else -1
         others = ckpt.other_runs(self.checkpoint_dir, self.out_dir, ckpt.peek_run_id(resume)) if resume else []
         if others:
-            names = ", ".join(str(p) for p in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            raise ConfigError(f"resuming from {resume}, but {names} belong to another run (its run id differs): "
-                              f"the two runs would mix (rotation, best_model.pt, the histories); resume into another "
-                              f"out_dir, or move them away first")
+            raise ConfigError(f"resuming from {resume}, but {_some(others)} belong to another run (its run id "
+                              f"differs): the two runs would mix (rotation, best_model.pt, the histories); resume "
+                              f"into another out_dir, or move them away first")
         newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, step) if p != resume]
         if not newer:
             return
-        names = ", ".join(str(p) for p in newer[:3]) + (f" and {len(newer) - 3} more" if len(newer) > 3 else "")
+        names = _some(newer)
         if resume is None:
             raise ConfigError(f"{names} hold an earlier run: a fresh run here would overwrite or rotate them away; "
                               f"resume it (resume_from_checkpoint='auto'), use another out_dir, or move them away")
@@ -1473,9 +1472,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
         newest = () if saved or not self.ddp.master else ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
-        if newest is None:  # (a failed save with no checkpoint on disk: there is nothing to resume)
-            self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)}, so this run starts "
-                     f"again from its beginning with: {self.resume_command(again=True)}")
+        if newest is None:  # (a failed save with no checkpoint on disk here: nothing of this session to resume)
+            self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)} here, so the same "
+                     f"command starts this session again: {self.resume_command(again=True)}")
         else:
             self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)}. Resume with: "
                      f"{self.resume_command()}")
@@ -1529,6 +1528,11 @@ class Trainer:
         else:
             best = "no evaluation yet"
         self.log(f"done: {self.step} {plural(self.step, 'step')}, {best} in {fmt_duration(self.elapsed())}")
+
+
+def _some(paths, shown=3):
+    """paths for a message: the first `shown` of them, and how many more."""
+    return ", ".join(map(str, paths[:shown])) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 def main(argv):

@@ -8,11 +8,13 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -340,8 +342,8 @@ def test_source_zip_and_file_url(tmp_path, wikitext_zip, capsys):
         assert text_of(tokens_of(tmp_path / d / "val.bin")) == raw["val"]
     with pytest.raises(DataError, match="--source .*nope.zip does not exist"):
         data.prepare_wikitext("wikitext2", tmp_path / "c", source=tmp_path / "nope.zip")
-    with pytest.raises(DataError, match="expected 0000"):
-        data.prepare_wikitext("wikitext2", tmp_path / "c", source=zip_path, sha256="0000")
+    with pytest.raises(DataError, match="expected 0{64}: it is not that file, or it is damaged"):
+        data.prepare_wikitext("wikitext2", tmp_path / "c", source=zip_path, sha256="0" * 64)
 
 
 def test_source_folder_as_kaggle_unzips_it_and_sha256_in_capitals(tmp_path, wikitext_zip, capsys):
@@ -372,6 +374,12 @@ def test_source_folder_as_kaggle_unzips_it_and_sha256_in_capitals(tmp_path, wiki
     assert text_of(tokens_of(tmp_path / "a" / "test.bin")) == b" = Other = \n other words \n" * 50
     with pytest.raises(DataError, match="--sha256 checks a zip, and --source .* is a folder"):
         data.prepare_wikitext("wikitext103", tmp_path / "c", source=unzipped, sha256="0" * 64)
+    elsewhere = tmp_path / "mounted" / "elsewhere"  # the same files under another path: still prepared
+    shutil.copytree(unzipped, elsewhere)
+    capsys.readouterr()
+    data.prepare_wikitext("wikitext103", tmp_path / "d", source=elsewhere, num_workers=1)
+    data.prepare_wikitext("wikitext103", tmp_path / "d", source=unzipped, num_workers=1)
+    assert "is already prepared" in capsys.readouterr().out
     raw_file = unzipped / "wikitext-103-raw" / "wiki.train.raw"
     with pytest.raises(DataError, match="wiki.train.raw is not a readable zip .*: download the zip again, or give the "
                                         "folder it unzips to"):
@@ -558,12 +566,13 @@ def test_files_data_py_did_not_write_are_not_replaced_without_force(tmp_path):
     (theirs / "meta.json").write_text('{"license": "mine"}')
     before = {p.name: p.read_bytes() for p in theirs.iterdir()}
     proc = run_cli("text", "--input", tmp_path / "a.txt", "--out_dir", theirs)
-    assert_one_line_error(proc, f"--out_dir {theirs} holds meta.json, test.bin, which data.py did not write",
+    assert_one_line_error(proc, f"--out_dir {theirs} holds meta.json, test.bin, which no meta.json of data.py's "
+                                "vouches for (another tool's files, or an older data.py's stopped preparation)",
                           "pass --force to replace them")
     assert {p.name: p.read_bytes() for p in theirs.iterdir()} == before
     bare = tmp_path / "bare"  # bins without a meta.json (another tool's, as nanoGPT's prepare.py writes them)
     write_bin(bare, "train", [1, 2, 3])
-    with pytest.raises(DataError, match="holds train.bin, which data.py did not write"):
+    with pytest.raises(DataError, match="holds train.bin, which no meta.json of data.py's vouches for"):
         data.prepare_text([tmp_path / "a.txt"], bare, num_workers=1)
     assert tokens_of(bare / "train.bin").tolist() == [1, 2, 3]
     data.prepare_text([tmp_path / "a.txt"], theirs, num_workers=1, force=True)
@@ -572,24 +581,49 @@ def test_files_data_py_did_not_write_are_not_replaced_without_force(tmp_path):
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_stopped_preparation_leaves_the_folders_earlier_dataset_whole(tmp_path, sig):
-    """Stopped while it tokenizes (Ctrl-C, a `kill`): the folder still holds its earlier dataset, bins and meta.json
-    as they were, so train.py cannot read the old bins as new ones; nothing else is left behind."""
+    """Stopped while it tokenizes (Ctrl-C, a `kill`, each sent three times, as a notebook kernel's shutdown repeats
+    them), with worker processes: the folder still holds its earlier dataset, bins and meta.json as they were, so
+    train.py cannot read the old bins as new ones; nothing else is left behind, and no worker says anything."""
     (tmp_path / "small.txt").write_text("alpha beta gamma\n" * 300)
     out = tmp_path / "out"
     data.prepare_text([tmp_path / "small.txt"], out, num_workers=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     (tmp_path / "big.txt").write_text("".join(f"line {i} of a much larger text to tokenize\n" for i in range(400_000)))
     proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "text", "--input", str(tmp_path / "big.txt"),
-                             "--out_dir", str(out), "--num_workers", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--out_dir", str(out), "--num_workers", "2"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     tmp = out / "train.bin.tmp"
     while not (tmp.exists() and tmp.stat().st_size):  # tokenizing (its first tokens are written)
         assert proc.poll() is None, proc.communicate()
-    proc.send_signal(getattr(signal, sig))
+    for _ in range(3):
+        proc.send_signal(getattr(signal, sig))
+        time.sleep(0.002)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == (130 if sig == "SIGINT" else 143), err
     assert "Traceback" not in err and "interrupted: no partial file was left under a final name" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_preparation_stopped_after_its_bins_are_in_place_is_prepared_again(tmp_path, monkeypatch):
+    """Between the bins' renames and the final meta.json (here: that write fails, as on a full disk), the folder
+    holds a placeholder meta.json: the next run takes the folder as data.py's and prepares it again."""
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
+    out = tmp_path / "out"
+    import checkpoint
+    real, writes = checkpoint.atomic_write_json, []
+
+    def second_write_fails(path, obj):
+        writes.append(obj)
+        if len(writes) == 2:
+            raise checkpoint.CheckpointError("no room") from OSError(28, "No space left on device")
+        real(path, obj)
+    monkeypatch.setattr(checkpoint, "atomic_write_json", second_write_fails)
+    with pytest.raises(DataError, match="could not write .*meta.json .*No space left on device.*: check the disk"):
+        data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
+    assert writes[0]["preparing"] and json.loads((out / "meta.json").read_text())["splits"] == {}
+    monkeypatch.setattr(checkpoint, "atomic_write_json", real)
+    meta = data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
+    assert json.loads((out / "meta.json").read_text()) == meta and meta["splits"]["train"]["tokens"] > 0
 
 
 

@@ -761,6 +761,13 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused
     err = refused(train_cmd(out, bins, "--max_steps=10", f"--resume_from_checkpoint={theirs}"))
     assert f"resuming from {theirs}, but " in err and "belong to another run (its run id differs)" in err, err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
+    # This run's own newest checkpoint, from a copy elsewhere (a Kaggle input of an earlier session), is its own.
+    copy = tmp_path / "input" / "checkpoint_epoch1_step6.pt"
+    copy.parent.mkdir()
+    shutil.copy(out / "checkpoints" / copy.name, copy)
+    p = run_train(out, bins, "--max_steps=7", "--save_steps=7", "--eval_steps=100", f"--resume_from_checkpoint={copy}")
+    assert f"resume: {out / 'checkpoints' / copy.name} is there already (the same step of this run)" in p.stdout
+    assert final_state(out)["step"] == 7
 
 
 def test_compile_auto_counts_the_tokens_a_resume_has_left(tmp_path, bins):
@@ -1000,8 +1007,8 @@ def test_a_failed_emergency_save_says_which_checkpoint_holds_the_run(tmp_path, b
     proc.send_signal(signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Resume with" not in stdout, stdout
-    said = "the emergency checkpoint could not be written; there is no other checkpoint, so this run starts again " \
-           "from its beginning with: "
+    said = "the emergency checkpoint could not be written; there is no other checkpoint here, so the same command " \
+           "starts this session again: "
     assert said in stdout, stdout
     assert shlex.split(stdout.split(said)[1].splitlines()[0]) == ["python", "train.py", *train_cmd(fresh, bins, *args)[2:]]
 
