@@ -418,8 +418,17 @@ def _encode_task(items, titles=False, prior=False):
     return (np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)), n_eot, n_bytes
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker():
+    # A worker starts with these signals blocked (_tokenize), so none reaches it before its own handlers are set.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # The pool's terminate() ends a worker by SIGTERM. No Python handler here: a signal that lands just before a
+    # blocking wait (the task queue's lock) runs its Python handler only after that wait, which never ends.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
     get_tokenizer()
 
 
@@ -444,7 +453,13 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
         files = {s: open(tmp[s], "wb") for s in splits}
         get_tokenizer()  # built once here: forked workers inherit it
         if num_workers > 1:  # the pool is forked before tqdm starts its monitor thread
-            pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
+            masked = hasattr(signal, "pthread_sigmask")
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS) if masked else None
+            try:  # (its workers, and its threads that fork workers later, start with the stop signals blocked)
+                pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
+            finally:
+                if masked:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, before)
         pending = deque()
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
             def write_oldest():
@@ -1116,9 +1131,7 @@ class _Terminated(BaseException):
 def _stop(signum, frame):
     """SIGINT or SIGTERM: end the preparation through its clean-up, once. A repeated signal (a notebook kernel's
     shutdown sends several) is ignored from here on, so that it cannot cut the clean-up short."""
-    if multiprocessing.parent_process() is not None:  # a worker: the pool's terminate(), or a group's signal
-        os._exit(128 + signum)
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in _STOPS:
         signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
@@ -1156,6 +1169,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tolerant_output()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a `kill`, a notebook's stop button
+    for sig in _STOPS:  # Ctrl-C, a `kill`, a notebook's stop button
         signal.signal(sig, _stop)
     sys.exit(main())
