@@ -726,6 +726,7 @@ class Trainer:
         # writes an emergency checkpoint that has resume redo that evaluation.
         self.pending_after_step = None
         self.graph_skips_seen = hardware.cuda_graph_skips()  # inductor's count is for the whole process
+        self.plot_failure = None  # why the last redraw of loss_curve.png failed, if it did
         # (data state, RNG state) at the start of the step in progress; (None, None) between steps, where a
         # checkpoint takes the state as it is.
         self.step_start = (None, None)
@@ -1114,8 +1115,11 @@ class Trainer:
             return
         try:
             plot.plot_history(self.out_dir)
-        except Exception as e:
-            self.log(f"warning: could not draw the loss curve: {e}")
+            self.plot_failure = None
+        except Exception as e:  # said once while the reason stays the same (a history record it cannot draw)
+            if str(e) != self.plot_failure:
+                self.log(f"warning: could not draw the loss curve: {e}")
+            self.plot_failure = str(e)
 
     def end_epoch(self):
         epoch = self.epoch_of(self.step)  # a run cut short by max_steps ends inside one

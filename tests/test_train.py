@@ -324,6 +324,18 @@ def test_a_console_that_cannot_show_a_character_does_not_stop_a_run(tmp_path, bi
     assert f"out_dir='{out}'" in (out / "train.log").read_text(encoding="utf-8")
 
 
+def test_a_history_record_the_plot_cannot_draw_is_warned_about_once(tmp_path, bins):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=2", "--save_steps=2", "--eval_steps=1")
+    history = json.loads((out / "eval_history.json").read_text())
+    history[0]["val_loss"] = "2.5 (edited by hand)"
+    (out / "eval_history.json").write_text(json.dumps(history))
+    p = run_train(out, bins, "--max_steps=5", "--save_steps=5", "--eval_steps=1", "--plot=True")
+    assert p.stdout.count("warning: could not draw the loss curve:") == 1, p.stdout  # not at each of 3 evaluations
+    assert "done: 5 steps" in p.stdout
+
+
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     out = tmp_path / "out"
     p, terminal = run_train_on_a_terminal(out, bins, "--epochs=2", "--save_steps=2", "--eval_steps=3",
