@@ -45,7 +45,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import checkpoint as ckpt
     import hardware
     from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe, tolerant_output
-    from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer
+    from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
     import sample
@@ -164,7 +164,8 @@ def check_setting(name, value):
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # --max_runtime=3600 or --sample_prompt=1984 parse as numbers
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{name} must be {expected.__name__}, got {value!r} ({type(value).__name__})")
+        spelled = " (written True or False)" if expected is bool else ""
+        raise ConfigError(f"{name} must be {expected.__name__}{spelled}, got {value!r} ({type(value).__name__})")
     return value
 
 
@@ -208,16 +209,21 @@ def load_config(argv):
         else:
             path = Path(arg)
             if not path.is_file():
+                name, eq, _ = arg.partition("=")
+                if eq and name.isidentifier():  # max_steps=5: a setting without its --
+                    raise ConfigError(f"'{arg}' is no config file; a setting is given as --{arg}")
                 raise ConfigError(f"config file '{arg}' not found; the shipped ones are in config/")
             # The file runs in its own namespace; its public, non-module names are settings.
             refuse_what_sets_nothing(path)
             try:
                 namespace = runpy.run_path(str(path))
-            except Exception as e:  # a typo in the file: say where, in one line
+            except (Exception, SystemExit) as e:  # a typo in the file (or an exit() in it): say where, in one line
                 line = e.lineno if isinstance(e, SyntaxError) else next(
                     (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                      if Path(f.filename).resolve() == path.resolve()), None)
-                detail = f"SyntaxError: {e.msg}" if isinstance(e, SyntaxError) else one_line(e)
+                detail = (f"SyntaxError: {e.msg}" if isinstance(e, SyntaxError) else
+                          f"it calls exit({'' if e.code is None else repr(e.code)})" if isinstance(e, SystemExit) else
+                          one_line(e))
                 raise ConfigError(f"config file '{arg}'{f' line {line}' if line else ''}: {detail}; fix the file "
                                   f"(it is plain Python: name = value lines)") from None
             values = {name: value for name, value in namespace.items()
@@ -295,7 +301,8 @@ def validate(cfg, world_size=1):
                  "max_checkpoints", "log_steps", "max_nonfinite"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay"):
+    for name in ("max_grad_norm", "eval_iters", "max_steps", "warmup_steps", "learning_rate", "min_lr", "weight_decay",
+                 "sample_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
     for name in ("beta1", "beta2"):
@@ -1150,6 +1157,11 @@ class Trainer:
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} "
                  f"{plural(self.steps_per_epoch, 'step')} per epoch, "
                  f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
+        if cfg.warmup_steps >= self.total_steps and cfg.learning_rate > 0:  # (the default 500, on a small corpus)
+            top = cfg.learning_rate * self.total_steps / (cfg.warmup_steps + 1)
+            self.log(f"warning: warmup_steps={cfg.warmup_steps} is not below the run's {self.total_steps} steps: the "
+                     f"learning rate only ramps up, to {top:.2e} at the last step (learning_rate={cfg.learning_rate:g}), "
+                     f"and never decays; lower warmup_steps (a few percent of the steps is usual)")
 
     # checkpoints ------------------------------------------------------------------------------
     def state(self, data_state=None, rng_state=None, after_step_pending=False):
@@ -1556,6 +1568,8 @@ def train_main(argv, held):
         cfg, given = load_config(argv)
         validate(cfg, launched_world)
         device_type = hardware.choose_device(cfg.device)  # no such device: said before any folder is made
+        for split in ("train", "val"):  # missing or broken bins too (and, under torchrun, once: before connecting)
+            read_bin(Path(cfg.data_dir) / f"{split}.bin")
         if os.environ.get("RANK", "0") == "0":
             # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
             # with one line, where after connecting the other ranks would lose their peer mid-collective.
@@ -1580,10 +1594,10 @@ def train_main(argv, held):
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).
-        # A device error, found on each node before connecting, is said once a node.
+        # A device error or a missing bin, found on each node before connecting, is said once a node.
         before_connecting = launched_world > 1 and not ddp.enabled
         said_elsewhere = (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0") or (
-            isinstance(e, hardware.HardwareError) and os.environ.get("LOCAL_RANK", "0") != "0")
+            isinstance(e, (hardware.HardwareError, DataError)) and os.environ.get("LOCAL_RANK", "0") != "0")
         if before_connecting and said_elsewhere:
             # torchrun stops every process once one exits: leave the saying to rank 0 (which meets the same mistake),
             # and time to say it, instead of having it stopped before it has (seen on a slow machine).

@@ -99,14 +99,18 @@ def test_dropout_resumes_exactly_on_as_many_processes(tmp_path, bins):
     assert_resumed_run_is_bit_identical(lambda out, b, *a: launch(2, out, b, *a), tmp_path, bins, "--dropout=0.1")
 
 
-def test_accumulation_must_divide_by_world_size(tmp_path, bins):
+@pytest.mark.parametrize("setting, error", [
+    ("--gradient_accumulation_steps=3", "error: gradient_accumulation_steps (3) must be divisible by the number of "
+                                        "processes (2): use --gradient_accumulation_steps=4"),
+    ("--data_dir={tmp}/nowhere", "error: {tmp}/nowhere/train.bin not found: prepare it first"),
+])
+def test_a_bad_setting_is_said_once_not_per_rank(tmp_path, bins, setting, error):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *COMMON, "--gradient_accumulation_steps=3", f"--data_dir={bins}", f"--out_dir={tmp_path}"]
+           *COMMON, f"--data_dir={bins}", f"--out_dir={tmp_path / 'out'}", setting.format(tmp=tmp_path)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
-    assert (p.stdout + p.stderr).count("error: gradient_accumulation_steps (3) must be divisible by the number of "
-                                       "processes (2): use --gradient_accumulation_steps=4") == 1  # once, not per rank
+    assert (p.stdout + p.stderr).count(error.format(tmp=tmp_path)) == 1, p.stdout + p.stderr  # once, not per rank
 
 
 def test_an_out_dir_that_cannot_be_created_is_said_once_before_connecting(tmp_path, bins):

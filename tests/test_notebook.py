@@ -50,8 +50,8 @@ def test_notebook_is_valid_and_never_imports_torch():
 @pytest.mark.parametrize("n_gpus,command", [
     (0, [sys.executable]),
     (1, [sys.executable]),
-    (2, ["torchrun", "--standalone", "--nproc_per_node=2"]),
-    (4, ["torchrun", "--standalone", "--nproc_per_node=4"]),
+    (2, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    (4, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]),
 ])
 def test_launcher_is_python_for_one_gpu_and_torchrun_for_more(n_gpus, command):
     assert helpers()["launcher"](n_gpus) == command

@@ -129,6 +129,9 @@ def test_help_lists_every_setting():
     (["--batch_size=big"], "batch_size must be int, got 'big'"),
     (["--batch_size"], "'--batch_size' needs a value"),
     (["config/nope.py"], "config file 'config/nope.py' not found"),
+    (["max_steps=5"], "'max_steps=5' is no config file; a setting is given as --max_steps=5"),
+    (["--bias=true"], "bias must be bool (written True or False), got 'true'"),
+    (["--sample_tokens=-5"], "sample_tokens must not be negative, got -5"),
     (["--n_embd=30", "--n_head=4"], "must be divisible by n_head"),
     (["--max_runtime=soon"], "max_runtime 'soon' is not a duration"),
     (["--data_dir=/nonexistent/bins"], "python data.py wikitext103"),
@@ -142,8 +145,9 @@ def test_help_lists_every_setting():
 def test_bad_settings_get_one_line(args, message, tmp_path, bins, refused):
     out = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--device=cpu", f"--out_dir={out}", f"--data_dir={bins}", *args]
-    # Settings are checked before the run makes its folders; what needs the data or the device is found after.
-    found_in_setup = any(a.startswith(("--data_dir", "--dtype=float16", "--n_positions")) for a in args)
+    # Settings, and that the bins are there, are checked before the run makes its folders; what needs the device
+    # is found after.
+    found_in_setup = any(a.startswith(("--dtype=float16", "--n_positions")) for a in args)
     # A real process, as a user runs it, for one mistake in the settings and one found in set-up (the model's
     # allocation, whose failure must not take the test's process with it); the rest in this process.
     if args in (["--learnig_rate=1e-3"], ["--n_positions=1000000000000000", "--max_length=32"]):
@@ -155,8 +159,6 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins, refused):
     assert message in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert out.exists() == found_in_setup
-    if "--data_dir=/nonexistent/bins" in args:  # found once the run has its out_dir: train.log says it too
-        assert message in (out / "train.log").read_text()
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -212,6 +214,10 @@ def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, b
                            capture_output=True, text=True, cwd=ROOT)
         assert p.returncode == 2 and p.stderr == f"error: config file '{config}' {message}; fix the file (it is " \
                                                  f"plain Python: name = value lines)\n"
+    config.write_text("max_steps = 3\nexit()\n")  # ended train.py silently, with exit code 0
+    cmd = train_cmd(tmp_path / "out", bins)
+    assert refused([*cmd[:2], str(config), *cmd[2:]]) == f"error: config file '{config}' line 2: it calls exit(); fix " \
+                                                        f"the file (it is plain Python: name = value lines)\n"
     (tmp_path / "a_file").write_text("")
     err = refused(train_cmd(tmp_path / "a_file" / "run", bins))  # no folder can be made under a file
     assert err == f"error: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory; " \
@@ -321,6 +327,9 @@ def test_a_console_that_cannot_show_a_character_does_not_stop_a_run(tmp_path, bi
     out = tmp_path / "日本"
     p = run_train(out, bins, "--max_steps=2", "--save_steps=2", env={"PYTHONIOENCODING": "cp1252"})
     assert "out_dir='" + str(tmp_path) + "/\\u65e5\\u672c'" in p.stdout and "done: 2 steps" in p.stdout
+    # (and a warmup as long as the run is said to be one: TINY's 2 steps of it, in 2 steps)
+    assert "warning: warmup_steps=2 is not below the run's 2 steps: the learning rate only ramps up, to 2.00e-03 " \
+           "at the last step (learning_rate=0.003), and never decays; lower warmup_steps" in p.stdout, p.stdout
     assert f"out_dir='{out}'" in (out / "train.log").read_text(encoding="utf-8")
 
 
@@ -360,6 +369,7 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     assert {"step", "tokens", "lr", "elapsed_s"} <= set(evals[0])
     log = (out / "train.log").read_text()
     assert "step 22/22" in log and "epoch 1 done" in log and "epoch 2 done" in log
+    assert "warning" not in log  # (a warmup of 2 in 22 steps is no warmup longer than the run)
     assert "tokens per step, 1 process\n" in log
     assert (out / "final_model" / "config.json").exists()
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
