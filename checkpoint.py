@@ -18,13 +18,14 @@ import random
 import re
 import secrets
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from cli import say
 
 FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
 
@@ -266,7 +267,7 @@ def _delete(path):
     except FileNotFoundError:
         return False
     except OSError as e:
-        print(f"warning: could not delete old checkpoint {path}: {e.strerror}", file=sys.stderr)
+        say(f"warning: could not delete old checkpoint {path}: {e.strerror}")
         return False
     return True
 
@@ -314,8 +315,8 @@ def _make_room(checkpoint_dir, target=None):
         if free >= need:
             break
         if _delete(old):
-            print(f"checkpoint: low disk ({free / 2**20:.0f} MiB free, a checkpoint is "
-                  f"{need / 2**20:.0f} MiB): deleted {old.name} before saving", file=sys.stderr)
+            say(f"checkpoint: low disk ({free / 2**20:.0f} MiB free, a checkpoint is "
+                f"{need / 2**20:.0f} MiB): deleted {old.name} before saving")
 
 
 def _stamped(state):
@@ -496,7 +497,7 @@ def _peek_steps(candidates, warn):
             readable.append((_read(path, "cpu", mmap=True)["step"], rank, path))
         except CheckpointError as e:
             if warn:
-                print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+                say(f"warning: skipping checkpoint: {e}")
     return readable
 
 
@@ -538,7 +539,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside t
             _verify_checksums(path)
             return path
         except CheckpointError as e:
-            print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
+            say(f"warning: skipping checkpoint: {e}")
     raise CheckpointError(
         f"none of the {len(candidates)} checkpoint files in {checkpoint_dir} and {out_dir} can be "
         f"loaded (see warnings above; they are kept): {fix}")

@@ -1,5 +1,5 @@
-"""What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, and
-how their messages count things and quote an exception."""
+"""What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, how a
+warning is said, and how their messages count things and quote an exception."""
 
 import contextlib
 import errno
@@ -12,6 +12,27 @@ def fail(message, code=2):
     """Print `error: <message>` as one line on stderr and exit with `code` (2: bad input or usage)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+_keepers = []  # where a line said also goes: a running train.py's train.log (keeping_said)
+
+
+def say(message):
+    """A line for the user that is no error (a warning, a note): on stderr, and in a running train.py's train.log
+    too (a module's warning in the middle of a run: a failed compile, a checkpoint skipped)."""
+    print(message, file=sys.stderr, flush=True)
+    for keep in _keepers:
+        keep(message)
+
+
+@contextlib.contextmanager
+def keeping_said(keep):
+    """Within it, every line said (say) is also passed to keep(line)."""
+    _keepers.append(keep)
+    try:
+        yield
+    finally:
+        _keepers.remove(keep)
 
 
 def plural(n, word, many=None):

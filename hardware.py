@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from cli import one_line, plural
+from cli import one_line, plural, say
 
 CU126_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu126"
 CU128_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cu128"
@@ -562,7 +562,7 @@ def _is_compile_error(e):
 
 
 def _compile_failed(e):
-    print(f"torch.compile failed ({one_line(e)}); continuing without compile", file=sys.stderr)
+    say(f"torch.compile failed ({one_line(e)}); continuing without compile")
 
 
 def _eager_backward_lowering():

@@ -16,11 +16,10 @@ import json
 import os
 import re
 import secrets
-import sys
 from pathlib import Path
 
 from checkpoint import CheckpointError, atomic_write_text
-from cli import one_line
+from cli import one_line, say
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
@@ -28,7 +27,7 @@ WANDB_FIX = "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to lo
 
 
 def _warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    say(f"warning: {message}")
 
 
 class Tracker:

@@ -44,7 +44,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 
     import checkpoint as ckpt
     import hardware
-    from cli import one_line, outlive_closed_output, plural, quiet_on_closed_pipe, tolerant_output
+    from cli import keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, tolerant_output
     from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
@@ -574,8 +574,7 @@ def read_history(path, keep):
             where = f"moved to {aside.name}"
         except OSError:
             where = "left as it is"
-        print(f"warning: {path} is not a list of records ({one_line(e)}): {where}; the run starts a new one",
-              file=sys.stderr, flush=True)
+        say(f"warning: {path} is not a list of records ({one_line(e)}): {where}; the run starts a new one")
         return []
     return kept
 
@@ -1577,6 +1576,7 @@ def train_main(argv, held):
             held.enter_context(run_lock(cfg))
         ddp = init_distributed(device_type)
         trainer = Trainer(cfg, ddp, given)
+        held.enter_context(keeping_said(trainer.log.record))  # other modules' warnings go to train.log too
         trainer.setup()
         code = trainer.run()
         if ddp.enabled:

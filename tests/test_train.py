@@ -925,6 +925,7 @@ def test_a_damaged_history_file_is_kept_aside_not_overwritten(tmp_path, bins):
     assert len(aside) == 1 and aside[0].read_bytes() == damaged
     assert p.stderr.count(f"warning: {history} is not a list of records") == 1
     assert f"moved to {aside[0].name}; the run starts a new one" in p.stderr
+    assert f"warning: {history} is not a list of records" in (out / "train.log").read_text()  # it has every line
     assert [r["step"] for r in json.loads(history.read_text())] == [6]
 
 
