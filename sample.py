@@ -22,7 +22,7 @@ import export_hf
 from checkpoint import DEFAULT_OUT_DIR, CheckpointError
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
-from cli import fail, plural, quiet_on_closed_pipe, tolerant_output
+from cli import fail, plural, quiet_on_closed_pipe, say as cli_say, tolerant_output
 
 TEMPERATURE, TOP_K = 0.8, 200  # the defaults here, and what train.py's samples at each evaluation use
 
@@ -61,7 +61,7 @@ def encode_prompt(text, n_positions, say=None):
     if len(ids) > n_positions:
         note = (f"note: the prompt is {len(ids)} tokens, longer than the model's context "
                 f"(n_positions={n_positions}); keeping its last {n_positions} tokens")
-        (say or (lambda line: print(line, file=sys.stderr)))(note)
+        (say or cli_say)(note)
         ids = ids[-n_positions:]
     return torch.tensor([ids])
 

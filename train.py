@@ -177,6 +177,11 @@ def parse_value(text):
         return text
 
 
+def _config_exit(code=None):
+    """exit() / quit() in a config file: raised as SystemExit (the built-ins would close stdin first)."""
+    raise SystemExit(code)
+
+
 def refuse_what_sets_nothing(path):
     """A config file written as YAML (`name: value`, a valid Python annotation) or JSON (a dict expression) runs
     without setting anything: a ConfigError naming the line instead. Syntax errors are left to running it."""
@@ -210,13 +215,13 @@ def load_config(argv):
             path = Path(arg)
             if not path.is_file():
                 name, eq, _ = arg.partition("=")
-                if eq and name.isidentifier():  # max_steps=5: a setting without its --
+                if eq and name in SETTING_TYPES:  # max_steps=5: a setting without its --
                     raise ConfigError(f"'{arg}' is no config file; a setting is given as --{arg}")
                 raise ConfigError(f"config file '{arg}' not found; the shipped ones are in config/")
             # The file runs in its own namespace; its public, non-module names are settings.
             refuse_what_sets_nothing(path)
             try:
-                namespace = runpy.run_path(str(path))
+                namespace = runpy.run_path(str(path), init_globals={"exit": _config_exit, "quit": _config_exit})
             except (Exception, SystemExit) as e:  # a typo in the file (or an exit() in it): say where, in one line
                 line = e.lineno if isinstance(e, SyntaxError) else next(
                     (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
@@ -1156,11 +1161,12 @@ class Trainer:
         self.log(f"data: {self.train_bins.n_tokens:,} train tokens, {self.steps_per_epoch} "
                  f"{plural(self.steps_per_epoch, 'step')} per epoch, "
                  f"{self.total_steps} {plural(self.total_steps, 'step')} in all")
-        if cfg.warmup_steps >= self.total_steps and cfg.learning_rate > 0:  # (the default 500, on a small corpus)
+        if self.step < self.total_steps <= cfg.warmup_steps and cfg.learning_rate > 0:  # (500 on a small corpus)
             top = cfg.learning_rate * self.total_steps / (cfg.warmup_steps + 1)
+            decay = "" if cfg.lr_decay == "constant" else ", and never decays"
             self.log(f"warning: warmup_steps={cfg.warmup_steps} is not below the run's {self.total_steps} steps: the "
-                     f"learning rate only ramps up, to {top:.2e} at the last step (learning_rate={cfg.learning_rate:g}), "
-                     f"and never decays; lower warmup_steps (a few percent of the steps is usual)")
+                     f"learning rate only ramps up, to {top:.2e} at the last step (learning_rate={cfg.learning_rate:g})"
+                     f"{decay}; lower warmup_steps (a few percent of the steps is usual)")
 
     # checkpoints ------------------------------------------------------------------------------
     def state(self, data_state=None, rng_state=None, after_step_pending=False):

@@ -111,6 +111,7 @@ def test_a_bad_setting_is_said_once_not_per_rank(tmp_path, bins, setting, error)
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
     assert (p.stdout + p.stderr).count(error.format(tmp=tmp_path)) == 1, p.stdout + p.stderr  # once, not per rank
+    assert not (tmp_path / "out").exists()  # found before any folder is made
 
 
 def test_an_out_dir_that_cannot_be_created_is_said_once_before_connecting(tmp_path, bins):

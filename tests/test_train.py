@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +131,7 @@ def test_help_lists_every_setting():
     (["--batch_size"], "'--batch_size' needs a value"),
     (["config/nope.py"], "config file 'config/nope.py' not found"),
     (["max_steps=5"], "'max_steps=5' is no config file; a setting is given as --max_steps=5"),
+    (["lr=3e-4"], "config file 'lr=3e-4' not found"),  # no setting of that name: no --lr hint
     (["--bias=true"], "bias must be bool (written True or False), got 'true'"),
     (["--sample_tokens=-5"], "sample_tokens must not be negative, got -5"),
     (["--n_embd=30", "--n_head=4"], "must be divisible by n_head"),
@@ -333,16 +335,21 @@ def test_a_console_that_cannot_show_a_character_does_not_stop_a_run(tmp_path, bi
     assert f"out_dir='{out}'" in (out / "train.log").read_text(encoding="utf-8")
 
 
-def test_a_history_record_the_plot_cannot_draw_is_warned_about_once(tmp_path, bins):
+def test_a_history_record_the_plot_cannot_draw_is_warned_about_once(tmp_path):
+    """Trainer.refresh_plot itself, on a run's folder whose eval_history.json was edited by hand: one warning while
+    the reason stays, none once it can draw again (train.py calls it after each evaluation)."""
     pytest.importorskip("matplotlib")
-    out = tmp_path / "out"
-    run_train(out, bins, "--max_steps=2", "--save_steps=2", "--eval_steps=1")
-    history = json.loads((out / "eval_history.json").read_text())
-    history[0]["val_loss"] = "2.5 (edited by hand)"
-    (out / "eval_history.json").write_text(json.dumps(history))
-    p = run_train(out, bins, "--max_steps=5", "--save_steps=5", "--eval_steps=1", "--plot=True")
-    assert p.stdout.count("warning: could not draw the loss curve:") == 1, p.stdout  # not at each of 3 evaluations
-    assert "done: 5 steps" in p.stdout
+    history = tmp_path / "eval_history.json"
+    history.write_text(json.dumps([{"step": 1, "val_loss": "2.5 (edited by hand)"}]))
+    said = []
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(plot=True), ddp=types.SimpleNamespace(master=True),
+                                out_dir=tmp_path, log=said.append, plot_failure=None)
+    for _ in range(3):  # three evaluations
+        train.Trainer.refresh_plot(run)
+    assert len(said) == 1 and said[0].startswith("warning: could not draw the loss curve: "), said
+    history.write_text(json.dumps([{"step": 1, "val_loss": 2.5}]))
+    train.Trainer.refresh_plot(run)
+    assert run.plot_failure is None and (tmp_path / "loss_curve.png").is_file() and len(said) == 1
 
 
 def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
@@ -821,9 +828,10 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     state = ckpt.load_checkpoint(out / "checkpoints" / "checkpoint_epoch1_step8.pt")
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (4, 2)
     # dropout is a training setting (no shape); a seed cannot change a run's data order midway; max_steps behind.
-    p = run_train(out, bins, "--max_steps=6", "--dropout=0.1", "--seed=7")
+    p = run_train(out, bins, "--max_steps=6", "--dropout=0.1", "--seed=7", "--warmup_steps=50")
     assert "dropout 0.0 -> 0.1" in p.stdout and "resume: seed 1337 -> 7 not applied" in p.stdout
     assert "nothing to train: the run is at step 8, and max_steps=6 ends it at step 6 (raise it" in p.stdout
+    assert "warning: warmup_steps" not in p.stdout  # (a warmup longer than a run with nothing left is no matter)
     assert (out / "train.log").read_text().count("resumed from") == 3  # once a resume (the refused one: none)
     assert "is a different model (n_layer: 2 vs 3)" in refused(train_cmd(out, bins, "--max_steps=10", "--n_layer=3"))
 
