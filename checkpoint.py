@@ -463,15 +463,8 @@ def other_runs(checkpoint_dir, out_dir, run_id):
     run's. A file without one (from before run ids were stored), or a run_id of None, matches any."""
     if run_id is None:
         return []
-    found = []
-    for path, _ in _candidates(checkpoint_dir, out_dir):
-        try:
-            other = peek_run_id(path)
-        except CheckpointError:
-            continue
-        if other is not None and other != run_id:
-            found.append(path)
-    return found
+    return [path for _, _, path, other in _peek(_candidates(checkpoint_dir, out_dir), warn=False)
+            if other not in (None, run_id)]
 
 
 def peek_config(path):
@@ -488,13 +481,14 @@ def _candidates(checkpoint_dir, out_dir):
     return found
 
 
-def _peek_steps(candidates, warn):
-    """(stored step, tie rank, path) of the candidates whose header reads (mmap, cheap); the others are
-    skipped, with a warning on stderr if warn."""
+def _peek(candidates, warn):
+    """(stored step, tie rank, path, stored run id or None) of the candidates whose header reads (mmap, cheap); the
+    others are skipped, with a warning on stderr if warn."""
     readable = []
     for path, rank in candidates:
         try:
-            readable.append((_read(path, "cpu", mmap=True)["step"], rank, path))
+            state = _read(path, "cpu", mmap=True)
+            readable.append((state["step"], rank, path, state.get("run_id")))
         except CheckpointError as e:
             if warn:
                 say(f"warning: skipping checkpoint: {e}")
@@ -534,7 +528,7 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside t
         raise CheckpointError(
             f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
             f"{out_dir}; use 'auto' to start fresh when there is none")
-    for _, _, path in sorted(_peek_steps(candidates, warn=True), key=lambda c: (c[0], c[1]), reverse=True):
+    for _, _, path, _ in sorted(_peek(candidates, warn=True), key=lambda c: (c[0], c[1]), reverse=True):
         try:
             _verify_checksums(path)
             return path
@@ -581,7 +575,7 @@ def best_of_its_run(path):
 def checkpoints_after(checkpoint_dir, out_dir, step):
     """The readable checkpoint files (rotated, emergency, best) whose stored step is above step (what no
     run can resume from cannot be mixed up with one)."""
-    return [path for stored, _, path in _peek_steps(_candidates(checkpoint_dir, out_dir), warn=False) if stored > step]
+    return [path for stored, _, path, _ in _peek(_candidates(checkpoint_dir, out_dir), warn=False) if stored > step]
 
 
 # --- RNG state and model weights ---------------------------------------------------------------

@@ -511,9 +511,9 @@ def _read_meta(out_dir):
     return meta if isinstance(meta, dict) and meta.get("tokenizer") and isinstance(meta.get("splits"), dict) else None
 
 
-def _prepared(out_dir, splits):
-    """meta.json of a finished preparation whose bins are all present and whole, else None."""
-    meta = _read_meta(out_dir)
+def _prepared(out_dir, splits, meta):
+    """meta (out_dir's meta.json, _read_meta) if it is that of a finished preparation whose bins are all present
+    and whole, else None."""
     try:
         if meta and all((out_dir / f"{s}.bin").stat().st_size == 2 * meta["splits"][s]["tokens"] for s in splits):
             return meta
@@ -523,11 +523,9 @@ def _prepared(out_dir, splits):
 
 
 def _not_of_data_py(out_dir):
-    """Files in out_dir that a preparation would replace or delete but that no meta.json of data.py's vouches for:
-    another tool's meta.json, and bins without data.py's meta.json beside them (another tool's, or those of a
-    preparation by an older data.py that was stopped)."""
-    if _read_meta(out_dir) is not None:
-        return []
+    """Files in out_dir, a folder without a meta.json of data.py's (_read_meta), that a preparation would replace or
+    delete: another tool's meta.json, and bins (another tool's, or those of a preparation by an older data.py that
+    was stopped)."""
     meta = out_dir / "meta.json"
     return [p for p in (meta, *(out_dir / f"{s}.bin" for s in ("train", "val", "test"))) if p.exists()]
 
@@ -544,13 +542,14 @@ def _run(out_dir, splits, force, make, reusable=None):
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out_dir {out_dir} is a file, not a folder: name a folder for the bins")
-    foreign = [] if force or not out_dir.is_dir() else _not_of_data_py(out_dir)
+    on_disk = _read_meta(out_dir) if out_dir.is_dir() else None
+    foreign = [] if force or on_disk is not None or not out_dir.is_dir() else _not_of_data_py(out_dir)
     if foreign:
         raise DataError(f"--out_dir {out_dir} holds {', '.join(p.name for p in foreign)}, which no meta.json of "
                         f"data.py's vouches for (another tool's files, or an older data.py's stopped preparation): "
                         f"preparing would replace them; pick another --out_dir, move them away, or pass --force to "
                         f"replace them")
-    meta = None if force else _prepared(out_dir, splits)
+    meta = None if force else _prepared(out_dir, splits, on_disk)
     if meta is not None and reusable is not None and not reusable(meta):
         print(f"note: {out_dir} was prepared from other inputs or settings; preparing it again")
         meta = None

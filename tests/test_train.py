@@ -775,13 +775,17 @@ def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins):
 def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=100")
-    before = sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt"))
+
+    def files():
+        return sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt"))
+
+    before = files()
     err = refused(train_cmd(out, bins, "--max_steps=6", "--resume_from_checkpoint="))
     assert "hold an earlier run: a fresh run here would overwrite" in err, err
     older = out / "checkpoints" / "checkpoint_epoch1_step2.pt"
     err = refused(train_cmd(out, bins, "--max_steps=6", f"--resume_from_checkpoint={older}"))
     assert f"resuming from {older} at step 2, but" in err and "move them away" in err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
+    assert files() == before
     # Another run's checkpoint, resumed by path into this folder: refused even where it is further on than every file
     # here (a run id, drawn at each fresh start and kept by resumes, tells the runs apart).
     other = tmp_path / "other"
@@ -789,7 +793,7 @@ def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused
     theirs = other / "checkpoints" / "checkpoint_epoch1_step8.pt"
     err = refused(train_cmd(out, bins, "--max_steps=10", f"--resume_from_checkpoint={theirs}"))
     assert f"resuming from {theirs}, but " in err and "belong to another run (its run id differs)" in err, err
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) + sorted(p.name for p in out.glob("*.pt")) == before
+    assert files() == before
     # This run's own newest checkpoint, from a copy elsewhere (a Kaggle input of an earlier session), is its own.
     copy = tmp_path / "input" / "checkpoint_epoch1_step6.pt"
     copy.parent.mkdir()
