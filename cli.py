@@ -1,6 +1,7 @@
 """What the command-line scripts share: how a user's mistake ends the program, how a closed pipe does, how a
 warning is said, and how their messages count things and quote an exception."""
 
+import atexit
 import contextlib
 import errno
 import os
@@ -20,9 +21,19 @@ _keepers = []  # where a line said also goes: a running train.py's train.log (ke
 def say(message):
     """A line for the user that is no error (a warning, a note): on stderr, and in a running train.py's train.log
     too (a module's warning in the middle of a run: a failed compile, a checkpoint skipped)."""
-    print(message, file=sys.stderr, flush=True)
+    show(message)
     for keep in _keepers:
         keep(message)
+
+
+def show(message):
+    """message on stderr, as a line of its own above a progress bar on the terminal (not glued to the bar's)."""
+    from tqdm import tqdm
+    if getattr(tqdm, "_instances", None):
+        tqdm.write(message, file=sys.stderr)
+        sys.stderr.flush()
+    else:
+        print(message, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -59,26 +70,85 @@ def quiet_on_closed_pipe():
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
-def tolerant_output(stdout_errors="backslashreplace"):
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
+
+
+def tolerant_output(stdout_errors="backslashreplace", full_ends_it=True):
     """Let the script's output hold any text: what the encoding of stdout or stderr cannot (Windows writes a
     redirected stdout in its ANSI code page, e.g. cp1252) is escaped (\\u65e5) instead of ending the program
     with a UnicodeEncodeError; stdout_errors="replace" shows it as "?". With no stdout at all (`>&-`), output
-    goes nowhere. For a script's own process (`if __name__ == "__main__"`), not for an importer's."""
+    goes nowhere. With `full_ends_it`, stdout redirected to a full disk ends the program with exit code 1 and one
+    line that says so, not a traceback (a training run goes on instead: outlive_closed_output). For a script's
+    own process (`if __name__ == "__main__"`), not for an importer's."""
     if sys.stdout is None:
         sys.stdout = open(os.devnull, "w")
     for stream, errors in ((sys.stdout, stdout_errors), (sys.stderr, "backslashreplace")):
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
+    if full_ends_it and not isinstance(sys.stdout, _EndsWhenFull):
+        sys.stdout = _EndsWhenFull(sys.stdout)
+        atexit.register(_flush_or_exit_1)  # the first registered, the last run: after every other write
+
+
+class _EndsWhenFull:
+    """stdout whose write or flush fails for want of room (a full disk under `> results.txt`) ends the program:
+    one line on stderr and SystemExit(1), the rest of its output to /dev/null."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.failed = False
+
+    def _checked(self, op, *args):
+        try:
+            return op(*args)
+        except OSError as e:
+            if e.errno not in NO_ROOM:
+                raise
+            if not self.failed:
+                print(f"error: cannot write the output: {e.strerror} (a full disk? send it to another one)",
+                      file=sys.stderr, flush=True)
+            self.failed = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self._stream.fileno())  # Python's own flush at exit: nothing left to fail
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+            raise SystemExit(1) from None
+
+    def write(self, text):
+        return self._checked(self._stream.write, text)
+
+    def flush(self):
+        self._checked(self._stream.flush)
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, buffer, ... as the stream's
+        return getattr(self._stream, name)
+
+
+def _flush_or_exit_1():
+    """At exit, what stdout still holds is written; no room for it (now, or in an earlier flush: an atexit
+    callback's SystemExit is ignored) ends the program with exit code 1."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (SystemExit, OSError):
+        pass  # (OSError: a reader gone; Python's own flush says so, or quiet_on_closed_pipe ended it quietly)
+    if getattr(sys.stdout, "failed", False):
+        sys.stderr.flush()
+        os._exit(1)
 
 
 class _OutlivesItsReader:
     """A text stream (stdout, stderr) whose writes cannot fail: once its reader is gone (a `| tee` that the same
     Ctrl-C stopped, a `| head` that has its lines, a closed terminal), the file descriptor is pointed at
-    /dev/null and the program goes on writing into it, as if its output were still read."""
+    /dev/null and the program goes on writing into it, as if its output were still read. So it is when there is
+    no room for what it writes (a full disk under `> run.txt`): once, `on_full(error)` is told."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, on_full=None):
         self._stream = stream
         self.lost = False
+        self.on_full = on_full
 
     GONE = (errno.EPIPE, errno.EIO, errno.ENXIO, errno.ECONNRESET)  # no reader left: a pipe, a terminal, a socket
 
@@ -86,7 +156,7 @@ class _OutlivesItsReader:
         try:
             return op(*args)
         except OSError as e:
-            if e.errno not in self.GONE:
+            if e.errno not in self.GONE + NO_ROOM:
                 raise
             if self.lost:
                 return None
@@ -97,6 +167,8 @@ class _OutlivesItsReader:
                 os.close(devnull)
             except (OSError, ValueError, AttributeError):
                 pass
+            if e.errno in NO_ROOM and self.on_full:
+                self.on_full(e)
             try:
                 return op(*args)
             except OSError:
@@ -114,12 +186,20 @@ class _OutlivesItsReader:
 
 
 @contextlib.contextmanager
-def outlive_closed_output():
-    """Within it, sys.stdout and sys.stderr outlive their readers (see _OutlivesItsReader): for a training run,
-    which must reach its emergency checkpoint however its output is read."""
+def outlive_closed_output(when_full=""):
+    """Within it, sys.stdout and sys.stderr outlive their readers and a full disk (see _OutlivesItsReader): for a
+    training run, which must reach its emergency checkpoint however its output is read. A stream with no room
+    left is warned about on the other one, with `when_full` ("training goes on")."""
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s if s is None or isinstance(s, _OutlivesItsReader) else _OutlivesItsReader(s)
-                              for s in streams)  # None: no stream at all (`1>&-`, pythonw)
+
+    def warner(name, other):
+        return lambda e: print(f"warning: cannot write {name}: {e.strerror}; {when_full}".rstrip("; "),
+                               file=other(), flush=True)
+
+    sys.stdout, sys.stderr = (
+        s if s is None or isinstance(s, _OutlivesItsReader) else _OutlivesItsReader(s, warner(name, other))
+        for s, name, other in ((streams[0], "standard output", lambda: sys.stderr),
+                               (streams[1], "standard error", lambda: sys.stdout)))  # None: `1>&-`, pythonw
     try:
         yield
     finally:

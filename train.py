@@ -44,7 +44,8 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 
     import checkpoint as ckpt
     import hardware
-    from cli import keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, tolerant_output
+    from cli import (keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, show,
+                     tolerant_output)
     from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
@@ -512,9 +513,8 @@ class Logger:
             self.file.flush()
         except OSError as e:
             if not self.failing:
-                print(f"warning: could not write {self.path}: {e.strerror}; training goes on, lines are missing "
-                      f"from it until it can be written again (a full disk: once there is room)", file=sys.stderr,
-                      flush=True)
+                show(f"warning: could not write {self.path}: {e.strerror}; training goes on, lines are missing "
+                     f"from it until it can be written again (a full disk: once there is room)")
             self.failing = True
         else:
             self.failing = False
@@ -1562,7 +1562,7 @@ def main(argv):
         print_help()
         return 0
     # `python train.py ... | tee log` and Ctrl-C: tee is gone before the save. `held`: the run's folders (rank 0).
-    with outlive_closed_output(), contextlib.ExitStack() as held:
+    with outlive_closed_output(when_full="training goes on; train.log has its lines"), contextlib.ExitStack() as held:
         return train_main(argv, held)
 
 
@@ -1623,7 +1623,8 @@ def train_main(argv, held):
 
 
 if __name__ == "__main__":
-    tolerant_output()
+    # A training run goes on when its stdout's disk is full (main: outlive_closed_output); its --help ends.
+    tolerant_output(full_ends_it=any(a in ("-h", "--help") for a in sys.argv[1:]))
     code = main(sys.argv[1:])
     # The run is over: a late copy of a stop signal (torchrun or a process group passing it on) must not reach the
     # default handlers that Python puts back while it shuts down, which would kill it with another exit code.

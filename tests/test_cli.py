@@ -1,8 +1,12 @@
 """cli.py: the one way a script here ends on a user's mistake, a closed pipe, an exception in one line."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import cli
 from cli import one_line
@@ -68,3 +72,60 @@ def test_output_outlives_its_reader_and_a_missing_stream(tmp_path):
     done.unlink()
     q = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$0" 0 "{done}" 1>&- 2>&-', WRITER], cwd=ROOT)
     assert q.returncode == 0 and done.read_text() == "reached the end"
+
+
+FULL_DISK = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+NO_ROOM_LINE = "error: cannot write the output: No space left on device (a full disk? send it to another one)\n"
+
+
+@FULL_DISK
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+def test_output_to_a_full_disk_ends_with_one_line_and_exit_code_1(tmp_path, unbuffered):
+    """`python evaluate.py ... > results.txt` on a full disk: every write fails with ENOSPC (/dev/full's). Whether
+    the failure comes at a print (unbuffered) or at the flush at exit (buffered), the script says so in one line."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered, "PYTHONPATH": str(ROOT)}
+    code = "import cli; cli.tolerant_output()\nprint('perplexity 12.3')\nopen(__import__('sys').argv[1], 'w').write('on')"
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "went_on")], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=env, timeout=60)
+        # a real script, whose other exit callbacks flush stdout before cli's last one does (matplotlib's)
+        q = subprocess.run([sys.executable, str(ROOT / "plot.py"), str(write_history(tmp_path))], stdout=full,
+                           stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert (p.returncode, p.stderr) == (1, NO_ROOM_LINE)
+    assert (tmp_path / "went_on").exists() is not bool(unbuffered)  # unbuffered: it stops at the print
+    assert (q.returncode, q.stderr) == (1, NO_ROOM_LINE)
+
+
+def write_history(folder):
+    (folder / "eval_history.json").write_text(json.dumps([
+        {"step": s, "epoch": s / 10, "tokens": s * 100, "lr": 1e-3, "train_loss": 5.0, "val_loss": 5.5 - s / 100}
+        for s in (10, 20)]))
+    return folder
+
+
+@FULL_DISK
+def test_a_training_run_outlives_a_full_disk_under_its_output(tmp_path):
+    """`nohup python train.py ... > run.txt` and the disk fills: the run goes on (train.log keeps its lines), with
+    one warning on the stream that still works."""
+    done = tmp_path / "done"
+    code = WRITER.replace("outlive_closed_output()", "outlive_closed_output(when_full='training goes on')")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", code, "0", str(done)], cwd=ROOT, stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=60)
+    assert p.returncode == 0 and done.read_text() == "reached the end"
+    warning = "warning: cannot write standard output: No space left on device; training goes on\n"
+    assert p.stderr.startswith(warning) and p.stderr.count("warning") == 1
+    assert p.stderr.count("\n") == 10_001  # every line to stderr still came
+
+
+def test_a_warning_goes_above_the_progress_bar_not_into_its_line(capsys):
+    """cli.say while a tqdm bar is on the terminal: the bar is cleared first and drawn again after, so the
+    warning has a line of its own (a plain print would be glued to the end of the bar's line)."""
+    from tqdm import tqdm
+    with tqdm(total=10, file=sys.stderr, ascii=True) as bar:  # (file= given: tqdm draws it, terminal or not)
+        bar.update(3)
+        cli.say("warning: a checkpoint was skipped")
+    err = capsys.readouterr().err
+    line_with_it = [line for line in err.replace("\r", "\n").split("\n") if "checkpoint was skipped" in line]
+    assert line_with_it == ["warning: a checkpoint was skipped"], repr(err)
+    assert "3/10" in err.split("skipped\n")[1], repr(err)  # the bar, drawn again below it
