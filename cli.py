@@ -46,6 +46,18 @@ def keeping_said(keep):
         _keepers.remove(keep)
 
 
+def bar_size(file=None):
+    """tqdm's size arguments for a progress bar on `file` (stderr): the terminal's width, followed as it changes;
+    fixed at 100 x 24 where the terminal reports a size of 0 (`docker exec -t`, some consoles), on which tqdm would
+    draw nothing at all."""
+    file = sys.stderr if file is None else file
+    try:
+        size = os.get_terminal_size(file.fileno())
+    except (OSError, ValueError, AttributeError):  # no terminal: tqdm draws (or not) as it decides
+        return {"dynamic_ncols": True}
+    return {"dynamic_ncols": True} if size.columns > 0 and size.lines > 0 else {"ncols": 100, "nrows": 24}
+
+
 def plural(n, word, many=None):
     """`word` for n == 1, else `many` (default: word + "s"): f"{n} {plural(n, 'token')}"."""
     return word if n == 1 else many or word + "s"

@@ -34,7 +34,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import fail, one_line, plural, tolerant_output
+from cli import bar_size, fail, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
@@ -186,7 +186,7 @@ def _http_attempt(url, part, size, timeout):
             raise DataError(f"{url} serves {total} bytes, not the {size} expected: it is not the right "
                             f"file; use another --url or --source")
         with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                         unit_divisor=1024, desc=f"downloading {part.stem}") as bar:
+                                         unit_divisor=1024, desc=f"downloading {part.stem}", **bar_size()) as bar:
             while True:
                 try:
                     chunk = resp.read(1 << 16)
@@ -461,7 +461,7 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
                 if masked:
                     signal.pthread_sigmask(signal.SIG_SETMASK, before)
         pending = deque()
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing") as bar:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", **bar_size()) as bar:
             def write_oldest():
                 split, result, n_in = pending.popleft()
                 tokens, n_eot, n_bytes = result.get() if pool else result

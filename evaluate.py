@@ -41,7 +41,7 @@ import hardware
 from checkpoint import CheckpointError
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, add_model_args, load_model
-from cli import fail, quiet_on_closed_pipe, tolerant_output
+from cli import bar_size, fail, quiet_on_closed_pipe, tolerant_output
 
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
 
@@ -99,7 +99,8 @@ def sliding_window_nll(model, tokens, block_size, stride, batch_size=8, device="
     n = len(tokens)
     spans = windows(n, block_size, stride)
     total, count = torch.zeros((), dtype=torch.float64), 0
-    with tqdm(total=len(spans), unit="window", disable=None if progress else True, file=sys.stderr) as bar:
+    with tqdm(total=len(spans), unit="window", disable=None if progress else True, file=sys.stderr,
+              **bar_size()) as bar:
         for i in range(0, len(spans), batch_size):
             batch = spans[i:i + batch_size]
             x = np.full((len(batch), block_size), EOT_TOKEN, dtype=np.int64)  # padding after the end: causal,

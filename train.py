@@ -44,7 +44,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 
     import checkpoint as ckpt
     import hardware
-    from cli import (keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, show,
+    from cli import (bar_size, keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, show,
                      tolerant_output)
     from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
@@ -842,8 +842,8 @@ class Trainer:
                                          lambda r: r.get("step", 0) <= self.step) if ddp.master else []
         self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
                                start_step=self.step, enabled=ddp.master)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True,
-                   dynamic_ncols=True, unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True, unit="step",
+                   **bar_size())
         self.log.bar = bar
         self.nonfinite = 0  # non-finite losses in a row
         self.sample_ids = None  # sample_prompt's tokens, read at the first sample

@@ -129,3 +129,42 @@ def test_a_warning_goes_above_the_progress_bar_not_into_its_line(capsys):
     line_with_it = [line for line in err.replace("\r", "\n").split("\n") if "checkpoint was skipped" in line]
     assert line_with_it == ["warning: a checkpoint was skipped"], repr(err)
     assert "3/10" in err.split("skipped\n")[1], repr(err)  # the bar, drawn again below it
+
+
+def _drawn_on_a_terminal(rows, columns, **size):
+    """What a tqdm bar of 3 steps draws on a real pseudo-terminal that reports rows x columns."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    from tqdm import tqdm
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    try:
+        with os.fdopen(os.dup(slave), "w") as terminal:
+            with tqdm(total=3, unit="step", file=terminal, mininterval=0, **(size or cli.bar_size(terminal))) as bar:
+                for _ in range(3):
+                    bar.update(1)
+        got = b""
+        os.set_blocking(master, False)
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except BlockingIOError:
+                break
+            got += chunk
+        return got.decode(errors="replace")
+    finally:
+        os.close(slave)
+        os.close(master)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_a_terminal_that_reports_no_size_still_gets_the_progress_bar():
+    """`docker exec -t` and some consoles report 0 x 0: tqdm, told to follow the terminal's size, draws nothing
+    there (the whole run without a sign of progress); bar_size gives it a fixed size instead."""
+    assert "3/3" not in _drawn_on_a_terminal(0, 0, dynamic_ncols=True)  # what tqdm does by itself
+    assert "3/3" in _drawn_on_a_terminal(0, 0)
+    assert "3/3" in _drawn_on_a_terminal(24, 80)
+    with open(os.devnull, "w") as not_a_terminal:
+        assert cli.bar_size(not_a_terminal) == {"dynamic_ncols": True}  # tqdm's own way there
