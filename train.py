@@ -303,6 +303,9 @@ def validate(cfg, world_size=1):
     if cfg.export_final_model and (checkpoints == final or final in checkpoints.parents):
         raise ConfigError(f"checkpoint_dir {cfg.checkpoint_dir} lies in {final}, which the export at the end "
                           f"replaces whole: pick another checkpoint_dir")
+    if cfg.export_final_model and not cfg.bias:  # (else found by the export, at the end of the whole run)
+        raise ConfigError("bias=False cannot be exported to final_model/ (HF GPT-2 has biases in every Linear and "
+                          "LayerNorm): add --export_final_model=False, or train with bias=True")
     for name in ("max_length", "batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
                  "max_checkpoints", "log_steps", "max_nonfinite"):
         if getattr(cfg, name) < 1:
@@ -695,6 +698,8 @@ class Trainer:
                                   cfg.vocab_size)
         self.batch_size = cfg.batch_size
         self.accum = cfg.gradient_accumulation_steps // ddp.world_size  # micro-steps per process
+        # The val windows each evaluation scores (None: all): the run's, kept by a resume with another batch_size.
+        self.val_windows = cfg.eval_iters * cfg.batch_size or None
         windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.steps_per_epoch = self.train_bins.n_windows // windows_per_step
         if self.steps_per_epoch == 0:
@@ -1044,15 +1049,15 @@ class Trainer:
     # evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self):
-        """Mean val loss over the val split (or its first eval_iters x batch_size windows, whatever the
-        number of processes and any out-of-memory back-off), averaged over all ranks."""
+        """Mean val loss over the val split (or its first eval_iters x batch_size windows, as the run set them at
+        its start: whatever the number of processes, the batch a resume sets or an out-of-memory back-off),
+        averaged over all ranks."""
         if self.step == self.test_error_at_eval:
             self.test_error_at_eval = 0  # once per process
             raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        windows = self.cfg.eval_iters * self.cfg.batch_size or None
-        for x, y in self.val_bins.eval_batches(self.batch_size, windows, self.device):
+        for x, y in self.val_bins.eval_batches(self.batch_size, self.val_windows, self.device):
             with self.autocast:
                 _, loss = self.model(x, y, return_logits=False)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
@@ -1193,6 +1198,7 @@ class Trainer:
             "rng_state": rng_state or ckpt.capture_rng_state(),
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accum * self.ddp.world_size,
+            "val_windows": self.val_windows,
         }
         if after_step_pending:
             state["after_step_pending"] = True
@@ -1367,8 +1373,10 @@ class Trainer:
                                                            last_epoch=state["step"] - 1)
         changed = [f"{k} {saved_cfg[k]!r} -> {getattr(cfg, k)!r}" for k in
                    ("learning_rate", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "beta1", "beta2",
-                    "epochs", "max_steps", "dropout")
+                    "epochs", "max_steps", "dropout", "eval_iters")
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
+        if saved_cfg.get("eval_iters") == cfg.eval_iters:  # the same val windows as the run's other evaluations
+            self.val_windows = state.get("val_windows", saved_cfg["eval_iters"] * saved_cfg["batch_size"] or None)
         if changed:
             self.log("resume: changed since the checkpoint, applied from here (the schedule now runs to step "
                      f"{self.total_steps}): " + ", ".join(changed))
@@ -1469,10 +1477,8 @@ class Trainer:
     def resume_command(self, again=False):
         """The command that resumes this run (again: the command as it was given, for a run with nothing on disk to
         resume from). Quoted for a shell: a --sample_prompt with spaces pastes back as one argument."""
-        args = [a for a in sys.argv[1:] if again or not a.startswith("--resume_from_checkpoint=")]
-        launcher = f"torchrun --nproc_per_node={self.ddp.world_size}" if self.ddp.enabled else "python"
-        return " ".join([launcher, "train.py", *map(shlex.quote, args), *([] if again else
-                                                                         ["--resume_from_checkpoint=latest"])])
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or self.ddp.world_size)
+        return run_command(sys.argv[1:], self.ddp.world_size if self.ddp.enabled else 0, local, again)
 
     def save_emergency_local(self):
         """After an error: inside a step, the last completed step with the data and RNG state it left; after
@@ -1549,6 +1555,21 @@ class Trainer:
         else:
             best = "no evaluation yet"
         self.log(f"done: {self.step} {plural(self.step, 'step')}, {best} in {fmt_duration(self.elapsed())}")
+
+
+def run_command(argv, world_size, local_world_size, again=False):
+    """The command line that resumes a run started with train.py's arguments argv (again: that starts it again)
+    by python (world_size 0) or torchrun, on one node or several (where only the user knows the rendezvous)."""
+    args = [a for a in argv if again or not a.startswith("--resume_from_checkpoint=")]
+    if not world_size:
+        launcher = "python"
+    elif local_world_size >= world_size:
+        launcher = f"torchrun --standalone --nproc_per_node={world_size}"
+    else:
+        launcher = (f"on each node, torchrun --nnodes={world_size // local_world_size} "
+                    f"--nproc_per_node={local_world_size} <the rendezvous options it was started with>")
+    return " ".join([launcher, "train.py", *map(shlex.quote, args), *([] if again else
+                                                                     ["--resume_from_checkpoint=latest"])])
 
 
 def _some(paths, shown=3):

@@ -23,7 +23,8 @@ import torch
 import checkpoint as ckpt
 import hardware
 import train
-from data import EOT_TOKEN, get_tokenizer
+from data import EOT_TOKEN, TokenBins, get_tokenizer
+from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,6 +173,9 @@ def test_bad_settings_get_one_line(args, message, tmp_path, bins, refused):
     (dict(learning_rate=5e-4, min_lr=1e-3), "min_lr (0.001) is above learning_rate (0.0005), where the decay would"),
     (dict(out_dir=" "), "out_dir is empty; name a folder (out_dir='.' for the current one)"),
     (dict(out_dir="run", checkpoint_dir="run/final_model/ck"), "checkpoint_dir run/final_model/ck lies in "),
+    # (found at the start, not by the export after the whole run)
+    (dict(bias=False), "bias=False cannot be exported to final_model/ (HF GPT-2 has biases in every Linear and "
+                       "LayerNorm): add --export_final_model=False, or train with bias=True"),
 ])
 def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message):
     with pytest.raises(train.ConfigError) as e:
@@ -825,6 +829,18 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     groups = state["optimizer_state_dict"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [1e-3, 1e-3] and [g["weight_decay"] for g in groups] == [0.5, 0.0]
     assert (state["batch_size"], state["gradient_accumulation_steps"]) == (2, 4)
+    # The val loss (of the evaluation at the session's end) is over the run's val windows, eval_iters x the
+    # batch_size it started with (2 x 4), not 2 x 2: the curve and the best model compare like with like.
+    model = GPT(GPTConfig.from_dict(state["config"])).eval()
+    model.load_state_dict(state["model_state_dict"])
+    val = TokenBins(bins, "val", 32)
+
+    def loss_over(windows):
+        with torch.no_grad():
+            scored = [(model(x, y)[1].item() * y.numel(), y.numel()) for x, y in val.eval_batches(4, windows)]
+        return sum(s for s, _ in scored) / sum(n for _, n in scored)
+
+    assert state["val_loss"] == pytest.approx(loss_over(8), abs=1e-6), (state["val_loss"], loss_over(4))
     # A batch set in a config file is as much this run's as one on the command line (no back-off happened).
     (tmp_path / "bigger.py").write_text("batch_size = 4\ngradient_accumulation_steps = 2\n")
     p = run_train(out, bins, str(tmp_path / "bigger.py"), "--max_steps=8", "--save_steps=2", "--eval_steps=100")
@@ -838,6 +854,18 @@ def test_resume_applies_changed_optimizer_settings_and_keeps_the_effective_batch
     assert "warning: warmup_steps" not in p.stdout  # (a warmup longer than a run with nothing left is no matter)
     assert (out / "train.log").read_text().count("resumed from") == 3  # once a resume (the refused one: none)
     assert "is a different model (n_layer: 2 vs 3)" in refused(train_cmd(out, bins, "--max_steps=10", "--n_layer=3"))
+
+
+def test_the_resume_command_is_the_launch_it_resumes():
+    argv = ["config/x.py", "--sample_prompt=a b", "--resume_from_checkpoint=ck.pt"]
+    tail = "train.py config/x.py '--sample_prompt=a b' --resume_from_checkpoint=latest"
+    assert train.run_command(argv, 0, 0) == f"python {tail}"
+    assert train.run_command(argv, 2, 2) == f"torchrun --standalone --nproc_per_node=2 {tail}"
+    # Two nodes of four processes: four a node (not eight), on each node, with rendezvous options only the user knows.
+    assert train.run_command(argv, 8, 4) == (
+        f"on each node, torchrun --nnodes=2 --nproc_per_node=4 <the rendezvous options it was started with> {tail}")
+    assert train.run_command(argv, 0, 0, again=True) == "python train.py config/x.py '--sample_prompt=a b' " \
+                                                        "--resume_from_checkpoint=ck.pt"
 
 
 def test_a_resume_with_another_checkpoint_dir_neither_goes_back_nor_overwrites_the_history(tmp_path, bins, refused):
