@@ -74,6 +74,25 @@ def one_line(e, limit=200):
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def ctrl_c_ends_it(message="interrupted"):
+    """For a script with nothing to save (sample.py, evaluate.py), called before it imports PyTorch: Ctrl-C at
+    any moment (while PyTorch loads, the model is read, text is generated) ends it at once with `message` on a
+    line of its own and exit code 130, never a traceback; what it printed so far stays."""
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a copy of this one) changes nothing
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # (a reader gone, a full disk, a write this handler interrupted)
+                pass
+        try:
+            os.write(2, f"\n{message}\n".encode())
+        except OSError:
+            pass
+        os._exit(128 + signal.SIGINT)
+    signal.signal(signal.SIGINT, stop)
+
+
 def quiet_on_closed_pipe():
     """Let `python script.py ... | head` end the script silently, as it ends `cat`, instead of with a
     BrokenPipeError traceback. Only for scripts with nothing to save when their reader goes away (not a

@@ -28,6 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from cli import bar_size, ctrl_c_ends_it, fail, quiet_on_closed_pipe, tolerant_output
+
+if __name__ == "__main__":
+    ctrl_c_ends_it()  # from here on, also while PyTorch loads (seconds)
+
 import numpy as np
 
 # Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages, so each batch's
@@ -41,7 +46,6 @@ import hardware
 from checkpoint import CheckpointError
 from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, add_model_args, load_model
-from cli import bar_size, fail, quiet_on_closed_pipe, tolerant_output
 
 DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
 
@@ -220,9 +224,6 @@ def main(argv=None):
                           words=is_wikitext(dataset), progress=not args.json)
     except (EvalError, CheckpointError, ExportError, DataError, hardware.HardwareError) as e:
         fail(str(e))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     result = {"model": source, "data": str(Path(data_dir) / f"{args.split}.bin"), "split": args.split,
               "dataset": dataset, "block_size": block_size, "stride": stride,
               "device": plan.device, "dtype": plan.dtype, **result,

@@ -15,6 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from cli import ctrl_c_ends_it, fail, plural, quiet_on_closed_pipe, say as cli_say, tolerant_output
+
+if __name__ == "__main__":
+    ctrl_c_ends_it()  # from here on, also while PyTorch loads (seconds)
+
 import torch
 
 import hardware
@@ -22,7 +27,6 @@ import export_hf
 from checkpoint import DEFAULT_OUT_DIR, CheckpointError
 from data import EOT_TOKEN, N_VOCAB, DataError, check_tokenizer_fits, get_tokenizer
 from model import PACK_MIN_NEW_TOKENS, compiled_decoding_failure
-from cli import fail, plural, quiet_on_closed_pipe, say as cli_say, tolerant_output
 
 TEMPERATURE, TOP_K = 0.8, 200  # the defaults here, and what train.py's samples at each evaluation use
 
@@ -146,26 +150,22 @@ def main(argv=None):
     generator = torch.Generator(device=plan.device).manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k or None, top_p=args.top_p, generator=generator, compile=plan.compile)
-    try:
-        # Compile before the timed samples (their speed is then generation's own), where the samples would use it.
-        if plan.compile:
-            t0 = time.perf_counter()
-            with hardware.autocast(plan.device, plan.dtype):
-                model.generate(idx, PACK_MIN_NEW_TOKENS, temperature=0, compile=True)  # greedy: no random draws
-            if compiled_decoding_failure() is None:
-                print(f"compile: a first generation call, which compiles the steps, took "
-                      f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-            else:  # it warned why; the samples run uncompiled, without warning again
-                gen_kwargs["compile"] = False
-        n_tokens, t0 = 0, time.perf_counter()
+    # Compile before the timed samples (their speed is then generation's own), where the samples would use it.
+    if plan.compile:
+        t0 = time.perf_counter()
         with hardware.autocast(plan.device, plan.dtype):
-            for i in range(args.num_samples):
-                if i:
-                    print("-" * 40, flush=True)
-                n_tokens += sample(model, idx, sys.stdout, stream=not args.no_stream, **gen_kwargs)
-    except KeyboardInterrupt:  # Ctrl-C ends the output, not with a traceback
-        print(flush=True)
-        sys.exit(130)
+            model.generate(idx, PACK_MIN_NEW_TOKENS, temperature=0, compile=True)  # greedy: no random draws
+        if compiled_decoding_failure() is None:
+            print(f"compile: a first generation call, which compiles the steps, took "
+                  f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        else:  # it warned why; the samples run uncompiled, without warning again
+            gen_kwargs["compile"] = False
+    n_tokens, t0 = 0, time.perf_counter()
+    with hardware.autocast(plan.device, plan.dtype):
+        for i in range(args.num_samples):
+            if i:
+                print("-" * 40, flush=True)
+            n_tokens += sample(model, idx, sys.stdout, stream=not args.no_stream, **gen_kwargs)
     elapsed = time.perf_counter() - t0
     print(f"{n_tokens} {plural(n_tokens, 'token')} in {elapsed:.2f} s ({n_tokens / elapsed:.1f} tokens/s)",
           file=sys.stderr)

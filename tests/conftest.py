@@ -1,6 +1,8 @@
 """What every test runs under: offline, whatever order the files are collected in."""
 
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -45,4 +47,32 @@ def main_in_process(monkeypatch, capfd):
         out, err = capfd.readouterr()
         assert not caught, f"exit {code}\n{out}\n{err}\n{[str(w.message) for w in caught]}"
         return code, out, err
+    return run
+
+
+INTERRUPTED_AT = """
+import os, runpy, signal, sys
+script, moment = sys.argv[1], sys.argv[2]
+sys.argv = [script] + sys.argv[3:]
+sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` has it
+
+
+def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch or opens its model's file
+    if (moment == "torch" and event == "import" and args[0] == "torch") or (
+            moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.addaudithook(ctrl_c_at)
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture
+def interrupted_at():
+    """run(script, moment, *args, cwd) -> the finished process of `python script *args` that got Ctrl-C (a real
+    SIGINT to itself) at `moment`: "torch" (while it imports PyTorch) or "model" (as it opens best_model.pt)."""
+    def run(script, moment, *args, cwd):
+        return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
+                              cwd=cwd, capture_output=True, text=True, timeout=120)
     return run

@@ -239,3 +239,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
                          cwd=Path(__file__).resolve().parent.parent)
     pages_4k = 3 * 256 * 2**20 // 4096
     assert int(out.stdout) < pages_4k // 10
+
+
+@pytest.mark.parametrize("moment", ["torch", "model"])
+def test_ctrl_c_while_it_starts_ends_it_in_one_line(run_dir, moment, interrupted_at):
+    p = interrupted_at(REPO / "evaluate.py", moment, "--out_dir", run_dir / "out", cwd=run_dir)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")

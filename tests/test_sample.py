@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,19 @@ def test_errors_are_one_line(tmp_path, run_dir, args, fragment, main_in_process)
     assert code == 2
     assert err.startswith("error: ") and fragment in err, err
     assert err.count("\n") == 1 and out == ""
+
+
+@pytest.mark.parametrize("moment", ["torch", "model"])
+def test_ctrl_c_while_it_starts_ends_it_in_one_line(run_dir, moment, interrupted_at):
+    p = interrupted_at(REPO / "sample.py", moment, "--out_dir", run_dir / "out", *CPU, cwd=run_dir)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")
+
+
+def test_ctrl_c_while_it_generates_keeps_the_text_so_far(run_dir):
+    p = subprocess.Popen([sys.executable, str(REPO / "sample.py"), "--out_dir", run_dir / "out", *CPU,
+                          "--num_samples", "100000"], cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = p.stdout.read(200)  # the text streams: some is out
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.decode().endswith("\ninterrupted\n") and "Traceback" not in err.decode()
+    assert len(first) == 200  # (what it printed before stays where it went)
