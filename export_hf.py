@@ -40,6 +40,11 @@ REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("pytorch_model.bin", "tokenizer.js
                               # what file browsers and Jupyter leave in any folder they show
                               + (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"))
 EOT_TEXT = "<|endoftext|>"
+# GPT2Config's attribute_map: transformers reads these names in a config.json as the n_* settings (and they win).
+HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+              "num_hidden_layers": "n_layer"}
+# The HF classes whose weights are GPT-2's body with the tied LM head (GPT2Model: the body alone).
+LM_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 
 
 class ExportError(Exception):
@@ -109,6 +114,17 @@ def gpt_config_from_hf(d):
     """
     if d.get("model_type", "gpt2") != "gpt2":
         raise ExportError(f"model_type is {d.get('model_type')!r}, not 'gpt2': only GPT-2 models can be imported")
+    other_heads = [a for a in d.get("architectures") or [] if a not in LM_ARCHITECTURES]
+    if other_heads:  # a classifier's head (score, classifier, multiple_choice_head): no language model to import
+        raise ExportError(f"architectures is {other_heads[0]!r}, not a language model: only "
+                          f"{' or '.join(LM_ARCHITECTURES)} weights can be imported")
+    d = dict(d)
+    for alias, name in HF_ALIASES.items():
+        if alias in d:
+            if name in d and d[name] != d[alias]:
+                raise ExportError(f"{name}={d[name]!r} and {alias}={d[alias]!r} name the same setting (transformers "
+                                  f"reads {alias}): keep one of them")
+            d[name] = d.pop(alias)
     if d.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ExportError(f"activation_function {d['activation_function']!r} is not supported: "
                           "our GPT uses GELU with the tanh approximation (gelu_new)")
@@ -325,12 +341,7 @@ def export_hf(source, out_dir):
             raise ExportError(f"{out_dir} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, "
                               f"which an export does not write: pick a new OUT_DIR (an existing folder is replaced "
                               f"whole, so only an earlier export's is)")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        blocker = next((p for p in [out_dir.parent, *out_dir.parent.parents] if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file" if blocker else e.strerror
-        raise ExportError(f"cannot create {out_dir.parent}: {reason}; pick another OUT_DIR") from None
+    _make_folder_of(out_dir, "pick another OUT_DIR")
     _remove_stale_exports(out_dir)
     # mkdir (not mkdtemp, which makes it private) so the folder gets the usual permissions
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -367,6 +378,16 @@ def export_hf(source, out_dir):
     return out_dir
 
 
+def _make_folder_of(path, remedy):
+    """path's folder, made where missing; else ExportError naming what is in the way (a file) and the remedy."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file" if blocker else e.strerror
+        raise ExportError(f"cannot create {path.parent}: {reason}; {remedy}") from None
+
+
 def import_hf(hf_dir, checkpoint):
     """Write a checkpoint from a HF GPT-2 folder: weights and config at epoch 0, step 0 (train.py init_from).
     An existing file at `checkpoint` is replaced only if an earlier import wrote it."""
@@ -377,10 +398,7 @@ def import_hf(hf_dir, checkpoint):
         raise ExportError(f"{checkpoint} exists and is not a checkpoint an import wrote: pick a new CHECKPOINT path "
                           f"(a training checkpoint or another file is never overwritten)")
     model = load_hf(hf_dir)
-    try:
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create the folder of {checkpoint}: {e.strerror}") from None
+    _make_folder_of(checkpoint, "pick another CHECKPOINT path")
     atomic_save({"format_version": FORMAT_VERSION, "model_state_dict": model.state_dict(),
                  "config": model.config.to_dict(), "epoch": 0, "step": 0}, checkpoint)
     return model
@@ -401,6 +419,11 @@ def main(argv=None):
             model = import_hf(args.src, args.dst)
             print(f"wrote {args.dst} ({model.num_params():,} parameters, {model.config})")
         else:
+            here, out = Path.cwd().resolve(), Path(args.dst).resolve()
+            if out == here or out in here.parents:
+                # (the export replaces the folder whole: the shell would be left in the deleted one, empty to `ls`)
+                raise ExportError(f"OUT_DIR {args.dst} is the folder this command runs in, or holds it, and an "
+                                  f"export replaces that folder whole: run it from outside, e.g. from {out.parent}")
             export_hf(args.src, args.dst)
             print(f"wrote {args.dst}: load it with GPT2LMHeadModel.from_pretrained({str(args.dst)!r})")
     except (ExportError, CheckpointError, ValueError, OSError) as e:

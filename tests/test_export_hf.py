@@ -183,7 +183,29 @@ def test_load_hf_reads_bare_gpt2model_weights_from_pytorch_model_bin(tmp_path):
         assert (ours(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
 
 
+def test_config_json_may_name_sizes_by_transformers_aliases(tmp_path):
+    """transformers reads num_attention_heads, hidden_size, num_hidden_layers and max_position_embeddings in a
+    config.json as n_head, n_embd, n_layer and n_positions (GPT2Config.attribute_map): so must we. The head
+    count shapes no weight, so a default read in its place would load and give wrong logits."""
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    aliased = {alias: config.pop(name) for alias, name in export_hf.HF_ALIASES.items()}
+    (tmp_path / "config.json").write_text(json.dumps({**config, **aliased}))
+    assert GPT2LMHeadModel.from_pretrained(tmp_path).config.n_head == 3  # what transformers reads
+    ours = load_hf(tmp_path)
+    assert (ours.config.n_head, ours.config.n_embd, ours.config.n_layer, ours.config.n_positions) == (3, 48, 2, 32)
+    idx = torch.randint(0, 50257, (1, 32))
+    with torch.no_grad():
+        assert (ours(idx, all_logits=True)[0] - hf(idx).logits).abs().max() < 1e-5
+    (tmp_path / "config.json").write_text(json.dumps({**config, **aliased, "n_head": 12}))
+    with pytest.raises(ExportError, match=r"n_head=12 and num_attention_heads=3 name the same setting"):
+        load_hf(tmp_path)
+
+
 @pytest.mark.parametrize("change, fragment", [
+    ({"architectures": ["GPT2ForSequenceClassification"]}, "architectures is 'GPT2ForSequenceClassification', "
+                                                            "not a language model"),
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
     ({"model_type": "llama"}, "only GPT-2 models"),
@@ -318,6 +340,21 @@ def test_export_into_the_current_folder(tmp_path, monkeypatch):
     assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
 
 
+def test_the_cli_does_not_replace_the_folder_it_runs_in(tmp_path, main_in_process):
+    """`cd out/final_model && python export_hf.py ../best_model.pt .`: the folder is replaced whole, which would
+    leave the shell in the deleted one (empty to `ls`, and from_pretrained('.') failing there)."""
+    folder = export(randomized(SMALL, seed=1), tmp_path / "m")
+    write_checkpoint(tmp_path / "best_model.pt", randomized(SMALL, seed=2))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for cwd, dst in ((folder, "."), (folder / "sub", "..")):
+        cwd.mkdir(exist_ok=True)
+        code, out, err = main_in_process(export_hf.main, [str(tmp_path / "best_model.pt"), dst], cwd)
+        assert code == 2 and err == (f"error: OUT_DIR {dst} is the folder this command runs in, or holds it, and an "
+                                     f"export replaces that folder whole: run it from outside, e.g. from {tmp_path}\n")
+    (folder / "sub").rmdir()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_model_smaller_than_the_gpt2_vocabulary_is_not_exported(tmp_path):
     with pytest.raises(ExportError, match="vocabulary has 1000 ids, fewer than the GPT-2 tokenizer's 50257, which the "
                                           r"export ships with it: such a model is not exported \(in train.py: "
@@ -339,6 +376,10 @@ def test_import_never_overwrites_a_file_it_did_not_write(tmp_path, main_in_proce
         code, out, err = main_in_process(export_hf.main, ["--import", str(hf), str(dst)], REPO)  # (no warning)
         assert code == 2 and fragment in err and err.count("\n") == 1, err
         assert before is None or dst.read_bytes() == before
+    (tmp_path / "a_file").write_text("")
+    code, out, err = main_in_process(export_hf.main, ["--import", str(hf), str(tmp_path / "a_file" / "x.pt")], REPO)
+    assert code == 2 and err == (f"error: cannot create {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file; "
+                                 f"pick another CHECKPOINT path\n")
     # An earlier import's file is replaced (running the same command twice works).
     for _ in range(2):
         code, out, err = main_in_process(export_hf.main, ["--import", str(hf), str(tmp_path / "gpt2.pt")], REPO)
