@@ -829,8 +829,8 @@ def _text_segments(files, total, val_fraction, text_field, sha):
     """Segments (see _tasks) of text files (each a document) and JSON Lines files (each record one).
 
     The last val_fraction of the bytes is val: it starts at the first line or record that starts at or
-    after byte total * (1 - val_fraction) (in a text without line breaks there, at that byte). sha is
-    updated with every byte read.
+    after byte total * (1 - val_fraction), which may be the next file's first (in a text without line breaks
+    there, at that byte). sha is updated with every byte read.
     """
     cut = total - int(total * val_fraction)
     split, consumed = "train", 0
@@ -843,17 +843,23 @@ def _text_segments(files, total, val_fraction, text_field, sha):
                     yield split, n, text or None, True
                     consumed += n
                 continue
+            size = os.fstat(f.fileno()).st_size
             for offset, block in _blocks(f):
                 sha.update(block)
                 at = len(block)  # where val starts in this block
                 if split == "train" and consumed >= cut:
                     at = 0  # blocks start at a line start (or between two characters of a long line)
                 elif split == "train" and consumed + len(block) > cut:
-                    at = block.find(b"\n", cut - consumed - 1) + 1
-                    if not 0 < at < len(block):  # no line starts after the cut here: cut mid-line instead
-                        at = cut - consumed
-                        while at < len(block) and 0x80 <= block[at] < 0xC0:  # between two characters
-                            at += 1
+                    at = block.find(b"\n", cut - consumed - 1) + 1  # the first line start after the cut
+                    if not 0 < at < len(block):
+                        # None in this block. The next may start where it ends (after a line break, or with the
+                        # next file): val then starts with the next block, if any input follows; else mid-line.
+                        if (at == len(block) or offset + len(block) == size) and consumed + len(block) < total:
+                            at = len(block)
+                        else:
+                            at = cut - consumed
+                            while at < len(block) and 0x80 <= block[at] < 0xC0:  # between two characters
+                                at += 1
                 if at:
                     yield split, at, (str(path), offset, block[:at]), offset == 0
                 if at < len(block):
@@ -961,9 +967,12 @@ def read_bin(path, vocab_size=None):
             f"`python data.py wikitext103`, or `python data.py text --input FILES --out_dir {path.parent}`"
         raise DataError(f"{path} not found: prepare it first ({make}), or point data_dir at a folder data.py prepared")
     n_bytes = path.stat().st_size
-    if n_bytes % 2 or n_bytes == 0:
-        raise DataError(f"{path} has {n_bytes} bytes, not a whole number of uint16 tokens: it is "
-                        f"truncated or not a token bin; prepare it again with data.py")
+    if n_bytes == 0:
+        raise DataError(f"{path} is empty (no tokens): it is truncated, or its split got no text; prepare it "
+                        f"again with data.py")
+    if n_bytes % 2:
+        raise DataError(f"{path} has {n_bytes:,} {plural(n_bytes, 'byte')}, an odd number, not whole uint16 tokens: "
+                        f"it is truncated or not a token bin; prepare it again with data.py")
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if vocab_size is not None:
         top = int(tokens.max())

@@ -867,3 +867,28 @@ def test_eval_batches_cover_the_split_in_order(bins):
     shares = [windows_of(TokenBins(bins, "train", 8, rank=r, world_size=3).eval_batches(5)) for r in range(3)]
     assert sorted(sum(shares, [])) == all_windows and sum(map(len, shares)) == 24
     assert tb.state_dict()["position"] == 0  # evaluation does not move the training stream
+
+
+def test_val_starts_with_the_next_file_when_the_cut_falls_in_a_files_last_line(tmp_path):
+    """The cut falls in b.txt's one line, whose line break is its last byte: the first line (and document) after
+    it is c.txt's, not the middle of b.txt's line."""
+    for name, text in (("a.txt", "Hello world. This is doc one.\n"), ("b.txt", "Second doc here.\n"), ("c.txt", "x\n")):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_text(text)
+    data.prepare_text([tmp_path / "in"], tmp_path / "out", val_fraction=0.1, num_workers=1)
+    val = text_of(tokens_of(tmp_path / "out" / "val.bin")).decode()
+    assert val == "x\n", val
+    # The last file's last line holds the cut: nothing follows, so val starts mid-line (never empty).
+    data.prepare_text([tmp_path / "in" / "a.txt"], tmp_path / "one", val_fraction=0.1, num_workers=1)
+    assert text_of(tokens_of(tmp_path / "one" / "val.bin")).decode() == "e.\n"  # its last 10%
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "is empty (no tokens): it is truncated, or its split got no text; prepare it again with data.py"),
+    (b"\x01\x02\x03", "has 3 bytes, an odd number, not whole uint16 tokens: it is truncated or not a token bin"),
+])
+def test_a_bin_that_holds_no_whole_tokens_is_named(tmp_path, content, message):
+    (tmp_path / "val.bin").write_bytes(content)
+    with pytest.raises(DataError) as e:
+        data.read_bin(tmp_path / "val.bin")
+    assert str(e.value).startswith(f"{tmp_path / 'val.bin'} {message}")
