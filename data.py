@@ -569,8 +569,12 @@ def _run(out_dir, splits, force, make, reusable=None):
 def _make(out_dir, splits, make):
     """_run's preparation proper: the bins, then meta.json."""
     tasks, total_bytes, meta, num_workers = make()
+    tokenized = {}
 
     def before_rename():
+        # The bins are written: the clock stops (what follows is no tokenizing, and meta.json's first write
+        # imports torch, seconds that the MB/s line would else count).
+        tokenized["at"] = time.perf_counter()
         # Every new bin is complete: the folder's old meta.json must not vouch for them, and a split this
         # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's. A
         # preparation stopped before this point (Ctrl-C, an error) leaves the folder's earlier dataset whole; one
@@ -592,7 +596,7 @@ def _make(out_dir, splits, make):
 
     start = time.perf_counter()
     stats = _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename)
-    seconds = time.perf_counter() - start
+    seconds = tokenized["at"] - start
     enc = get_tokenizer()
     meta = {"dataset": meta.pop("dataset"), "tokenizer": enc.name, "vocab_size": enc.n_vocab,
             "eot_token": EOT_TOKEN, "dtype": "uint16",

@@ -5,6 +5,7 @@ Shared machines are noisy (other processes come and go), so every bench times bo
 process, alternating, and reports medians and ratios of paired measurements.
 """
 
+import argparse
 import ctypes
 import json
 import os
@@ -51,19 +52,21 @@ def hf_peer(model):
 
 
 def sync(device):
+    """Wait for a CUDA device's queued work (nothing elsewhere)."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device, dtype, n=None, reps=3):
-    """Best FLOP/s of an n x n matmul in `dtype` on `device` (CPU: n=2048, CUDA: n=8192), the faster of
-    torch.mm and model.mm_nt, the product our linears use: on AMD CPUs fp32 torch.mm runs MKL's AVX2 code,
-    at about half the speed of the oneDNN kernels mm_nt calls there, and the device's peak is the faster one."""
+def matmul_peak_flops(device, dtype, n=None, reps=3, products=(torch.mm, mm_nt)):
+    """Best FLOP/s of an n x n matmul in `dtype` on `device` (CPU: n=2048, CUDA: n=8192), the fastest of
+    `products`: by default torch.mm and model.mm_nt, the product our linears use (on AMD CPUs fp32 torch.mm runs
+    MKL's AVX2 code, at about half the speed of the oneDNN kernels mm_nt calls there, and the device's peak is
+    the faster one)."""
     n = n or (8192 if str(device).startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
-    for product in (torch.mm, mm_nt):  # a @ b and a @ b.T: the same FLOPs
+    for product in products:  # a @ b and a @ b.T: the same FLOPs
         product(a, b)  # warm-up: kernel selection, page faults
         for _ in range(reps):
             sync(device)
@@ -72,6 +75,16 @@ def matmul_peak_flops(device, dtype, n=None, reps=3):
             sync(device)
             best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best
+
+
+def spec_peak_dtype(device, dtype):
+    """The dtype of issue #6's MFU peak: CPU fp32 (torch.mm of 2048^2), CUDA bf16 or fp16 (of 8192^2): the
+    run's own half precision, or bf16 where the GPU has it (else fp16) for an fp32 run."""
+    if not str(device).startswith("cuda"):
+        return torch.float32
+    if dtype in (torch.bfloat16, torch.float16):
+        return dtype
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def train_flops_per_token(config, block_size):
@@ -112,7 +125,9 @@ def release_free_heap():
 class StepMemory:
     """Peak memory one call adds on top of what was resident before it.
 
-    CUDA: torch.cuda.max_memory_allocated during the call minus memory allocated before it.
+    CUDA: torch.cuda.max_memory_allocated during the call minus memory allocated before it, or before `since`
+    (allocated(), taken before the side's first call): what a side keeps allocated between its calls (its
+    optimizer state; its gradients, which CUDA graphs keep) then counts for each side alike.
     CPU: resident set size sampled every millisecond by a thread, peak minus the RSS just before.
     Both sides of a comparison live in the same process, so the figure is what the step itself
     needs (activations, gradients, logits), not the process total."""
@@ -128,11 +143,18 @@ class StepMemory:
             self._peak = max(self._peak, rss_bytes())
             time.sleep(0.001)
 
-    def measure(self, fn):
-        """Run fn(); return (its result, peak bytes above the memory in use before it)."""
+    def allocated(self):
+        """CUDA: the bytes allocated now, for measure's `since`; elsewhere None."""
+        if not self.cuda:
+            return None
+        sync(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def measure(self, fn, since=None):
+        """Run fn(); return (its result, peak bytes above the memory in use before it, or on CUDA at `since`)."""
         if self.cuda:
             sync(self.device)
-            before = torch.cuda.memory_allocated(self.device)
+            before = torch.cuda.memory_allocated(self.device) if since is None else since
             torch.cuda.reset_peak_memory_stats(self.device)
             out = fn()
             sync(self.device)
@@ -152,10 +174,10 @@ class StepMemory:
     def fields(self, peaks, what):
         """The JSON fields of a bench's memory figures: `peaks` ({side: bytes} from measure) for one `what`
         ('step', 'call'), how they were measured, and the process's own peak resident set."""
-        kind = "cuda max_memory_allocated" if self.cuda else "cpu RSS"
-        return {"peak_mem_mb": {k: round(v / 2**20, 1) for k, v in peaks.items()},
-                "peak_mem_kind": f"{kind} above the {what}'s start",
-                "process_peak_rss_mb": round(peak_rss_bytes() / 2**20, 1)}
+        kind = ("cuda max_memory_allocated above the side's memory before its first call" if self.cuda
+                else f"cpu RSS above the {what}'s start")
+        return {"peak_mem_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()}, "peak_mem_kind": kind,
+                "process_peak_rss_mib": round(peak_rss_bytes() / 2**20, 1)}
 
 
 class CpuContention:
@@ -189,9 +211,11 @@ class CpuContention:
         return max(0.0, (b1 - b0) - (o1 - o0)) / self.tick / (self.n_cpu * max(t1 - t0, 1e-9))
 
 
-def interleaved(sides, rounds, on_round=None):
+def interleaved(sides, rounds, on_round=None, device=None):
     """Time each side's step `rounds` times, alternating: round r runs the sides rotated by r, so no
-    side always goes first (or right after a slow neighbour). sides: {name: fn() -> None}.
+    side always goes first (or right after a slow neighbour). sides: {name: fn() -> None}. On a CUDA
+    `device` each step is timed to the end of its GPU work (a step that leaves work queued, as an optimizer
+    launched after the last .item() does, would else hand its tail to the next side's time).
     Returns (times, contention): {name: [seconds per round]}, {name: [share of the CPU other
     processes used during that step, or None]}; on_round(r, times_of_round) is called after each round."""
     names = list(sides)
@@ -201,9 +225,11 @@ def interleaved(sides, rounds, on_round=None):
         k = r % len(names)
         this = {}
         for name in names[k:] + names[:k]:
+            sync(device)
             cpu.start()
             t = time.perf_counter()
             sides[name]()
+            sync(device)
             this[name] = time.perf_counter() - t
             times[name].append(this[name])
             contention[name].append(cpu.stop())
@@ -219,6 +245,24 @@ def quiet_rounds(contention, threshold=0.1, minimum=3):
     per_round = list(zip(*contention.values()))
     quiet = [i for i, c in enumerate(per_round) if all(x is not None and x < threshold for x in c)]
     return (quiet, True) if len(quiet) >= minimum else (list(range(len(per_round))), False)
+
+
+def at_least_one(text):
+    """argparse type of a count that must be 1 or more (--rounds, --warmup, --batch_size)."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def run_main(main, *errors):
+    """A bench's `__main__`: main(), with the errors it knows (a device or dtype this machine lacks, settings
+    train.py refuses) ended as one `error:` line and exit code 2, as the project's scripts end."""
+    from cli import fail
+    try:
+        return main()
+    except errors as e:
+        fail(str(e))
 
 
 def add_threads_arg(parser):

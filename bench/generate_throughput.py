@@ -29,10 +29,10 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="auto", help="auto (hardware.decide), float32/fp32, bfloat16/bf16, float16/fp16")
     p.add_argument("--config", default="default", choices=sorted(common.CONFIGS), help="model shape")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=common.at_least_one, default=1)
     p.add_argument("--prompt_tokens", type=int, default=16)
     p.add_argument("--new_tokens", type=int, default=None, help="default 200, or what fits the context")
-    p.add_argument("--rounds", type=int, default=7, help="timed generations per side, alternating")
+    p.add_argument("--rounds", type=common.at_least_one, default=7, help="timed generations per side, alternating")
     p.add_argument("--compile", default="false", choices=["false", "true"],
                    help="generate(compile=...): compiled one-token steps on a CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -72,17 +72,19 @@ def main(argv=None):
             out["peer"] = gen[:, -n:].tolist()
 
     sides = {"ours": run_ours, "peer": run_peer}
-    first_call_s = {}
-    for name, step in sides.items():  # warm-up: kernel selection, allocator, compiling
+    first_call_s, peak_mem = {}, {}
+    memory = common.StepMemory(plan.device)
+    for name, step in sides.items():  # warm-up (kernel selection, allocator, compiling), then its memory
+        since = memory.allocated()
         t0 = time.perf_counter()
         step()
         first_call_s[name] = round(time.perf_counter() - t0, 2)
-    memory = common.StepMemory(plan.device)
-    peak_mem = {name: memory.measure(step)[1] for name, step in sides.items()}
+        peak_mem[name] = memory.measure(step, since)[1]
     times, contention = common.interleaved(
         sides, args.rounds,
         lambda r, this: print(f"round {r + 1}/{args.rounds}: " + "  ".join(
-            f"{k} {args.batch_size * n / s:6.1f} tok/s" for k, s in this.items()), file=sys.stderr))
+            f"{k} {args.batch_size * n / s:6.1f} tok/s" for k, s in this.items()), file=sys.stderr),
+        device=plan.device)
     quiet, is_quiet = common.quiet_rounds(contention)
     kept = {k: [v[i] for i in quiet] for k, v in times.items()}
     tps = {k: args.batch_size * n / statistics.median(v) for k, v in kept.items()}
@@ -107,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, hardware.HardwareError)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, emit_json, interleaved, paired_ratio
+from common import ROOT, at_least_one, emit_json, interleaved, paired_ratio
 
 import data
 import hardware
@@ -136,7 +136,7 @@ def run_data_py(path, out_dir, num_workers):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[50, 200], help="input sizes in MB")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and the peer per size")
+    p.add_argument("--rounds", type=at_least_one, default=3, help="alternating rounds of ours and the peer per size")
     p.add_argument("--num_workers", type=int, default=data.default_num_workers())
     p.add_argument("--work_dir", default=None, help="where the generated text goes (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

@@ -43,14 +43,14 @@ def rows_of(name, r):
     """Table rows (cells as strings) for one bench result."""
     if "error" in r:
         return [[name, "", "", "", "", r["error"], ""]]
-    mem = r.get("peak_mem_mb")
+    mem = r.get("peak_mem_mib")
     if name.startswith("train"):
         what = f"{r['dtype']}, {'compiled' if r['compile'] else 'eager'}, batch {r['batch'][0]}x{r['batch'][1]}"
-        extra = f"MFU {r['mfu']:.0%} (HF {r['mfu_peer']:.0%})"
+        extra = f"MFU {r['mfu']:.0%} (HF {r['mfu_peer']:.0%}; against issue #6's peak {r['mfu_spec']:.0%}, HF {r['mfu_spec_peer']:.0%})"
         if "ratio_vs_hf_fp32" in r:
             extra += f"; vs HF fp32 ({r['peer_fp32']:.0f} tok/s): {r['ratio_vs_hf_fp32']:.2f}x"
         return [[name, what, f"{r['ours']:.0f} tok/s", f"{r['peer']:.0f} tok/s", f"{r['ratio']:.2f}x", extra,
-                 f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
+                 f"{mem['ours']:.0f} / {mem['peer']:.0f} MiB"]]
     if name.startswith("generate"):
         what = f"{r['dtype']}, greedy, batch {r['batch']}, {r['prompt_tokens']}+{r['new_tokens']} tokens"
         notes = f"same tokens {r['same_tokens']:.0%}"
@@ -58,7 +58,7 @@ def rows_of(name, r):
             what += ", compiled"
             notes += f"; first call (compiles) {r['first_call_s']['ours']:.1f} s"
         return [[name, what, f"{r['ours']:.0f} tok/s", f"{r['peer']:.0f} tok/s", f"{r['ratio']:.2f}x",
-                 notes, f"{mem['ours']:.0f} / {mem['peer']:.0f} MB"]]
+                 notes, f"{mem['ours']:.0f} / {mem['peer']:.0f} MiB"]]
     rss = ", ".join(f"{mb} MB in: {v} MB" for mb, v in r.get("peak_rss_mb", {}).items())
     return [[name, f"tokenize, {r.get('num_workers')} workers", f"{r['ours']} MB/s", f"{r['peer']} MB/s",
              f"{r['ratio']:.2f}x", f"peak RSS {rss}", ""]]

@@ -17,7 +17,9 @@ bf16/fp16 the peer also runs in float32 in the same rounds (ratio_vs_hf_fp32).
 The sides alternate step by step after warm-up (compilation happens in warm-up and is reported as
 compile_s); tokens/s are medians and ratios the median of paired rounds, over the rounds in which
 other processes left the CPU alone (common.quiet_rounds). MFU is model FLOPs (common.py) over a
-matmul peak measured in each round in the side's dtype.
+matmul peak measured in each round in the side's dtype (the faster of torch.mm and our product); mfu_spec
+over issue #6's peak, measured in each round too: fp32 torch.mm of 2048^2 on a CPU, bf16/fp16 torch.mm of
+8192^2 on a GPU.
 """
 
 import argparse
@@ -91,10 +93,10 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", help="auto (hardware.decide), float32/fp32, bfloat16/bf16, float16/fp16")
     p.add_argument("--compile", default="auto", help="auto (hardware.decide for a full run), true or false: ours only")
     p.add_argument("--config", default="default", choices=sorted(common.CONFIGS), help="model shape")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=common.at_least_one, default=8)
     p.add_argument("--block_size", type=int, default=0, help="sequence length (0 = the config's n_positions)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (ours compiles here)")
-    p.add_argument("--rounds", type=int, default=8, help="timed steps per side, alternating")
+    p.add_argument("--warmup", type=common.at_least_one, default=2, help="untimed steps per side (ours compiles here)")
+    p.add_argument("--rounds", type=common.at_least_one, default=8, help="timed steps per side, alternating")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile_mode", default="",
                    help="ours only, an experiment: torch.compile(mode=...) instead of train.py's default, e.g. "
@@ -149,8 +151,10 @@ def main(argv=None):
         sides["peer_fp32"] = hf_side(fp32_scaler, "float32")
     side_dtype = {n: torch.float32 if n == "peer_fp32" else plan.torch_dtype for n in sides}
 
-    first = {}
-    for name, step in sides.items():
+    first, peak_mem = {}, {}
+    memory = common.StepMemory(plan.device)
+    for name, step in sides.items():  # each side's warm-up, then its step memory, before the next side's
+        since = memory.allocated()
         t = time.perf_counter()
         step()
         first[name] = time.perf_counter() - t
@@ -159,27 +163,34 @@ def main(argv=None):
         if args.ncu:
             profile_one_step_for_ncu(step, plan.device)
             return
-    memory = common.StepMemory(plan.device)
-    peak_mem = {name: memory.measure(step)[1] for name, step in sides.items()}
+        peak_mem[name] = memory.measure(step, since)[1]
 
     peaks = {dt: [] for dt in set(side_dtype.values())}  # matmul FLOP/s per dtype, one per round
+    spec_dtype = common.spec_peak_dtype(plan.device, plan.torch_dtype)
+    spec_n = 8192 if plan.device_type == "cuda" else 2048
+    spec_peaks = []  # issue #6's peak: torch.mm alone, of spec_n^2, in spec_dtype
     flops_tok = common.train_flops_per_token(config, T)
 
     def report(r, this):
         for dt, found in peaks.items():
             found.append(common.matmul_peak_flops(plan.device, dt))
+        spec_peaks.append(common.matmul_peak_flops(plan.device, spec_dtype, spec_n, products=(torch.mm,)))
         line = "  ".join(f"{n} {B * T / s:6.0f} tok/s" for n, s in this.items())
         gf = "  ".join(f"{str(dt)[6:]} {v[-1] / 1e9:.0f}" for dt, v in peaks.items())
         print(f"round {r + 1}/{args.rounds}: {line}  matmul peak GFLOP/s {gf}", file=sys.stderr)
 
-    times, contention = common.interleaved(sides, args.rounds, report)
+    times, contention = common.interleaved(sides, args.rounds, report, device=plan.device)
     quiet, is_quiet = common.quiet_rounds(contention)
     times = {n: [ts[i] for i in quiet] for n, ts in times.items()}
     peaks = {dt: [v[i] for i in quiet] for dt, v in peaks.items()}
+    spec_peaks = [spec_peaks[i] for i in quiet]
     tps = {n: B * T / statistics.median(ts) for n, ts in times.items()}
-    # MFU per round against that round's peak in the side's dtype (both feel the same load), then the median.
+    # MFU per round against that round's peak in the side's dtype (both feel the same load), then the median;
+    # mfu_spec against issue #6's peak (one for all sides).
     mfu = {n: statistics.median(flops_tok * B * T / s / pk for s, pk in zip(ts, peaks[side_dtype[n]]))
            for n, ts in times.items()}
+    mfu_spec = {n: statistics.median(flops_tok * B * T / s / pk for s, pk in zip(ts, spec_peaks))
+                for n, ts in times.items()}
     compiled = plan.compile and getattr(trainer.train_model, "compiled", False)
     if args.profile:
         print_profile(trainer.train_step, args.profile, plan.device)
@@ -187,7 +198,8 @@ def main(argv=None):
 
     result = {
         "bench": "train_throughput", "device": plan.device, "device_name": facts.name, "dtype": plan.dtype,
-        "compile": compiled, "compile_mode": args.compile_mode or "default", "cuda_graphs": trainer.plan.cuda_graphs,
+        "compile": compiled, "compile_mode": (args.compile_mode or "default") if compiled else None,
+        "cuda_graphs": trainer.plan.cuda_graphs,
         "config": args.config,
         "batch": [B, T], "rounds": args.rounds,
         "quiet_rounds": len(quiet) if is_quiet else 0, "threads": threads,
@@ -195,6 +207,9 @@ def main(argv=None):
         "ratio": round(common.paired_ratio(times["ours"], times["peer"]), 3),
         "mfu": round(mfu["ours"], 4), "mfu_peer": round(mfu["peer"], 4),
         "matmul_peak_gflops": {str(dt)[6:]: round(statistics.median(v) / 1e9, 1) for dt, v in peaks.items()},
+        "mfu_spec": round(mfu_spec["ours"], 4), "mfu_spec_peer": round(mfu_spec["peer"], 4),
+        "spec_peak": {"dtype": str(spec_dtype)[6:], "n": spec_n, "product": "torch.mm",
+                      "gflops": round(statistics.median(spec_peaks) / 1e9, 1)},
         "compile_s": round(first["ours"], 1) if compiled else 0.0,
         **memory.fields(peak_mem, "step"),
     }
@@ -202,20 +217,24 @@ def main(argv=None):
         result["peer_fp32"] = round(tps["peer_fp32"], 1)
         result["ratio_vs_hf_fp32"] = round(common.paired_ratio(times["ours"], times["peer_fp32"]), 3)
         result["mfu_peer_fp32"] = round(mfu["peer_fp32"], 4)
+        result["mfu_spec_peer_fp32"] = round(mfu_spec["peer_fp32"], 4)
 
     print(f"\n{facts.name} ({plan.device}), {args.config} model, batch {B} x {T}, {plan.dtype}, "
           f"ours {'compiled' if compiled else 'eager'} (first step {first['ours']:.1f} s), "
           f"{threads} threads, {result['quiet_rounds']}/{args.rounds} quiet rounds")
-    mem = result["peak_mem_mb"]
-    print(f"  ours {result['ours']:8.0f} tok/s  MFU {result['mfu']:.0%}  step memory {mem['ours']:.0f} MB")
-    print(f"  HF   {result['peer']:8.0f} tok/s  MFU {result['mfu_peer']:.0%}  step memory {mem['peer']:.0f} MB"
-          f"  -> ours/HF {result['ratio']:.2f}x")
+    mem, spec = result["peak_mem_mib"], result["spec_peak"]
+    print(f"  ours {result['ours']:8.0f} tok/s  MFU {result['mfu']:.0%} ({result['mfu_spec']:.0%})  "
+          f"step memory {mem['ours']:.0f} MiB")
+    print(f"  HF   {result['peer']:8.0f} tok/s  MFU {result['mfu_peer']:.0%} ({result['mfu_spec_peer']:.0%})  "
+          f"step memory {mem['peer']:.0f} MiB  -> ours/HF {result['ratio']:.2f}x")
     if "peer_fp32" in result:
-        print(f"  HF fp32 {result['peer_fp32']:5.0f} tok/s  step memory {mem['peer_fp32']:.0f} MB"
+        print(f"  HF fp32 {result['peer_fp32']:5.0f} tok/s  step memory {mem['peer_fp32']:.0f} MiB"
               f"  -> ours/HF fp32 {result['ratio_vs_hf_fp32']:.2f}x")
+    print(f"  MFU: against the measured matmul peak in each side's dtype; in brackets against issue #6's, "
+          f"{spec['dtype']} torch.mm of {spec['n']}^2 ({spec['gflops']:,.0f} GFLOP/s)")
     if args.json:
         common.emit_json(result)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main, hardware.HardwareError, train.ConfigError)

@@ -30,8 +30,12 @@ def test_train_throughput_json_in_bf16_has_the_fp32_peer_too():
     assert r["dtype"] == "bfloat16" and r["device"] == "cpu" and r["compile"] is False
     assert r["ours"] > 0 and r["peer"] > 0 and r["peer_fp32"] > 0
     assert r["ratio"] > 0 and r["ratio_vs_hf_fp32"] > 0 and 0 < r["mfu"] < 1.5
-    assert set(r["peak_mem_mb"]) == {"ours", "peer", "peer_fp32"} and r["process_peak_rss_mb"] > 0
+    assert set(r["peak_mem_mib"]) == {"ours", "peer", "peer_fp32"} and r["process_peak_rss_mib"] > 0
     assert set(r["matmul_peak_gflops"]) == {"bfloat16", "float32"}
+    # Issue #6's MFU: against fp32 torch.mm of 2048^2 on a CPU, whatever the dtype (the bf16 peak is higher).
+    assert r["spec_peak"] == {"dtype": "float32", "n": 2048, "product": "torch.mm", "gflops": r["spec_peak"]["gflops"]}
+    assert r["mfu_spec"] / r["mfu"] == pytest.approx(
+        r["matmul_peak_gflops"]["bfloat16"] / r["spec_peak"]["gflops"], rel=0.5)
 
 
 def test_bf16_learns_as_well_as_fp32():
@@ -55,7 +59,7 @@ def test_run_all_quick_prints_one_table():
     assert results["generate float32"]["same_tokens"] == 1.0 and results["generate float32"]["new_tokens"] == 16
     fp32 = results["train fp32"]
     assert fp32["dtype"] == "float32" and "ratio_vs_hf_fp32" not in fp32
-    assert set(fp32["peak_mem_mb"]) == {"ours", "peer"}
+    assert set(fp32["peak_mem_mib"]) == {"ours", "peer"}
     for r in results.values():
         assert r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0
     rows = [line for line in lines if line.startswith(("| train", "| generate", "| prepare"))]
