@@ -139,12 +139,7 @@ class _EndsWhenFull:
                 print(f"error: cannot write the output: {e.strerror} (a full disk? send it to another one)",
                       file=sys.stderr, flush=True)
             self.failed = True
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())  # Python's own flush at exit: nothing left to fail
-                os.close(devnull)
-            except (OSError, ValueError):
-                pass
+            _to_devnull(self._stream)  # Python's own flush at exit: nothing left to fail
             raise SystemExit(1) from None
 
     def write(self, text):
@@ -155,6 +150,16 @@ class _EndsWhenFull:
 
     def __getattr__(self, name):  # isatty, fileno, encoding, buffer, ... as the stream's
         return getattr(self._stream, name)
+
+
+def _to_devnull(stream):
+    """Point stream's file descriptor at /dev/null: its writes, and what its buffer holds, go nowhere from now."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _flush_or_exit_1():
@@ -192,12 +197,7 @@ class _OutlivesItsReader:
             if self.lost:
                 return None
             self.lost = True
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())  # what the buffer still holds goes there too
-                os.close(devnull)
-            except (OSError, ValueError, AttributeError):
-                pass
+            _to_devnull(self._stream)  # what the buffer still holds goes there too
             if e.errno in NO_ROOM and self.on_full:
                 self.on_full(e)
             try:
