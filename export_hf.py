@@ -375,6 +375,7 @@ def export_hf(source, out_dir):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale_exports(out_dir)  # out_dir is in place: an earlier swap's moved-aside folder has served its turn
     return out_dir
 
 

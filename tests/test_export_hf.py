@@ -302,6 +302,12 @@ def test_an_export_killed_mid_way_leaves_nothing_behind_after_the_next(tmp_path)
     export(model, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
     assert torch.equal(load_hf(tmp_path / "m").transformer.wpe.weight, model.transformer.wpe.weight)
+    # Killed at the swap itself: m moved aside, the new one not yet in place. The next export keeps the moved-aside
+    # copy until its own is in place (till then it is the only one), then removes it.
+    (tmp_path / ".m.old-a1b2c3").mkdir()
+    (tmp_path / "m").rename(tmp_path / ".m.old-a1b2c3" / "m")
+    export(model, tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name])
 
 
 def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
