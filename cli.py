@@ -83,7 +83,7 @@ def ctrl_c_ends_it(message="interrupted"):
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # (a reader gone, a full disk, a write this handler interrupted)
+            except (Exception, SystemExit):  # (a reader gone, a full disk: _EndsWhenFull's exit, a write cut short)
                 pass
         try:
             os.write(2, f"\n{message}\n".encode())
@@ -117,8 +117,7 @@ def tolerant_output(stdout_errors="backslashreplace", full_ends_it=True):
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors=errors)
     if full_ends_it and not isinstance(sys.stdout, _EndsWhenFull):
-        sys.stdout = _EndsWhenFull(sys.stdout)
-        atexit.register(_flush_or_exit_1)  # the first registered, the last run: after every other write
+        sys.stdout = _EndsWhenFull(sys.stdout)  # (at exit: _flush_or_exit_1)
 
 
 class _EndsWhenFull:
@@ -163,16 +162,22 @@ def _to_devnull(stream):
 
 
 def _flush_or_exit_1():
-    """At exit, what stdout still holds is written; no room for it (now, or in an earlier flush: an atexit
-    callback's SystemExit is ignored) ends the program with exit code 1."""
+    """At exit, under tolerant_output's stdout: what it still holds is written, and no room for it (now, or in an
+    earlier exit callback's flush, whose SystemExit Python ignores) ends the program with exit code 1. Registered
+    as cli is first imported, early in a script, so it runs after the exit callbacks of what is imported later
+    (PyTorch's, matplotlib's); os._exit then skips only those of the few modules imported before cli."""
+    if not isinstance(sys.stdout, _EndsWhenFull):
+        return
     try:
-        if sys.stdout is not None:
-            sys.stdout.flush()
+        sys.stdout.flush()
     except (SystemExit, OSError):
         pass  # (OSError: a reader gone; Python's own flush says so, or quiet_on_closed_pipe ended it quietly)
-    if getattr(sys.stdout, "failed", False):
+    if sys.stdout.failed:
         sys.stderr.flush()
         os._exit(1)
+
+
+atexit.register(_flush_or_exit_1)
 
 
 class _OutlivesItsReader:

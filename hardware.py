@@ -331,11 +331,17 @@ def normalize_compile(compile):
     raise HardwareError(f"unknown compile setting {compile!r}: use True, False or 'auto'")
 
 
+def native_cuda_bf16(facts):
+    """Whether a CUDA GPU computes in bf16 natively (capability 8.0 and up: A100, L4, H100). Never the bare
+    torch.cuda.is_bf16_supported(), which is True on a T4, where bf16 is emulated (slowly)."""
+    return tuple(facts.capability) >= (8, 0)
+
+
 def _cuda_dtype(facts, dtype):
     """(dtype, reason) on a CUDA GPU."""
     cap = facts.capability
     capstr = f"capability {cap[0]}.{cap[1]}"
-    native_bf16 = tuple(cap) >= (8, 0)
+    native_bf16 = native_cuda_bf16(facts)
     if dtype == "auto":
         if native_bf16:
             return "bfloat16", f"bfloat16 ({capstr} has native bf16)"

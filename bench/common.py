@@ -27,6 +27,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 
+import hardware  # noqa: E402
 from model import GPTConfig, mm_nt  # noqa: E402
 
 # Configs the benches run: the default model, and a tiny one for the test suite.
@@ -57,12 +58,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def peak_size(device):
+    """The side of the square matmul whose speed stands for the device's peak (issue #6): 8192 on a GPU, 2048
+    on a CPU."""
+    return 8192 if str(device).startswith("cuda") else 2048
+
+
 def matmul_peak_flops(device, dtype, n=None, reps=3, products=(torch.mm, mm_nt)):
-    """Best FLOP/s of an n x n matmul in `dtype` on `device` (CPU: n=2048, CUDA: n=8192), the fastest of
-    `products`: by default torch.mm and model.mm_nt, the product our linears use (on AMD CPUs fp32 torch.mm runs
-    MKL's AVX2 code, at about half the speed of the oneDNN kernels mm_nt calls there, and the device's peak is
-    the faster one)."""
-    n = n or (8192 if str(device).startswith("cuda") else 2048)
+    """Best FLOP/s of an n x n matmul (n: peak_size) in `dtype` on `device`, the fastest of `products`: by
+    default torch.mm and model.mm_nt, the product our linears use (on AMD CPUs fp32 torch.mm runs MKL's AVX2
+    code, at about half the speed of the oneDNN kernels mm_nt calls there, and the device's peak is the faster
+    one)."""
+    n = n or peak_size(device)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
@@ -77,14 +84,14 @@ def matmul_peak_flops(device, dtype, n=None, reps=3, products=(torch.mm, mm_nt))
     return 2 * n ** 3 / best
 
 
-def spec_peak_dtype(device, dtype):
-    """The dtype of issue #6's MFU peak: CPU fp32 (torch.mm of 2048^2), CUDA bf16 or fp16 (of 8192^2): the
-    run's own half precision, or bf16 where the GPU has it (else fp16) for an fp32 run."""
-    if not str(device).startswith("cuda"):
+def spec_peak_dtype(facts, dtype):
+    """The dtype of issue #6's MFU peak (torch.mm of peak_size^2): fp32 on a CPU; on a CUDA GPU the run's own half
+    precision, or for an fp32 run bf16 where the GPU has it natively, else fp16."""
+    if facts.type != "cuda":
         return torch.float32
     if dtype in (torch.bfloat16, torch.float16):
         return dtype
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if hardware.native_cuda_bf16(facts) else torch.float16
 
 
 def train_flops_per_token(config, block_size):
@@ -249,9 +256,12 @@ def quiet_rounds(contention, threshold=0.1, minimum=3):
 
 def at_least_one(text):
     """argparse type of a count that must be 1 or more (--rounds, --warmup, --batch_size)."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
     return n
 
 

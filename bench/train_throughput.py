@@ -151,10 +151,11 @@ def main(argv=None):
         sides["peer_fp32"] = hf_side(fp32_scaler, "float32")
     side_dtype = {n: torch.float32 if n == "peer_fp32" else plan.torch_dtype for n in sides}
 
-    first, peak_mem = {}, {}
+    first, peak_mem, before = {}, {}, {}
     memory = common.StepMemory(plan.device)
     for name, step in sides.items():  # each side's warm-up, then its step memory, before the next side's
-        since = memory.allocated()
+        # From before the first step of the side's model: peer_fp32 trains the peer's model and optimizer too.
+        since = before.setdefault("ours" if name == "ours" else "hf", memory.allocated())
         t = time.perf_counter()
         step()
         first[name] = time.perf_counter() - t
@@ -166,8 +167,8 @@ def main(argv=None):
         peak_mem[name] = memory.measure(step, since)[1]
 
     peaks = {dt: [] for dt in set(side_dtype.values())}  # matmul FLOP/s per dtype, one per round
-    spec_dtype = common.spec_peak_dtype(plan.device, plan.torch_dtype)
-    spec_n = 8192 if plan.device_type == "cuda" else 2048
+    spec_dtype = common.spec_peak_dtype(facts, plan.torch_dtype)
+    spec_n = common.peak_size(plan.device)
     spec_peaks = []  # issue #6's peak: torch.mm alone, of spec_n^2, in spec_dtype
     flops_tok = common.train_flops_per_token(config, T)
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
@@ -79,3 +80,13 @@ def test_interleaving_rotates_the_order_and_quiet_rounds_fall_back():
     assert common.quiet_rounds({"a": [0.0, 0.5, 0.0, 0.0], "b": [0.0, 0.0, 0.05, 0.0]}) == ([0, 2, 3], True)
     assert common.quiet_rounds({"a": [0.0, 0.5, 0.9], "b": [0.0, 0.0, 0.0]}) == ([0, 1, 2], False)
     assert common.paired_ratio([1.0, 2.0, 1.0], [2.0, 2.0, 3.0]) == 2.0
+
+
+def test_the_issues_mfu_peak_is_fp32_on_a_cpu_and_native_half_precision_on_a_gpu():
+    from hardware import DeviceFacts
+    t4, a100 = (DeviceFacts(type="cuda", name=n, capability=c) for n, c in (("Tesla T4", (7, 5)), ("A100", (8, 0))))
+    assert common.spec_peak_dtype(DeviceFacts(type="cpu", name="CPU"), torch.bfloat16) == torch.float32
+    assert common.spec_peak_dtype(t4, torch.float16) == torch.float16
+    assert common.spec_peak_dtype(t4, torch.float32) == torch.float16  # bf16 is emulated there (is_bf16_supported: True)
+    assert common.spec_peak_dtype(a100, torch.float32) == torch.bfloat16
+    assert (common.peak_size("cpu"), common.peak_size("cuda:0")) == (2048, 8192)

@@ -96,6 +96,18 @@ def test_output_to_a_full_disk_ends_with_one_line_and_exit_code_1(tmp_path, unbu
     assert (q.returncode, q.stderr) == (1, NO_ROOM_LINE)
 
 
+@FULL_DISK
+def test_ctrl_c_with_output_to_a_full_disk_still_ends_as_an_interruption():
+    """Ctrl-C when what stdout holds cannot be written: the flush on the way out fails, and the exit is still
+    Ctrl-C's (130, "interrupted"), with the full disk said once, not the full disk's exit 1 instead."""
+    code = ("import os, signal, time, cli\ncli.ctrl_c_ends_it()\ncli.tolerant_output()\nprint('perplexity 12.3')\n"
+            "os.kill(os.getpid(), signal.SIGINT)\ntime.sleep(10)\nprint('never')")
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True,
+                           timeout=60, env={**os.environ, "PYTHONUNBUFFERED": ""})
+    assert (p.returncode, p.stderr) == (130, NO_ROOM_LINE + "\ninterrupted\n")
+
+
 def write_history(folder):
     (folder / "eval_history.json").write_text(json.dumps([
         {"step": s, "epoch": s / 10, "tokens": s * 100, "lr": 1e-3, "train_loss": 5.0, "val_loss": 5.5 - s / 100}
