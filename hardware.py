@@ -392,7 +392,8 @@ def _duration(s):
 def _auto_compile(facts, dtype, planned_tokens):
     """(compile, reason) for compile='auto'."""
     if facts.platform.startswith("win"):
-        return False, "off (Windows: torch.compile needs Triton and a C++ compiler set up; --compile=True to try)"
+        needs = "Triton and a C++ compiler" if facts.type == "cuda" else "a C++ compiler"
+        return False, f"off (Windows: torch.compile needs {needs} set up; --compile=True to try)"
     if facts.type == "mps":
         return False, "off (torch.compile for MPS is experimental)"
     if facts.type == "cuda":
@@ -518,15 +519,16 @@ def inference_plan(device="auto", dtype="auto", compile=None):
 
 def describe(facts, plan):
     """The one device line printed at start: device, capability, memory, dtype and compile with reasons."""
-    gib = f"{facts.memory_bytes / 2**30:.1f} GiB" if facts.memory_bytes else "memory unknown"
+    gib = f"{facts.memory_bytes / 2**30:.1f} GiB" if facts.memory_bytes else None
     if facts.type == "cuda":
         extra = f", {facts.gpu_count} GPUs visible" if facts.gpu_count > 1 else ""
         cap = facts.capability
-        what = f"{facts.device} {facts.name} (capability {cap[0]}.{cap[1]}, {gib}{extra})"
+        what = f"{facts.device} {facts.name} (capability {cap[0]}.{cap[1]}, {gib or 'memory unknown'}{extra})"
     elif facts.type == "cpu":
-        what = f"cpu {facts.name} ({facts.cpu_threads} {plural(facts.cpu_threads, 'thread')}, {gib} RAM)"
+        what = f"cpu {facts.name} ({facts.cpu_threads} {plural(facts.cpu_threads, 'thread')}, " \
+               f"{f'{gib} RAM' if gib else 'RAM unknown'})"  # (Windows: no os.sysconf to read it from)
     else:
-        what = f"{facts.device} {facts.name} ({gib} shared)"
+        what = f"{facts.device} {facts.name} ({f'{gib} shared' if gib else 'memory unknown'})"
     if facts.torch_version:
         what += f", torch {facts.torch_version}"
     graphs = f" | cuda graphs: {plan.reasons['cuda_graphs']}" if "cuda_graphs" in plan.reasons else ""

@@ -35,10 +35,13 @@ def matplotlib_available():
     return importlib.util.find_spec("matplotlib") is not None
 
 
+PERPLEXITY_CAP_LOSS = 50
+
+
 def perplexity(loss):
     """exp(loss), the figure every history record and message gives beside a loss; capped at exp(50) so that a
     diverged run's records stay numbers JSON can hold."""
-    return math.exp(min(loss, 50))
+    return math.exp(min(loss, PERPLEXITY_CAP_LOSS))
 
 
 # Fields a history record may hold as numbers (or null); `required`, below, must be there.

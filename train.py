@@ -1100,11 +1100,14 @@ class Trainer:
         self.val_loss = val
         improved = val < self.best_val_loss
         ppl = plot.perplexity(val)
-        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl:.2f}" + (" (best)" if improved else ""))
+        ppl_text = f"{ppl:.2f}" if not val >= plot.PERPLEXITY_CAP_LOSS else f"over {ppl:.3g} (exp({plot.PERPLEXITY_CAP_LOSS}))"
+        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl_text}" + (" (best)" if improved else ""))
         if self.ddp.master:
             self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
                 "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
-                "lr": lr, "train_loss": self.last_train_loss, "val_loss": val, "val_perplexity": ppl,
+                # The last step's loss: null when it was not finite (its update skipped), not an older step's.
+                "lr": lr, "train_loss": None if self.nonfinite else self.last_train_loss, "val_loss": val,
+                "val_perplexity": ppl,
                 "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")}]
             self.write_history(plot.EVAL_HISTORY, self.eval_history)
         self.tracker.log(self.step, {"val/loss": val, "val/perplexity": ppl})

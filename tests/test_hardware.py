@@ -540,3 +540,11 @@ def test_inference_plan_compiles_only_generation_on_a_cpu_and_says_why():
         compile, why = hardware.generation_compile(facts, True)
         assert compile is False and why.startswith("off (")
     assert hardware.generation_compile(CPU_FP32, True)[0] is True
+
+
+def test_a_windows_cpu_line_says_what_compile_needs_there_and_when_ram_is_unknown():
+    """Windows has no os.sysconf, so RAM is unknown; a CPU's torch.compile needs a C++ compiler, not Triton."""
+    facts = DeviceFacts(type="cpu", name="Intel64 Family 6", cpu_threads=4, platform="win32")
+    line = hardware.describe(facts, hardware.decide(facts, planned_tokens=10 ** 9))
+    assert "(4 threads, RAM unknown)" in line, line
+    assert "compile: off (Windows: torch.compile needs a C++ compiler set up; --compile=True to try)" in line, line

@@ -990,9 +990,12 @@ def test_text_settings_keep_what_was_typed():
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, bins):
-    one = run_train(tmp_path / "one", bins, "--max_steps=5", "--save_steps=5", "--eval_steps=100",
+    one = run_train(tmp_path / "one", bins, "--max_steps=5", "--save_steps=5", "--eval_steps=3",
                     env={"GPT_TEST_NAN_AT_STEPS": "3"})
     assert "step 3: non-finite loss or gradient, update skipped (1 in a row)" in one.stdout
+    # The evaluation after the skipped step records its loss as null, not step 2's as if it were step 3's.
+    records = json.loads((tmp_path / "one" / "eval_history.json").read_text())
+    assert [(r["step"], r["train_loss"] is None) for r in records] == [(3, True), (5, False)]
     final = weights(tmp_path / "one" / "checkpoints" / "checkpoint_epoch1_step5.pt")
     assert all(torch.isfinite(v).all() for v in final.values())
 
