@@ -389,7 +389,7 @@ def _duration(s):
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.0f} h"
 
 
-def _auto_compile(facts, dtype, planned_tokens):
+def _auto_compile(facts, dtype, planned_tokens, max_seconds=None):
     """(compile, reason) for compile='auto'."""
     if facts.platform.startswith("win"):
         needs = "Triton and a C++ compiler" if facts.type == "cuda" else "a C++ compiler"
@@ -403,15 +403,20 @@ def _auto_compile(facts, dtype, planned_tokens):
         return True, f"on (capability {cap[0]}.{cap[1]} >= 7.0)"
     if planned_tokens is None:
         return False, "off (run length unknown; on CPU compiling pays only on long runs)"
+    run = f"a {_tokens(planned_tokens)}-token run"
+    if max_seconds:  # the session ends at max_runtime: what counts is what the eager step would train until then
+        fits = int(max_seconds * CPU_EAGER_TOKENS_PER_S_PER_THREAD[dtype] * max(1, facts.cpu_threads))
+        if fits < planned_tokens:
+            planned_tokens, run = fits, f"{run}, ~{_tokens(fits)} of them within max_runtime"
     saving = cpu_compile_saving_s(planned_tokens, dtype, facts.cpu_threads)
     if saving >= CPU_COMPILE_MIN_SAVING_S:
-        return True, (f"on (a {_tokens(planned_tokens)}-token run: saves ~{_duration(saving)}, "
-                      "costs up to 1 min at the first step)")
-    return False, (f"off (a {_tokens(planned_tokens)}-token run: would save ~{_duration(saving)}, less than "
-                   f"the {_duration(CPU_COMPILE_MIN_SAVING_S)} it needs to pay)")
+        return True, f"on ({run}: saves ~{_duration(saving)}, costs up to 1 min at the first step)"
+    return False, (f"off ({run}: would save ~{_duration(saving)}, less than the {_duration(CPU_COMPILE_MIN_SAVING_S)} "
+                   f"it needs to pay)")
 
 
-def decide(facts, dtype="auto", compile="auto", planned_tokens=None, cuda_graphs=False, world_size=1):
+def decide(facts, dtype="auto", compile="auto", planned_tokens=None, cuda_graphs=False, world_size=1,
+           max_seconds=None):
     """Pure: the Plan (dtype, GradScaler, compile, with reasons) for a device. The tested decision table.
 
     dtype='auto':
@@ -428,7 +433,8 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None, cuda_graphs
       CPU: on when the expected saving (cpu_compile_saving_s: planned_tokens at the measured eager speed
         and compile speedup for this dtype) is at least CPU_COMPILE_MIN_SAVING_S = 120 s, twice the
         worst measured compile cost. With the default model on a 2-thread CPU that is about 0.9M
-        tokens in bf16 and 0.8M in fp32: a full training run compiles, a quick try-out does not.
+        tokens in bf16 and 0.8M in fp32: a full training run compiles, a quick try-out does not. A session
+        capped at max_seconds (train.py's max_runtime) counts only the tokens the eager step would train in it.
         Unknown planned_tokens: off.
       MPS and Windows: off.
     compile=True on a GPU below 7.0 is a HardwareError; elsewhere True/False are obeyed.
@@ -453,7 +459,7 @@ def decide(facts, dtype="auto", compile="auto", planned_tokens=None, cuda_graphs
         raise HardwareError(f"unknown device type {facts.type!r}: use cuda, mps or cpu")
 
     if compile == "auto":
-        compile, compile_reason = _auto_compile(facts, dtype, planned_tokens)
+        compile, compile_reason = _auto_compile(facts, dtype, planned_tokens, max_seconds)
     elif compile and facts.type == "cuda" and tuple(facts.capability) < (7, 0):
         cap = facts.capability
         raise HardwareError(f"compile=True but {facts.name} (capability {cap[0]}.{cap[1]}) is below 7.0, which "

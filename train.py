@@ -714,7 +714,7 @@ class Trainer:
         done = ckpt.peek_step(resume) if resume is not None else 0
         self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=max(
             0, self.total_steps - done) * self.tokens_per_step // ddp.world_size, cuda_graphs=cfg.cuda_graphs,
-            world_size=ddp.world_size)
+            world_size=ddp.world_size, max_seconds=self.max_runtime or None)
         if self.test_graphs_on_cpu and self.plan.compile:
             self.plan = dataclasses.replace(self.plan, cuda_graphs=True)
         torch.manual_seed(cfg.seed + ddp.rank)

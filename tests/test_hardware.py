@@ -115,6 +115,13 @@ def test_cpu_compile_only_pays_on_long_runs():
     assert edge32 != edge
     assert decide(CPU_BF16, dtype="float32", planned_tokens=int(edge32 * 0.99)).compile is False
     assert decide(CPU_BF16, dtype="float32", planned_tokens=int(edge32 * 1.01) + 1).compile is True
+    # A session capped by max_runtime trains only what fits in it: a long run's 90-second session does not compile
+    # (its minute of compiling would take most of it), its 8.5-hour Kaggle session does.
+    capped = decide(CPU_BF16, planned_tokens=10 ** 9, max_seconds=90)
+    assert capped.compile is False and "a 1000.0M-token run, ~244k of them within max_runtime: would save" in \
+        capped.reasons["compile"], capped.reasons["compile"]
+    assert decide(CPU_BF16, planned_tokens=10 ** 9, max_seconds=8.5 * 3600).compile is True
+    assert decide(CPU_BF16, planned_tokens=SHORT_RUN, max_seconds=10 ** 6).reasons["compile"] == short.reasons["compile"]
 
 
 def test_windows_keeps_compile_off_unless_asked():
