@@ -24,6 +24,8 @@ from cli import one_line, say
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 WANDB_FIX = "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log locally; training goes on without W&B"
+WANDB_OFFLINE_FIX = ("no connection to W&B? set WANDB_MODE=offline to log locally (`wandb sync` sends it "
+                     "later); training goes on without W&B")
 
 
 def _warn(message):
@@ -78,6 +80,7 @@ class Tracker:
             if id_file.exists():
                 _warn(f"{id_file} does not hold a W&B run id: this run gets a new one")
             run_id = secrets.token_hex(4)
+        has_key = None
         try:
             try:  # without a key, wandb.init would stop at an interactive login prompt
                 # Offline (WANDB_MODE, or `wandb offline`, which writes wandb/settings) needs no key.
@@ -92,7 +95,9 @@ class Tracker:
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
                              name=out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
         except Exception as e:  # no network, a bad project name: tracking must not stop training
-            _warn(f"W&B did not start ({one_line(e)}); {WANDB_FIX}")
+            # With a key there, the usual cause is the network (wandb says "context deadline exceeded").
+            _warn(f"W&B did not start ({one_line(e)}); "
+                  + (WANDB_OFFLINE_FIX if has_key is True else WANDB_FIX))
             return None
         try:
             atomic_write_text(id_file, run_id + "\n")

@@ -166,3 +166,27 @@ def test_wandb_offline_set_by_its_own_command_needs_no_key(tmp_path, monkeypatch
         assert t.wandb is not None, capsys.readouterr().err
     finally:
         t.close()
+
+
+def test_wandb_with_a_key_that_cannot_connect_points_to_offline_mode(tmp_path, monkeypatch, capsys):
+    """A key is set, but W&B cannot be reached (a Kaggle notebook without internet): the hint is offline mode, not
+    `wandb login` (which would not help). wandb.init stands in for the network here: it raises what wandb raises
+    when its server does not answer."""
+    wandb = pytest.importorskip("wandb")
+    for name in [k for k in os.environ if k.startswith("WANDB")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+
+    def unreachable(**kwargs):
+        raise wandb.errors.CommError("Run initialization has timed out after 30.0 sec. context deadline exceeded")
+
+    monkeypatch.setattr(wandb, "init", unreachable)
+    t = Tracker(tmp_path / "out", wandb_project="gpt2-test")
+    t.close()
+    err = capsys.readouterr().err
+    assert t.wandb is None and "warning: W&B did not start (CommError: Run initialization has timed out" in err, err
+    assert err.rstrip().endswith("no connection to W&B? set WANDB_MODE=offline to log locally (`wandb sync` sends "
+                                 "it later); training goes on without W&B"), err
