@@ -1287,6 +1287,7 @@ class Trainer:
             raise ConfigError(f"{what} is a model with " + ", ".join(f"{k}={sizes[k]}" for k in clash)
                               + f"; {why}: drop " + " ".join(f"--{k}={getattr(self.cfg, k)!r}" for k in clash))
         self.cfg = dataclasses.replace(self.cfg, **sizes)
+        validate(self.cfg, self.ddp.world_size)  # what the sizes taken may make unusable (bias=False and the export)
         if changed:
             self.log(f"{what}: model settings taken from it: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-import hardware
 from test_train import ROOT, TINY, assert_resumed_run_is_bit_identical, final_state, write_bins
 
 pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
@@ -85,12 +84,12 @@ def test_two_processes_match_one(tmp_path, bins, one):
 
 
 def test_compile_is_decided_on_each_processs_share_of_the_tokens(tmp_path, bins):
-    """11 steps of 16 x 32 tokens per epoch, 107 epochs: 603k tokens in all, 301k for each of 2 processes. In
-    fp32 on one thread per process compile pays from ~400k tokens: on for the whole run, off for a share."""
-    edge = hardware.CPU_COMPILE_MIN_SAVING_S / hardware.cpu_compile_saving_s(1, "float32", 1)
-    assert 301_312 < edge < 2 * 301_312
+    """11 steps of 16 x 32 tokens per epoch, 107 epochs: 603k tokens in all, 301k for each of 2 processes. The
+    decision counts a process's share (and, the session being capped at 1 s here so that the test ends, only what
+    fits in it: hardware's own tests cover both rules' thresholds)."""
     launch(2, tmp_path, bins, "--compile=auto", "--epochs=107", "--max_runtime=1")
-    assert "compile: off (a 301k-token run" in (tmp_path / "train.log").read_text()
+    assert "compile: off (a 301k-token run, ~900 of them within max_runtime: would save" in \
+        (tmp_path / "train.log").read_text()
 
 
 def test_dropout_resumes_exactly_on_as_many_processes(tmp_path, bins):

@@ -1100,6 +1100,18 @@ def test_default_config_trains_on_cpu(tmp_path, bins):
     assert (tmp_path / "out" / "final_model" / "model.safetensors").exists()
 
 
+def test_init_from_a_model_without_biases_asks_for_no_export_at_the_start(tmp_path, bins, refused):
+    """bias=False comes with the source's sizes: the export at the end would fail, so the start says so, as for
+    --bias=False (not a warning after the whole run)."""
+    src = tmp_path / "nobias.pt"
+    source = GPT(GPTConfig(n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=64, bias=False))
+    ckpt.atomic_save({"format_version": 1, "model_state_dict": source.state_dict(), "epoch": 0, "step": 0,
+                      "config": source.config.to_dict()}, src)
+    cmd = [a for a in train_cmd(tmp_path / "out", bins, f"--init_from={src}") if a != "--export_final_model=False"]
+    assert refused(cmd) == ("error: bias=False cannot be exported to final_model/ (HF GPT-2 has biases in every Linear "
+                            "and LayerNorm): add --export_final_model=False, or train with bias=True\n")
+
+
 @pytest.mark.parametrize("kind", ["hf_folder", "checkpoint"])
 def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind, refused):
     import export_hf
