@@ -737,6 +737,7 @@ class Trainer:
         # by its resumes, so that a resume is refused into folders holding another run's checkpoints.
         self.run_id = uuid.uuid4().hex[:16]
         self.val_loss, self.last_train_loss, self.epoch_loss_sum, self.epoch_loss_count = None, None, 0.0, 0
+        self.last_step_finite = True  # the latest step's loss was finite (else its update was skipped)
         self.elapsed_before = 0.0  # training seconds of earlier sessions of this run
         # (epoch loss sums) from a completed step until its evaluation is done: an error in between
         # writes an emergency checkpoint that has resume redo that evaluation.
@@ -865,7 +866,8 @@ class Trainer:
         self.step += 1
         self.throughput.step_done()
         self.tokens_seen += self.tokens_per_step
-        if math.isfinite(loss):
+        self.last_step_finite = math.isfinite(loss)
+        if self.last_step_finite:
             self.nonfinite = 0
             self.last_train_loss = loss
             self.epoch_loss_sum += loss
@@ -1106,7 +1108,7 @@ class Trainer:
             self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
                 "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,
                 # The last step's loss: null when it was not finite (its update skipped), not an older step's.
-                "lr": lr, "train_loss": None if self.nonfinite else self.last_train_loss, "val_loss": val,
+                "lr": lr, "train_loss": self.last_train_loss if self.last_step_finite else None, "val_loss": val,
                 "val_perplexity": ppl,
                 "elapsed_s": round(self.elapsed(), 1), "timestamp": datetime.now().isoformat(timespec="seconds")}]
             self.write_history(plot.EVAL_HISTORY, self.eval_history)
@@ -1190,6 +1192,7 @@ class Trainer:
             "epoch": self.epoch_of(self.step),
             "step": self.step,
             "train_loss": self.last_train_loss,
+            "last_step_finite": self.last_step_finite,
             "val_loss": self.val_loss,
             "best_val_loss": self.best_val_loss,
             "tokens_seen": self.tokens_seen,
@@ -1392,6 +1395,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.run_id = state.get("run_id") or self.run_id  # (a checkpoint from before run ids: its run gets one now)
         self.best_val_loss, self.val_loss, self.last_train_loss = state["best_val_loss"], state["val_loss"], state["train_loss"]
+        self.last_step_finite = state.get("last_step_finite", True)  # (for a pending evaluation's record)
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.train_bins.load_state_dict(state["data_state"])
