@@ -8,10 +8,39 @@ A step is one optimizer step (gradient_accumulation_steps micro-batches). Checkp
 handling and the time budget keep a run safe: see README.md, "Training".
 """
 
+import os
 import signal
 import sys
 
 NOT_STARTED = "interrupted before training started: nothing to save"
+
+
+class StoppedEarly(KeyboardInterrupt):
+    """SIGTERM before training starts (a `kill`, a scheduler), raised where Ctrl-C's KeyboardInterrupt is, so that
+    the same handlers end the process with the same one line (and exit code 143). Training's own handler takes
+    over at its start (StopRequest)."""
+
+    def __init__(self, signum):
+        super().__init__()
+        self.signum = signum
+
+
+def _stopped_early(signum, frame):
+    raise StoppedEarly(signum)
+
+
+def _end_before_training(e):
+    """Exit code of a Ctrl-C or SIGTERM before training, after its one line; later copies of either are ignored."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
+    return 128 + getattr(e, "signum", signal.SIGINT)
+
+
+# One process (under torchrun the launcher passes SIGTERM on, and ends the other processes with it when one fails:
+# they stay silent, as the one that failed says why).
+if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE") or 1) == 1:
+    signal.signal(signal.SIGTERM, _stopped_early)
 
 try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line, not a traceback from an import
     import ast
@@ -22,7 +51,6 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import inspect
     import json
     import math
-    import os
     import re
     import runpy
     import shlex
@@ -51,14 +79,12 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import plot
     import sample
     from tracking import Tracker
-except KeyboardInterrupt:
+except KeyboardInterrupt as e:
     if __name__ != "__main__":  # imported (tests, benches): the importer's own Ctrl-C handling
         raise
     # First: a second Ctrl-C, or a copy of this one (`timeout -s INT`, a process group's), would cut the line short
     # or end the process in Python's shutdown with a traceback (one already pending is dropped too).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
-    sys.exit(128 + signal.SIGINT)
+    sys.exit(_end_before_training(e))
 
 PROCESS_START = time.time()
 SAID_BY_ANOTHER_RANK_WAIT_S = 10.0  # see train_main
@@ -1621,11 +1647,11 @@ def train_main(argv, held):
             sys.stderr.flush()
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
-    except KeyboardInterrupt:  # before training started (its own Ctrl-C handling begins with start_session)
-        if __name__ == "__main__":  # (not in an importer's process) as at the imports above
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # before training started (its own Ctrl-C handling begins with start_session)
+        if __name__ != "__main__":  # (an importer's process keeps its handlers) as at the imports above
+            print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
+            return 128 + signal.SIGINT
+        return _end_before_training(e)
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).

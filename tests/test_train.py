@@ -452,12 +452,13 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
     assert "interrupted at step" in log and "Resume with: python train.py" in log
 
 
-@pytest.mark.parametrize("during", ["import torch", "set-up"])
-def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during):
+@pytest.mark.parametrize("during, signum", [("import torch", signal.SIGINT), ("set-up", signal.SIGINT),
+                                            ("import torch", signal.SIGTERM), ("set-up", signal.SIGTERM)])
+def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during, signum):
     """The real train.py run as __main__ by a launcher that says when the import of torch begins, or when set-up
-    opens train.bin (audit hooks): the Ctrl-C lands there (`import torch` alone takes seconds, set-up
-    makes the model and the optimizer). A copy of the signal after the line (as `timeout -s INT` or a process
-    group sends one) changes nothing: no traceback from Python's shutdown, the same exit code."""
+    opens train.bin (audit hooks): the Ctrl-C (or a `kill`'s SIGTERM) lands there (`import torch` alone takes
+    seconds, set-up makes the model and the optimizer). A copy of the signal after the line (as `timeout -s INT`
+    or a process group sends one) changes nothing: no traceback from Python's shutdown, the same exit code."""
     out = tmp_path / "out"
     launcher = """if True:
         import runpy, sys
@@ -475,14 +476,14 @@ def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, b
         while (line := proc.stdout.readline()) not in (f"{during}\n", ""):
             pass
         assert line == f"{during}\n"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         said = proc.stderr.readline() + proc.stderr.readline()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()  # (a no-op once it has exited)
         proc.communicate()
-    assert (proc.returncode, said + stderr) == (128 + signal.SIGINT, f"\n{train.NOT_STARTED}\n")
+    assert (proc.returncode, said + stderr) == (128 + signum, f"\n{train.NOT_STARTED}\n")
     if during == "import torch":
         assert stdout == "" and not out.exists()
     else:
