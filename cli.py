@@ -120,35 +120,47 @@ def tolerant_output(stdout_errors="backslashreplace", full_ends_it=True):
         sys.stdout = _EndsWhenFull(sys.stdout)  # (at exit: _flush_or_exit_1)
 
 
-class _EndsWhenFull:
+class _Guarded:
+    """A text stream (stdout, stderr) whose failed writes and flushes go to _on_error (what a subclass does about
+    them); its other attributes (isatty, fileno, encoding, buffer, ...) are the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _guarded(self, op, *args):
+        try:
+            return op(*args)
+        except OSError as e:
+            return self._on_error(e, op, args)
+
+    def write(self, text):
+        written = self._guarded(self._stream.write, text)
+        return len(text) if written is None else written
+
+    def flush(self):
+        self._guarded(self._stream.flush)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+class _EndsWhenFull(_Guarded):
     """stdout whose write or flush fails for want of room (a full disk under `> results.txt`) ends the program:
     one line on stderr and SystemExit(1), the rest of its output to /dev/null."""
 
     def __init__(self, stream):
-        self._stream = stream
+        super().__init__(stream)
         self.failed = False
 
-    def _checked(self, op, *args):
-        try:
-            return op(*args)
-        except OSError as e:
-            if e.errno not in NO_ROOM:
-                raise
-            if not self.failed:
-                print(f"error: cannot write the output: {e.strerror} (a full disk? send it to another one)",
-                      file=sys.stderr, flush=True)
-            self.failed = True
-            _to_devnull(self._stream)  # Python's own flush at exit: nothing left to fail
-            raise SystemExit(1) from None
-
-    def write(self, text):
-        return self._checked(self._stream.write, text)
-
-    def flush(self):
-        self._checked(self._stream.flush)
-
-    def __getattr__(self, name):  # isatty, fileno, encoding, buffer, ... as the stream's
-        return getattr(self._stream, name)
+    def _on_error(self, e, op, args):
+        if e.errno not in NO_ROOM:
+            raise e
+        if not self.failed:
+            print(f"error: cannot write the output: {e.strerror} (a full disk? send it to another one)",
+                  file=sys.stderr, flush=True)
+        self.failed = True
+        _to_devnull(self._stream)  # Python's own flush at exit: nothing left to fail
+        raise SystemExit(1) from None
 
 
 def _to_devnull(stream):
@@ -180,45 +192,32 @@ def _flush_or_exit_1():
 atexit.register(_flush_or_exit_1)
 
 
-class _OutlivesItsReader:
+class _OutlivesItsReader(_Guarded):
     """A text stream (stdout, stderr) whose writes cannot fail: once its reader is gone (a `| tee` that the same
     Ctrl-C stopped, a `| head` that has its lines, a closed terminal), the file descriptor is pointed at
     /dev/null and the program goes on writing into it, as if its output were still read. So it is when there is
     no room for what it writes (a full disk under `> run.txt`): once, `on_full(error)` is told."""
 
     def __init__(self, stream, on_full=None):
-        self._stream = stream
+        super().__init__(stream)
         self.lost = False
         self.on_full = on_full
 
     GONE = (errno.EPIPE, errno.EIO, errno.ENXIO, errno.ECONNRESET)  # no reader left: a pipe, a terminal, a socket
 
-    def _survive(self, op, *args):
+    def _on_error(self, e, op, args):
+        if e.errno not in self.GONE + NO_ROOM:
+            raise e
+        if self.lost:
+            return None
+        self.lost = True
+        _to_devnull(self._stream)  # what the buffer still holds goes there too
+        if e.errno in NO_ROOM and self.on_full:
+            self.on_full(e)
         try:
             return op(*args)
-        except OSError as e:
-            if e.errno not in self.GONE + NO_ROOM:
-                raise
-            if self.lost:
-                return None
-            self.lost = True
-            _to_devnull(self._stream)  # what the buffer still holds goes there too
-            if e.errno in NO_ROOM and self.on_full:
-                self.on_full(e)
-            try:
-                return op(*args)
-            except OSError:
-                return None
-
-    def write(self, text):
-        written = self._survive(self._stream.write, text)
-        return len(text) if written is None else written
-
-    def flush(self):
-        self._survive(self._stream.flush)
-
-    def __getattr__(self, name):  # isatty, fileno, encoding, ... as the stream's
-        return getattr(self._stream, name)
+        except OSError:
+            return None
 
 
 @contextlib.contextmanager
