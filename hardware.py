@@ -375,8 +375,14 @@ def cpu_compile_saving_s(planned_tokens, dtype, cpu_threads):
     saving = eager time x (1 - 1/speedup), eager time from the measured tokens/s per thread times the
     threads. Assuming linear scaling over threads overestimates a big CPU's speed, so the rule stays
     conservative there (it asks for a longer run before compiling)."""
-    eager_s = planned_tokens / (CPU_EAGER_TOKENS_PER_S_PER_THREAD[dtype] * max(1, cpu_threads))
+    eager_s = planned_tokens / cpu_eager_tokens_per_s(dtype, cpu_threads)
     return eager_s * (1 - 1 / CPU_COMPILE_SPEEDUP[dtype])
+
+
+def cpu_eager_tokens_per_s(dtype, cpu_threads):
+    """The default model's expected uncompiled training speed on a CPU: the measured speed per thread, times the
+    threads (linear: an overestimate on a big CPU)."""
+    return CPU_EAGER_TOKENS_PER_S_PER_THREAD[dtype] * max(1, cpu_threads)
 
 
 def _tokens(n):
@@ -405,7 +411,7 @@ def _auto_compile(facts, dtype, planned_tokens, max_seconds=None):
         return False, "off (run length unknown; on CPU compiling pays only on long runs)"
     run = f"a {_tokens(planned_tokens)}-token run"
     if max_seconds:  # the session ends at max_runtime: what counts is what the eager step would train until then
-        fits = int(max_seconds * CPU_EAGER_TOKENS_PER_S_PER_THREAD[dtype] * max(1, facts.cpu_threads))
+        fits = int(max_seconds * cpu_eager_tokens_per_s(dtype, facts.cpu_threads))
         if fits < planned_tokens:
             planned_tokens, run = fits, f"{run}, ~{_tokens(fits)} of them within max_runtime"
     saving = cpu_compile_saving_s(planned_tokens, dtype, facts.cpu_threads)

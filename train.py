@@ -29,10 +29,12 @@ def _stopped_early(signum, frame):
     raise StoppedEarly(signum)
 
 
-def _end_before_training(e):
-    """Exit code of a Ctrl-C or SIGTERM before training, after its one line; later copies of either are ignored."""
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, signal.SIG_IGN)
+def _end_before_training(e, own_process=True):
+    """Exit code of a Ctrl-C or SIGTERM before training, after its one line; in the script's own process (not an
+    importer's, whose handlers stay) later copies of either are ignored first."""
+    if own_process:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
     print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
     return 128 + getattr(e, "signum", signal.SIGINT)
 
@@ -725,7 +727,7 @@ class Trainer:
         self.batch_size = cfg.batch_size
         self.accum = cfg.gradient_accumulation_steps // ddp.world_size  # micro-steps per process
         # The val windows each evaluation scores (None: all): the run's, kept by a resume with another batch_size.
-        self.val_windows = cfg.eval_iters * cfg.batch_size or None
+        self.val_windows = val_windows(cfg.eval_iters, cfg.batch_size)
         windows_per_step = cfg.batch_size * cfg.gradient_accumulation_steps
         self.steps_per_epoch = self.train_bins.n_windows // windows_per_step
         if self.steps_per_epoch == 0:
@@ -1128,7 +1130,8 @@ class Trainer:
         self.val_loss = val
         improved = val < self.best_val_loss
         ppl = plot.perplexity(val)
-        ppl_text = f"{ppl:.2f}" if not val >= plot.PERPLEXITY_CAP_LOSS else f"over {ppl:.3g} (exp({plot.PERPLEXITY_CAP_LOSS}))"
+        cap = plot.PERPLEXITY_CAP_LOSS
+        ppl_text = f"{ppl:.2f}" if not val >= cap else f"over {ppl:.3g} (exp({cap}))"  # (NaN: "nan")
         self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl_text}" + (" (best)" if improved else ""))
         if self.ddp.master:
             self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
@@ -1409,7 +1412,7 @@ class Trainer:
                     "epochs", "max_steps", "dropout", "eval_iters")
                    if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)]
         if saved_cfg.get("eval_iters") == cfg.eval_iters:  # the same val windows as the run's other evaluations
-            self.val_windows = state.get("val_windows", saved_cfg["eval_iters"] * saved_cfg["batch_size"] or None)
+            self.val_windows = state.get("val_windows", val_windows(saved_cfg["eval_iters"], saved_cfg["batch_size"]))
         if changed:
             self.log("resume: changed since the checkpoint, applied from here (the schedule now runs to step "
                      f"{self.total_steps}): " + ", ".join(changed))
@@ -1591,6 +1594,11 @@ class Trainer:
         self.log(f"done: {self.step} {plural(self.step, 'step')}, {best} in {fmt_duration(self.elapsed())}")
 
 
+def val_windows(eval_iters, batch_size):
+    """The val windows an evaluation scores: eval_iters batches of batch_size (None: eval_iters 0, the whole split)."""
+    return eval_iters * batch_size or None
+
+
 def run_command(argv, world_size, local_world_size, again=False):
     """The command line that resumes a run started with train.py's arguments argv (again: that starts it again)
     by python (world_size 0) or torchrun, on one node or several (where only the user knows the rendezvous)."""
@@ -1611,8 +1619,12 @@ def _some(paths, shown=3):
     return ", ".join(map(str, paths[:shown])) + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
+def asks_for_help(argv):
+    return any(a in ("-h", "--help") for a in argv)
+
+
 def main(argv):
-    if any(a in ("-h", "--help") for a in argv):
+    if asks_for_help(argv):
         quiet_on_closed_pipe()  # `python train.py --help | head`
         print_help()
         return 0
@@ -1648,10 +1660,7 @@ def train_main(argv, held):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except KeyboardInterrupt as e:  # before training started (its own Ctrl-C handling begins with start_session)
-        if __name__ != "__main__":  # (an importer's process keeps its handlers) as at the imports above
-            print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
-            return 128 + signal.SIGINT
-        return _end_before_training(e)
+        return _end_before_training(e, own_process=__name__ == "__main__")
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0 (after that, each process says what it found).
@@ -1679,7 +1688,7 @@ def train_main(argv, held):
 
 if __name__ == "__main__":
     # A training run goes on when its stdout's disk is full (main: outlive_closed_output); its --help ends.
-    tolerant_output(full_ends_it=any(a in ("-h", "--help") for a in sys.argv[1:]))
+    tolerant_output(full_ends_it=asks_for_help(sys.argv[1:]))
     code = main(sys.argv[1:])
     # The run is over: a late copy of a stop signal (torchrun or a process group passing it on) must not reach the
     # default handlers that Python puts back while it shuts down, which would kill it with another exit code.
