@@ -40,7 +40,8 @@ class Tracker:
     after it (those steps are trained and logged again). enabled=False (DDP ranks other than 0): no-op.
     """
 
-    def __init__(self, out_dir, tensorboard=False, wandb_project="", config=None, start_step=0, enabled=True):
+    def __init__(self, out_dir, tensorboard=False, wandb_project="", config=None, start_step=0, enabled=True,
+                 wandb_run_name=""):
         self.tensorboard = self.wandb = None
         if not enabled:
             return
@@ -61,10 +62,10 @@ class Tracker:
                     _warn(f"TensorBoard did not start ({one_line(e)}); training goes on without TensorBoard logs")
                     self.tensorboard = None
         if wandb_project:
-            self.wandb = self._start_wandb(out_dir, wandb_project, config)
+            self.wandb = self._start_wandb(out_dir, wandb_project, config, wandb_run_name)
 
     @staticmethod
-    def _start_wandb(out_dir, project, config):
+    def _start_wandb(out_dir, project, config, name):
         try:
             import wandb
         except ImportError:
@@ -93,7 +94,7 @@ class Tracker:
                 return None
             out_dir.mkdir(parents=True, exist_ok=True)
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
-                             name=out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
+                             name=name or out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
         except Exception as e:  # no network, a bad project name: tracking must not stop training
             # With a key there, the usual cause is the network (wandb says "context deadline exceeded").
             _warn(f"W&B did not start ({one_line(e)}); "

@@ -146,6 +146,7 @@ class TrainConfig:
     # optional tracking
     tensorboard: bool = False  # log to out_dir/tensorboard (needs the tensorboard package)
     wandb_project: str = ""  # log to this Weights & Biases project (needs the wandb package)
+    wandb_run_name: str = ""  # the W&B run's name ('': out_dir's folder name)
 
 
 class ConfigError(Exception):
@@ -875,7 +876,7 @@ class Trainer:
         self.eval_history = read_history(self.out_dir / plot.EVAL_HISTORY,
                                          lambda r: r.get("step", 0) <= self.step) if ddp.master else []
         self.tracker = Tracker(self.out_dir, cfg.tensorboard, cfg.wandb_project, dataclasses.asdict(cfg),
-                               start_step=self.step, enabled=ddp.master)
+                               start_step=self.step, enabled=ddp.master, wandb_run_name=cfg.wandb_run_name)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=None if ddp.master else True, unit="step",
                    **bar_size())
         self.log.bar = bar

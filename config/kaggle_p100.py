@@ -10,3 +10,6 @@ out_dir = "/kaggle/working" if os.path.isdir("/kaggle/working") else "out"
 data_dir = "data/wikitext103"
 resume_from_checkpoint = "auto"
 max_runtime = "8h30m"  # Kaggle sessions end at 9 hours
+
+# With --wandb_project: the W&B run's name (by default out_dir's folder, which on Kaggle is "working").
+wandb_run_name = "kaggle-p100"

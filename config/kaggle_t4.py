@@ -28,3 +28,6 @@ max_checkpoints = 4
 resume_from_checkpoint = "auto"  # a rerun of the notebook continues where the last session stopped
 
 max_runtime = "8h30m"  # Kaggle sessions end at 9 hours: stop cleanly with a checkpoint before that
+
+# With --wandb_project: the W&B run's name (by default out_dir's folder, which on Kaggle is "working").
+wandb_run_name = "kaggle-t4"

@@ -80,10 +80,12 @@ def test_wandb_offline_run_is_continued_after_a_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     first = Tracker(tmp_path, wandb_project="gpt2-test", config={"n_layer": 2})
+    assert first.wandb.name == tmp_path.name  # by default the run is named for its folder
     first.log(1, {"train/loss": 3.0})
     first.close()
     run_id = (tmp_path / WANDB_ID_FILE).read_text().strip()
-    resumed = Tracker(tmp_path, wandb_project="gpt2-test", start_step=1)
+    resumed = Tracker(tmp_path, wandb_project="gpt2-test", start_step=1, wandb_run_name="kaggle-t4")
+    assert resumed.wandb.name == "kaggle-t4"  # (on Kaggle every folder is "working")
     resumed.log(2, {"train/loss": 2.5})
     resumed.close()
     runs = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
