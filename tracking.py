@@ -24,6 +24,7 @@ from cli import one_line, say
 TENSORBOARD_DIR = "tensorboard"
 WANDB_ID_FILE = "wandb_run_id.txt"
 WANDB_FIX = "run `wandb login` or set WANDB_API_KEY, or WANDB_MODE=offline to log locally; training goes on without W&B"
+WANDB_INIT_TIMEOUT_S = 30  # wandb.init's own timeout (without a connection it gives up some 15 s after it)
 WANDB_OFFLINE_FIX = ("no connection to W&B? set WANDB_MODE=offline to log locally (`wandb sync` sends it "
                      "later); training goes on without W&B")
 
@@ -94,11 +95,16 @@ class Tracker:
                 return None
             out_dir.mkdir(parents=True, exist_ok=True)
             run = wandb.init(project=project, id=run_id, resume="allow", dir=str(out_dir), config=config,
-                             name=name or out_dir.resolve().name, settings=wandb.Settings(init_timeout=30))
+                             name=name or out_dir.resolve().name,
+                             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
         except Exception as e:  # no network, a bad project name: tracking must not stop training
             # With a key there, the usual cause is the network (wandb says "context deadline exceeded").
             _warn(f"W&B did not start ({one_line(e)}); "
                   + (WANDB_OFFLINE_FIX if has_key is True else WANDB_FIX))
+            try:  # its service would print again at exit, after the run's last line
+                wandb.teardown()
+            except Exception:
+                pass
             return None
         try:
             atomic_write_text(id_file, run_id + "\n")
