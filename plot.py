@@ -150,8 +150,20 @@ def draw(evals, epochs=(), title=""):
             top.set_xlabel("tokens")
             top.xaxis.set_major_formatter(EngFormatter(sep=""))
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_fitted(title.replace("$", r"\$"), fig.get_figwidth() * 72 * 0.95))  # ($: not math)
     return fig
+
+
+def _fitted(title, width_pt):
+    """The title, or its start and end around "..." where the whole is wider than width_pt (a long out_dir)."""
+    from matplotlib import rcParams
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    font, text, keep = FontProperties(size=rcParams["figure.titlesize"]), title, len(title)
+    while keep > 8 and TextPath((0, 0), text, prop=font).get_extents().width > width_pt:
+        keep -= max(1, keep // 10)
+        text = title[:keep // 2] + "..." + title[len(title) - (keep - keep // 2):]
+    return text
 
 
 def plot_history(out_dir, output=None):

@@ -75,6 +75,19 @@ def test_an_epoch_cut_short_by_max_steps_ends_at_the_last_evaluation():
     (means,) = [line for line in fig.axes[0].lines if line.get_label() == "train (epoch mean)"]
     assert list(means.get_xdata()) == [20, 30]
 
+
+@pytest.mark.parametrize("name", ["out", "W" * 300, "run-" + "x" * 200 + "-lr3e-4", "$5-$10 budget"])
+def test_the_title_fits_the_figure_however_long_the_folder_name(name):
+    fig = draw(eval_records(), epoch_records(), title=name)
+    fig.canvas.draw()
+    box, title = fig.bbox, fig.get_suptitle()
+    extent = fig._suptitle.get_window_extent()
+    assert box.x0 <= extent.x0 and extent.x1 <= box.x1, (extent, box)
+    assert title.replace("\\$", "$") == name or (title[:4] == name[:4] and title[-6:] == name[-6:] and "..." in title)
+    # shown as written: a name with two "$" is not typeset as math
+    assert fig._suptitle._preprocess_math(title) == (name if title == name or "$" in name else title, False)
+
+
 def test_resumed_history_with_a_repeated_step_and_missing_train_loss_still_draws():
     evals = eval_records((10, 20)) + eval_records((20, 30))
     evals[0]["train_loss"] = None  # every step before the first eval was non-finite
