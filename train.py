@@ -16,16 +16,20 @@ NOT_STARTED = "interrupted before training started: nothing to save"
 
 
 class StoppedEarly(KeyboardInterrupt):
-    """SIGTERM before training starts (a `kill`, a scheduler), raised where Ctrl-C's KeyboardInterrupt is, so that
-    the same handlers end the process with the same one line (and exit code 143). Training's own handler takes
-    over at its start (StopRequest)."""
+    """Ctrl-C or SIGTERM (a `kill`, a scheduler) before training starts: a KeyboardInterrupt, so that the same
+    handlers end the process with the same one line (exit code 130 or 143). Training's own handler takes over at
+    its start (StopRequest)."""
 
     def __init__(self, signum):
         super().__init__()
         self.signum = signum
 
 
+_EARLY_STOP = []  # the signal, also kept here: code that a library calls from C can swallow the exception
+
+
 def _stopped_early(signum, frame):
+    _EARLY_STOP.append(signum)
     raise StoppedEarly(signum)
 
 
@@ -43,6 +47,8 @@ def _end_before_training(e, own_process=True):
 # they stay silent, as the one that failed says why).
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE") or 1) == 1:
     signal.signal(signal.SIGTERM, _stopped_early)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not when it is ignored: `python ... &`)
+        signal.signal(signal.SIGINT, _stopped_early)
 
 try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line, not a traceback from an import
     import ast
@@ -471,6 +477,8 @@ class StopRequest:
         self.where = "the end of the step" if distributed else "the next micro-step"
 
     def install(self):
+        if _EARLY_STOP:  # a stop before training whose exception something swallowed (C code that calls Python
+            raise StoppedEarly(_EARLY_STOP[0])  # code and clears its errors, as CPython's PyObject_HasAttr does)
         for s in stop_signals():
             signal.signal(s, self._handle)
 

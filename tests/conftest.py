@@ -1,6 +1,7 @@
 """What every test runs under: offline, whatever order the files are collected in."""
 
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -16,6 +17,10 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 # spin for the core the other process holds (two tiny train.py runs side by side: 15-16 s at two threads each,
 # 9 s at one). Results compared within a test come from processes of the same setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A suite started in the background (`pytest ... &` in a script) has Ctrl-C ignored, and so would every process it
+# starts: train.py keeps it ignored then (as `python train.py &` asks), and the tests that send Ctrl-C would fail.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from data import gpt2_bpe_files  # noqa: E402
 

@@ -490,6 +490,32 @@ def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, b
         assert not list(out.rglob("*.pt")) and not (out / "training_history.json").exists()
 
 
+def test_a_stop_before_training_is_not_lost_when_a_library_swallows_its_exception(tmp_path, bins):
+    """C code that calls Python code and clears its errors (CPython's PyObject_HasAttr does) can swallow the
+    KeyboardInterrupt of a Ctrl-C that lands there: here the set-up's first read of train.bin does, and the run still
+    ends as interrupted before training (without the signal kept, it trained on and exited 0). SIGTERM takes the
+    same path."""
+    out, signum = tmp_path / "out", signal.SIGINT
+    launcher = f"""if True:
+        import os, runpy, sys, time
+        def swallowing(event, args):
+            if event == "open" and str(args[0]).endswith("train.bin") and not hasattr(swallowing, "done"):
+                swallowing.done = True
+                try:
+                    os.kill(os.getpid(), {int(signum)})
+                    time.sleep(5)
+                except KeyboardInterrupt:
+                    print("swallowed", flush=True)
+        sys.argv = sys.argv[1:]
+        sys.addaudithook(swallowing)
+        runpy.run_path(sys.argv[0], run_name="__main__")"""
+    p = subprocess.run([sys.executable, "-c", launcher, *train_cmd(out, bins)[1:]], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert (p.returncode, p.stdout.splitlines()[:1], p.stderr) == (128 + signum, ["swallowed"],
+                                                                     f"\n{train.NOT_STARTED}\n"), p.stdout
+    assert not list(out.rglob("*.pt")) and not (out / "training_history.json").exists()
+
+
 def test_nohup_keeps_a_hangup_from_stopping_the_run():
     old = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup leaves a program
     try:
