@@ -47,7 +47,7 @@ def _end_before_training(e, own_process=True):
 # they stay silent, as the one that failed says why).
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE") or 1) == 1:
     signal.signal(signal.SIGTERM, _stopped_early)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (not when it is ignored: `python ... &`)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (Python's: not when it started ignored)
         signal.signal(signal.SIGINT, _stopped_early)
 
 try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line, not a traceback from an import

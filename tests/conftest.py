@@ -18,7 +18,7 @@ os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATAS
 # 9 s at one). Results compared within a test come from processes of the same setting.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A suite started in the background (`pytest ... &` in a script) has Ctrl-C ignored, and so would every process it
-# starts: train.py keeps it ignored then (as `python train.py &` asks), and the tests that send Ctrl-C would fail.
+# starts (Python keeps an ignored SIGINT ignored), and the tests that send Ctrl-C before training would fail.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
