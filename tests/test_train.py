@@ -786,21 +786,18 @@ def test_an_error_between_steps_keeps_the_step_it_follows(tmp_path, bins):
 @pytest.mark.slow
 def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins):
     """Stopped at an epoch's end and resumed from best_model.pt (as after a kill before the next rotated
-    save), or stopped inside an epoch and extended: the epoch's mean train loss is the straight run's."""
+    save), then stopped inside an epoch and extended: each epoch's mean train loss is the straight run's."""
     common = ["--lr_decay=constant", "--eval_steps=100", "--save_steps=100"]
-    straight = tmp_path / "straight"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_train(straight, bins, *common, "--max_steps=22")
-    for stop in (11, 15):
-        resumed = tmp_path / f"resumed{stop}"
-        run_train(resumed, bins, *common, f"--max_steps={stop}")
-        if stop == 11:
-            for path in ckpt.list_checkpoints(resumed / "checkpoints"):
-                path.unlink()
-        p = run_train(resumed, bins, *common, "--max_steps=22")
-        source = resumed / "best_model.pt" if stop == 11 else resumed / "checkpoints" / "checkpoint_epoch2_step15.pt"
-        assert f"resumed from {source} at step {stop}" in p.stdout
-        a, b = (json.loads((d / "training_history.json").read_text()) for d in (straight, resumed))
-        assert [(r["epoch"], r["train_loss"]) for r in a] == [(r["epoch"], r["train_loss"]) for r in b], stop
+    run_train(resumed, bins, *common, "--max_steps=11")
+    for path in ckpt.list_checkpoints(resumed / "checkpoints"):
+        path.unlink()
+    for stop, source in ((15, resumed / "best_model.pt"), (22, resumed / "checkpoints" / "checkpoint_epoch2_step15.pt")):
+        p = run_train(resumed, bins, *common, f"--max_steps={stop}")
+        assert f"resumed from {source} at step {11 if stop == 15 else 15}" in p.stdout, p.stdout
+    a, b = (json.loads((d / "training_history.json").read_text()) for d in (straight, resumed))
+    assert [(r["epoch"], r["train_loss"]) for r in a] == [(r["epoch"], r["train_loss"]) for r in b]
 
 
 def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused):
