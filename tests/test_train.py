@@ -793,7 +793,8 @@ def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins):
     run_train(resumed, bins, *common, "--max_steps=11")
     for path in ckpt.list_checkpoints(resumed / "checkpoints"):
         path.unlink()
-    for stop, source in ((15, resumed / "best_model.pt"), (22, resumed / "checkpoints" / "checkpoint_epoch2_step15.pt")):
+    mid_epoch = resumed / "checkpoints" / "checkpoint_epoch2_step15.pt"
+    for stop, source in ((15, resumed / "best_model.pt"), (22, mid_epoch)):
         p = run_train(resumed, bins, *common, f"--max_steps={stop}")
         assert f"resumed from {source} at step {11 if stop == 15 else 15}" in p.stdout, p.stdout
     a, b = (json.loads((d / "training_history.json").read_text()) for d in (straight, resumed))
