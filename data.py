@@ -419,6 +419,7 @@ def _encode_task(items, titles=False, prior=False):
 
 
 _STOPS = {signal.SIGINT, signal.SIGTERM}
+_ABANDONED_POOLS = []  # see _tokenize
 
 
 def _init_worker():
@@ -492,13 +493,22 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
         before_rename()
         for s in splits:
             os.replace(tmp[s], out_dir / f"{s}.bin")
+    except _Terminated:
+        # A `kill` of the whole process group (`timeout`, systemd, a container's stop) reaches the workers too: one
+        # it ended while it waited for a task holds the task queue's lock for good, and the pool's terminate() would
+        # wait on it forever. The workers are ended instead, and the process without the pool's clean-up
+        # (_end_workers_and_exit). The pool is kept referenced: collected, it would run that clean-up.
+        _ABANDONED_POOLS.append(pool)
+        raise
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        for s, f in files.items():
-            f.close()
-            tmp[s].unlink(missing_ok=True)
+        try:
+            if pool is not None and pool not in _ABANDONED_POOLS:
+                pool.terminate()  # (a SIGTERM while it waits on a lock a killed worker holds: _Terminated here)
+                pool.join()
+        finally:
+            for s, f in files.items():
+                f.close()
+                tmp[s].unlink(missing_ok=True)
     return stats
 
 
@@ -1148,6 +1158,19 @@ def _stop(signum, frame):
     raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
+def _end_workers_and_exit(code):
+    """After a SIGTERM, which may have reached the pool's workers too (_tokenize): the workers left are killed, and the
+    process ends without the pool's clean-up at exit, which would wait on a lock that a killed worker holds."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (Exception, SystemExit):
+            pass
+    os._exit(code)
+
+
 def main(argv=None):
     """Command line entry point; returns the exit status (2 for a user error, printed in one line)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -1183,4 +1206,10 @@ if __name__ == "__main__":
     tolerant_output()
     for sig in _STOPS:  # Ctrl-C, a `kill`, a notebook's stop button
         signal.signal(sig, _stop)
-    sys.exit(main())
+    # No tqdm monitor thread: a stop signal must reach the main thread, the one a wait on a lock can be interrupted
+    # in (a signal delivered to another thread leaves it waiting; the pool's threads have the signals blocked).
+    tqdm.monitor_interval = 0
+    code = main()
+    if code == 143:
+        _end_workers_and_exit(code)
+    sys.exit(code)

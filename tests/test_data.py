@@ -1,5 +1,6 @@
 """data.py: tokenizer, WikiText download + tokenization (over a local HTTP server), text/JSONL input, TokenBins."""
 
+import contextlib
 import gzip
 import hashlib
 import http.server
@@ -602,6 +603,36 @@ def test_a_stopped_preparation_leaves_the_folders_earlier_dataset_whole(tmp_path
     assert proc.returncode == (130 if sig == "SIGINT" else 143), err
     assert "Traceback" not in err and "interrupted: no partial file was left under a final name" in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path):
+    """`timeout`, systemd and a container's stop send SIGTERM to every process of the group: the workers too. Here
+    it comes while they wait for work and the preparation imports torch (seconds, for meta.json): the worker that a
+    SIGTERM ended while it held the task queue's lock left the pool's clean-up waiting on it forever (seen with
+    `timeout 2 python data.py text ...`). It ends as a SIGTERM to data.py alone does: one line, exit code 143,
+    nothing left in the folder, and no process of the group left."""
+    (tmp_path / "a.txt").write_text("".join(f"line {i} of a text to tokenize\n" for i in range(200_000)))
+    out = tmp_path / "out"
+    launcher = """if True:
+        import os, runpy, signal, sys
+        main = os.getpid()
+        def kill_group_at_torch(event, args):
+            if event == "import" and args[0] == "torch" and os.getpid() == main and "torch" not in sys.modules:
+                os.killpg(0, signal.SIGTERM)
+        sys.argv = sys.argv[1:]
+        sys.path[0] = os.path.dirname(sys.argv[0])
+        sys.addaudithook(kill_group_at_torch)
+        runpy.run_path(sys.argv[0], run_name="__main__")"""
+    proc = subprocess.Popen([sys.executable, "-c", launcher, str(ROOT / "data.py"), "text", "--input",
+                             str(tmp_path / "a.txt"), "--out_dir", str(out), "--num_workers", "2"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the group (nothing, if it ended)
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and "interrupted: no partial file was left under a final name" in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_a_preparation_stopped_after_its_bins_are_in_place_is_prepared_again(tmp_path, monkeypatch):
