@@ -495,7 +495,7 @@ def _peek(candidates, warn):
     return readable
 
 
-def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh beside them: resume_from_checkpoint=''"):
+def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh, use another out_dir (or move them away)"):
     """Resolve resume_from_checkpoint to a path, or None to start fresh.
 
     spec: '' or None -> None; a path -> that file (CheckpointError if missing or unreadable);
@@ -576,6 +576,12 @@ def checkpoints_after(checkpoint_dir, out_dir, step):
     """The readable checkpoint files (rotated, emergency, best) whose stored step is above step (what no
     run can resume from cannot be mixed up with one)."""
     return [path for stored, _, path, _ in _peek(_candidates(checkpoint_dir, out_dir), warn=False) if stored > step]
+
+
+def checkpoint_files(checkpoint_dir, out_dir):
+    """Every checkpoint file (rotated, emergency, best), readable or not: one of a newer format, or damaged, is
+    still a run's, and a fresh run must not overwrite it."""
+    return [path for path, _ in _candidates(checkpoint_dir, out_dir)]
 
 
 # --- RNG state and model weights ---------------------------------------------------------------

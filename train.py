@@ -1376,7 +1376,8 @@ class Trainer:
             raise ConfigError(f"resuming from {resume}, but {_some(others)} belong to another run (its run id "
                               f"differs): the two runs would mix (rotation, best_model.pt, the histories); resume "
                               f"into another out_dir, or move them away first")
-        newer = [p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, step) if p != resume]
+        newer = ([p for p in ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, step) if p != resume] if resume
+                 else ckpt.checkpoint_files(self.checkpoint_dir, self.out_dir))  # (fresh: unreadable ones too)
         if not newer:
             return
         names = _some(newer)

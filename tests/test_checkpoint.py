@@ -472,7 +472,7 @@ def test_find_checkpoint_with_nothing_to_resume(tmp_path):
     ckdir.mkdir(parents=True)
     (ckdir / "checkpoint_epoch0_step5.pt").write_bytes(b"junk")
     for spec in ("auto", "latest"):
-        with pytest.raises(CheckpointError, match="none of the 1 checkpoint files.*they are kept.*resume_from_"):
+        with pytest.raises(CheckpointError, match="none of the 1 checkpoint files.*they are kept.*use another out_dir"):
             ck.find_checkpoint(spec, ckdir, out)
     # Sampling and evaluation get their own way on, not training's.
     with pytest.raises(CheckpointError, match="they are kept.*: give a model by path with --checkpoint PATH"):

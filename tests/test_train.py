@@ -801,6 +801,23 @@ def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins):
     assert [(r["epoch"], r["train_loss"]) for r in a] == [(r["epoch"], r["train_loss"]) for r in b]
 
 
+def test_a_fresh_run_never_overwrites_checkpoints_it_cannot_read(tmp_path, bins, refused):
+    """Checkpoints this code cannot read (written by a newer format, or damaged) are still a run's: 'auto' says none
+    can be loaded and points to another out_dir, and a fresh run there (resume_from_checkpoint='') is refused, where
+    it used to overwrite them (the error's own advice was that fresh run)."""
+    out = tmp_path / "out"
+    run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
+    files = [*(out / "checkpoints").glob("*.pt"), out / "best_model.pt"]
+    for path in files:
+        path.write_bytes(path.read_bytes()[:5000])
+    before = {p: p.read_bytes() for p in files}
+    err = refused(train_cmd(out, bins, "--max_steps=8"))
+    assert "none of the 3 checkpoint files" in err and "to train afresh, use another out_dir (or move them away)" in err
+    err = refused(train_cmd(out, bins, "--max_steps=8", "--resume_from_checkpoint="))
+    assert "hold an earlier run: a fresh run here would overwrite or rotate them away" in err, err
+    assert {p: p.read_bytes() for p in files} == before
+
+
 def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused):
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=6", "--save_steps=2", "--eval_steps=100")
