@@ -1289,19 +1289,20 @@ class Trainer:
         that resumes (`resume`, a checkpoint path) has its weights and sizes in that checkpoint: they are taken
         from there and init_from is not read, so a resume works after the source is gone (a Kaggle dataset
         not attached to the next session). Returns None then too."""
-        src = self.cfg.init_from
-        if src in ("", "scratch"):
-            return None
-        if resume is not None:
+        src = self.cfg.init_from or "scratch"
+        if resume is not None:  # (a run from init_from resumed without it too: its checkpoints would say 'scratch')
             saved = ckpt.peek_config(resume)
             started = saved.get("init_from") or "scratch"
-            if _same_source(started, src):
+            if not _same_source(started, src):
+                raise ConfigError(f"checkpoint {resume} is of a run started from init_from={started!r}, not {src!r}: "
+                                  f"to resume that run use --init_from={started!r} (its source need not exist any "
+                                  f"more); to start a new run from {src}, use another out_dir")
+            if src != "scratch":
                 self.take_sizes(f"checkpoint {resume}", GPTConfig.from_dict(saved), saved.get("max_length"),
                                 "a resumed run keeps its checkpoint's model settings")
-                return None
-            raise ConfigError(f"checkpoint {resume} is of a run started from init_from={started!r}, not {src!r}: to "
-                              f"resume that run use --init_from={started!r} (its source need not exist any more); to "
-                              f"start a new run from {src}, use another out_dir")
+            return None
+        if src == "scratch":
+            return None
         import export_hf
         try:
             source = export_hf.load_hf(src) if Path(src).is_dir() else export_hf.load_checkpoint_model(src)
@@ -1393,10 +1394,8 @@ class Trainer:
         if dataclasses.replace(saved, dropout=current.dropout) != current:  # dropout is training's, not a shape
             diff = {k: (v, getattr(current, k)) for k, v in saved.to_dict().items()
                     if getattr(current, k) != v and k != "dropout"}
-            started = state["config"].get("init_from") or "scratch"
-            hint = (f" (its run was started from init_from={started!r}: add --init_from={started!r})"
-                    if not _same_source(started, self.cfg.init_from) else "")
-            raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}){hint}; "
+            # (a run from another init_from is refused before: load_init_source)
+            raise ConfigError(f"checkpoint {path} is a different model ({', '.join(f'{k}: {a} vs {b}' for k, (a, b) in diff.items())}); "
                               f"use the same model settings, or start afresh in another out_dir")
         cfg, saved_cfg = self.cfg, state["config"]
         windows = (state["batch_size"] * state["gradient_accumulation_steps"], saved_cfg.get("max_length"))

@@ -1203,6 +1203,11 @@ def test_init_from_takes_weights_and_sizes(tmp_path, bins, kind, refused):
     run_train(scratch, bins, "--max_steps=2", "--save_steps=2", "--eval_steps=100")
     assert f"is of a run started from init_from='scratch', not '{src}'" in refused(
         [a.replace(str(out), str(scratch)) for a in cmd])
-    # ...and the init_from run, resumed without init_from, is told what to add.
-    err = refused(train_cmd(out, bins, "--max_steps=6"))
-    assert f"(its run was started from init_from='{src}': add --init_from='{src}')" in err
+    # ...and the init_from run, resumed without init_from, is told what to add: with other sizes, and with the
+    # source's sizes given (it was taken as a run from scratch, whose next checkpoints then said so).
+    same_sizes = [a for a in cmd if not a.startswith("--init_from=")] + ["--n_embd=48", "--n_layer=3", "--n_head=4",
+                                                                         "--n_inner=96", "--max_steps=6"]
+    for resume in (same_sizes, train_cmd(out, bins, "--max_steps=6")):
+        err = refused(resume)
+        assert f"is of a run started from init_from='{src}', not 'scratch': to resume that run use " \
+               f"--init_from='{src}'" in err, err
