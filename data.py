@@ -261,18 +261,21 @@ CHUNK_BYTES = 1 << 20  # text per worker task; a block grows past this only to r
 # with a non-space (a longer run gives its last character to a pre-token of its own). ASCII only, to stay
 # clear of Unicode whitespace.
 _SAFE_CUT = re.compile(rb"(?<=[\r\n])(?= [!-~])|(?<=[!-~][\r\n])(?=[!-~])")
+# Inside a line (text with no usable line break for megabytes): before a space between two printable ASCII
+# characters, where the pre-tokenizer splits too (the word before ends there, and the space joins the next one).
+_WORD_CUT = re.compile(rb"(?<=[!-~])(?= [!-~])")
 
 # " = Title = " opens a WikiText article; " = = Section = = " (two or more '=') does not.
 _ARTICLE_TITLE = re.compile(r"^ = (?!=)[^\n]*(?<!=) = \r?$", re.MULTILINE)
 
 
-def _last_safe_cut(buf):
-    """Offset of the last _SAFE_CUT in buf (searching back from the end), or 0 if there is none."""
+def _last_safe_cut(buf, pattern=_SAFE_CUT):
+    """Offset of the last match of pattern in buf (searching back from the end), or 0 if there is none."""
     window = 1 << 16
     while True:
         start = max(len(buf) - window, 0)
         last = None
-        for last in _SAFE_CUT.finditer(buf, start):
+        for last in pattern.finditer(buf, start):
             pass
         if last is not None or start == 0:
             return last.start() if last is not None else 0
@@ -282,8 +285,9 @@ def _last_safe_cut(buf):
 def _blocks(stream, chunk_bytes=None):
     """Yield (offset, bytes) blocks of a binary stream, each about chunk_bytes and ending at a _SAFE_CUT.
 
-    With no safe cut in 4x chunk_bytes a block ends anyway, within them (at a line break, else between
-    two UTF-8 characters), so memory stays bounded whatever the input; only there may tokens differ.
+    With no safe cut in 4x chunk_bytes a block ends anyway, within them: between two words (_WORD_CUT, still
+    safe), else at a line break, else between two UTF-8 characters, so memory stays bounded whatever the input;
+    only at the last two may tokens differ.
     """
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     buf, offset = b"", 0
@@ -293,7 +297,8 @@ def _blocks(stream, chunk_bytes=None):
             continue
         cut = _last_safe_cut(buf)
         if not cut and len(buf) >= 4 * chunk_bytes:
-            cut = buf.rfind(b"\n", 0, 4 * chunk_bytes) + 1 or 4 * chunk_bytes
+            cut = (_last_safe_cut(buf[:4 * chunk_bytes], _WORD_CUT) or buf.rfind(b"\n", 0, 4 * chunk_bytes) + 1
+                   or 4 * chunk_bytes)
             while cut > 1 and (cut >= len(buf) or 0x80 <= buf[cut] < 0xC0):  # never inside a character
                 cut -= 1
         if cut:
@@ -614,7 +619,7 @@ def _make(out_dir, splits, make):
             "splits": {s: {"file": f"{s}.bin", **stats[s]} for s in splits}, **meta}
     write_meta(meta)  # written last: what marks the folder as prepared
     for s in splits:
-        print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} tokens, "
+        print(f"wrote {out_dir / (s + '.bin')}: {stats[s]['tokens']:,} {plural(stats[s]['tokens'], 'token')}, "
               f"{stats[s]['documents']:,} {plural(stats[s]['documents'], 'document')}")
     mb = sum(st["text_bytes"] for st in stats.values()) / 1e6
     print(f"tokenized {mb:.1f} MB of text in {seconds:.1f} s ({mb / seconds:.1f} MB/s, "

@@ -251,6 +251,16 @@ def test_blocks_stay_bounded_without_safe_cuts(text):
     assert "".join(b.decode("utf-8") for _, b in blocks) == text
 
 
+def test_a_long_line_is_cut_between_words_with_the_tokens_of_the_uncut_text():
+    """Text without line breaks (a one-line file of megabytes): blocks are cut before a space between words, where
+    the pre-tokenizer splits too (cut at a fixed offset, 'alpha' came out as ' al', 'p', 'ha')."""
+    text = " ".join(("alpha", "beta", "(x)", "it's", "42")[i % 5] for i in range(6000))
+    blocks = list(data._blocks(io.BytesIO(text.encode()), chunk_bytes=1000))
+    assert len(blocks) > 5 and all(len(b) <= 4 * 1000 for _, b in blocks)
+    enc = get_tokenizer()
+    assert [t for _, b in blocks for t in enc.encode_ordinary(b.decode())] == enc.encode_ordinary(text)
+
+
 def test_resume_partial_download(tmp_path, server, wikitext_zip):
     body = wikitext_zip[0].read_bytes()
     server.files["/w.zip"] = body
