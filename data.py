@@ -854,37 +854,41 @@ def _text_segments(files, total, val_fraction, text_field, sha):
     cut = total - int(total * val_fraction)
     split, consumed = "train", 0
     for path in files:
-        with open(path, "rb") as f:
-            if path.suffix.lower() == ".jsonl":
-                for n, text in _jsonl_docs(f, path, text_field, sha):
+        try:  # (errors from reading an input file only: the output is written by the caller)
+            with open(path, "rb") as f:
+                if path.suffix.lower() == ".jsonl":
+                    for n, text in _jsonl_docs(f, path, text_field, sha):
+                        if split == "train" and consumed >= cut:
+                            split = "val"
+                        yield split, n, text or None, True
+                        consumed += n
+                    continue
+                size = os.fstat(f.fileno()).st_size
+                for offset, block in _blocks(f):
+                    sha.update(block)
+                    at = len(block)  # where val starts in this block
                     if split == "train" and consumed >= cut:
+                        at = 0  # blocks start at a line start (or between two characters of a long line)
+                    elif split == "train" and consumed + len(block) > cut:
+                        at = block.find(b"\n", cut - consumed - 1) + 1  # the first line start after the cut
+                        if not 0 < at < len(block):
+                            # None in this block. The next may start where it ends (after a line break, or with the
+                            # next file): val then starts with the next block, if any input follows; else mid-line.
+                            if (at == len(block) or offset + len(block) == size) and consumed + len(block) < total:
+                                at = len(block)
+                            else:
+                                at = cut - consumed
+                                while at < len(block) and 0x80 <= block[at] < 0xC0:  # between two characters
+                                    at += 1
+                    if at:
+                        yield split, at, (str(path), offset, block[:at]), offset == 0
+                    if at < len(block):
                         split = "val"
-                    yield split, n, text or None, True
-                    consumed += n
-                continue
-            size = os.fstat(f.fileno()).st_size
-            for offset, block in _blocks(f):
-                sha.update(block)
-                at = len(block)  # where val starts in this block
-                if split == "train" and consumed >= cut:
-                    at = 0  # blocks start at a line start (or between two characters of a long line)
-                elif split == "train" and consumed + len(block) > cut:
-                    at = block.find(b"\n", cut - consumed - 1) + 1  # the first line start after the cut
-                    if not 0 < at < len(block):
-                        # None in this block. The next may start where it ends (after a line break, or with the
-                        # next file): val then starts with the next block, if any input follows; else mid-line.
-                        if (at == len(block) or offset + len(block) == size) and consumed + len(block) < total:
-                            at = len(block)
-                        else:
-                            at = cut - consumed
-                            while at < len(block) and 0x80 <= block[at] < 0xC0:  # between two characters
-                                at += 1
-                if at:
-                    yield split, at, (str(path), offset, block[:at]), offset == 0
-                if at < len(block):
-                    split = "val"
-                    yield split, len(block) - at, (str(path), offset + at, block[at:]), offset + at == 0
-                consumed += len(block)
+                        yield split, len(block) - at, (str(path), offset + at, block[at:]), offset + at == 0
+                    consumed += len(block)
+        except OSError as e:  # unreadable (permissions), gone since it was listed, a failing disk
+            raise DataError(f"cannot read {path}: {e.strerror or e}; check that it is there and readable, then "
+                            f"run the same command again") from None
 
 
 def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="text", num_workers=None,

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -249,6 +250,15 @@ def test_blocks_stay_bounded_without_safe_cuts(text):
     assert [o for o, _ in blocks] == np.cumsum([0] + [len(b) for _, b in blocks[:-1]]).tolist()
     assert all(len(b) <= 4 * 1000 for _, b in blocks)
     assert "".join(b.decode("utf-8") for _, b in blocks) == text
+
+
+def test_an_input_file_that_cannot_be_read_is_named_in_one_line(tmp_path):
+    """An input gone since it was listed (or unreadable) is the input's problem, not the output's: the error used to
+    advise freeing disk space."""
+    gone = tmp_path / "gone.txt"
+    with pytest.raises(DataError, match=f"^cannot read {re.escape(str(gone))}: No such file or directory; check "
+                                        "that it is there and readable, then run the same command again$"):
+        list(data._text_segments([gone], 10, 0.1, "text", hashlib.sha256()))
 
 
 def test_a_long_line_is_cut_between_words_with_the_tokens_of_the_uncut_text():
