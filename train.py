@@ -249,6 +249,12 @@ def load_config(argv):
             cli_values[name] = text if SETTING_TYPES.get(name) is str and not isinstance(value, str) else value
         else:
             path = Path(arg)
+            if path.is_dir():
+                raise ConfigError(f"config file '{arg}' is a folder: give a .py file (the shipped ones are in config/)")
+            if path.is_file() and path.suffix != ".py" and path.read_bytes()[:4] == b"PK\x03\x04":  # torch.save's zip
+                raise ConfigError(f"'{arg}' is no config file but a checkpoint (or a zip): resume its run with "
+                                  f"--resume_from_checkpoint={arg}, or start a new one from its weights with "
+                                  f"--init_from={arg}")
             if not path.is_file():
                 name, eq, _ = arg.partition("=")
                 if eq and name in SETTING_TYPES:  # max_steps=5: a setting without its --

@@ -224,6 +224,14 @@ def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, b
     cmd = train_cmd(tmp_path / "out", bins)
     assert refused([*cmd[:2], str(config), *cmd[2:]]) == f"error: config file '{config}' line 2: it calls exit(); fix " \
                                                         f"the file (it is plain Python: name = value lines)\n"
+    # A folder, or a checkpoint (`python train.py out/best_model.pt`: runpy took it for a zipped app).
+    assert refused([*cmd[:2], str(tmp_path), *cmd[2:]]) == f"error: config file '{tmp_path}' is a folder: give a .py " \
+                                                           f"file (the shipped ones are in config/)\n"
+    checkpoint = tmp_path / "best_model.pt"
+    torch.save({"step": 1}, checkpoint)
+    assert refused([*cmd[:2], str(checkpoint), *cmd[2:]]) == f"error: '{checkpoint}' is no config file but a " \
+        f"checkpoint (or a zip): resume its run with --resume_from_checkpoint={checkpoint}, or start a new one from " \
+        f"its weights with --init_from={checkpoint}\n"
     (tmp_path / "a_file").write_text("")
     err = refused(train_cmd(tmp_path / "a_file" / "run", bins))  # no folder can be made under a file
     assert err == f"error: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory; " \
