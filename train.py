@@ -1413,6 +1413,7 @@ class Trainer:
                 f"of {cfg.max_length}: the data position and the epochs count in those steps, so keep the product "
                 f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh in another "
                 f"out_dir")
+        self.train_bins.load_state_dict(state["data_state"])  # (other data: refused before a line says what applies)
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         # The optimizer's saved hyper-parameters give way to this run's settings (the same on a plain resume):
@@ -1442,7 +1443,6 @@ class Trainer:
         self.last_step_finite = state.get("last_step_finite", True)  # (for a pending evaluation's record)
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
-        self.train_bins.load_state_dict(state["data_state"])
         # An OOM back-off (a micro-batch smaller than its run's batch_size) is remembered, unless this run sets
         # another batch (in its config file or on its command line).
         backed_off = state["batch_size"] < saved_cfg.get("batch_size", state["batch_size"])

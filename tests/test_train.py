@@ -981,6 +981,7 @@ def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
         f"90: the data changed since. Resume with the data_dir it was trained on, or start a new run from its "
         f"weights in another out_dir with --init_from=CHECKPOINT\n")
     assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
+    assert "applied from here" not in (out / "train.log").read_text()  # (max_steps 4 -> 8 was said, then refused)
 
 
 def test_a_history_that_is_not_a_list_of_records_is_moved_aside(tmp_path, capsys):
