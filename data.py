@@ -9,6 +9,10 @@ Each writes {train,val[,test]}.bin (flat uint16 token ids, documents separated b
 TokenBins reads them back as (x, y) batches for train.py.
 """
 
+if __name__ == "__main__":  # Ctrl-C while Python loads the modules below (nothing is written yet): one line
+    from cli import ctrl_c_ends_it
+    ctrl_c_ends_it()  # (the preparation's own handlers take over in main)
+
 import argparse
 import contextlib
 import hashlib

@@ -63,7 +63,7 @@ sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` has
 
 
 def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch or opens its model's file
-    if (moment == "torch" and event == "import" and args[0] == "torch") or (
+    if (moment in ("torch", "numpy") and event == "import" and args[0] == moment) or (
             moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")):
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -76,7 +76,7 @@ runpy.run_path(script, run_name="__main__")
 @pytest.fixture
 def interrupted_at():
     """run(script, moment, *args, cwd) -> the finished process of `python script *args` that got Ctrl-C (a real
-    SIGINT to itself) at `moment`: "torch" (while it imports PyTorch) or "model" (as it opens best_model.pt)."""
+    SIGINT to itself) at `moment`: "torch" or "numpy" (while it imports it) or "model" (as it opens best_model.pt)."""
     def run(script, moment, *args, cwd):
         return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=120)

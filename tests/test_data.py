@@ -625,6 +625,15 @@ def test_a_stopped_preparation_leaves_the_folders_earlier_dataset_whole(tmp_path
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_ctrl_c_while_it_starts_ends_it_in_one_line(tmp_path, interrupted_at):
+    """While Python loads its modules (numpy, tiktoken: before the preparation's own handlers), Ctrl-C gave a
+    traceback."""
+    (tmp_path / "a.txt").write_text("alpha beta\n")
+    p = interrupted_at(ROOT / "data.py", "numpy", "text", "--input", tmp_path / "a.txt", "--out_dir", tmp_path / "out",
+                       cwd=tmp_path)
+    assert (p.returncode, p.stdout, p.stderr) == (130, "", "\ninterrupted\n") and not (tmp_path / "out").exists()
+
+
 def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path):
     """`timeout`, systemd and a container's stop send SIGTERM to every process of the group: the workers too. Here
     it comes while they wait for work and the preparation imports torch (seconds, for meta.json): the worker that a
