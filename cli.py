@@ -80,17 +80,23 @@ def ctrl_c_ends_it(message="interrupted"):
     line of its own and exit code 130, never a traceback; what it printed so far stays."""
     def stop(signum, frame):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a copy of this one) changes nothing
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (Exception, SystemExit):  # (a reader gone, a full disk: _EndsWhenFull's exit, a write cut short)
-                pass
+        flush_quietly()
         try:
             os.write(2, f"\n{message}\n".encode())
         except OSError:
             pass
         os._exit(128 + signal.SIGINT)
     signal.signal(signal.SIGINT, stop)
+
+
+def flush_quietly():
+    """Flush stdout and stderr before an os._exit, whatever stands in the way (a reader gone, a full disk:
+    _EndsWhenFull's exit, a write cut short)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (Exception, SystemExit):
+            pass
 
 
 def quiet_on_closed_pipe():

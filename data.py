@@ -38,7 +38,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import bar_size, fail, one_line, plural, tolerant_output
+from cli import bar_size, fail, flush_quietly, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
@@ -1176,11 +1176,7 @@ def _end_workers_and_exit(code):
     process ends without the pool's clean-up at exit, which would wait on a lock that a killed worker holds."""
     for worker in multiprocessing.active_children():
         worker.kill()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (Exception, SystemExit):
-            pass
+    flush_quietly()
     os._exit(code)
 
 
