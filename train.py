@@ -730,7 +730,7 @@ class Trainer:
 
         resume = ckpt.find_checkpoint(cfg.resume_from_checkpoint, self.checkpoint_dir, self.out_dir)
         # A fresh start moves an earlier run's history in out_dir aside (a fresh start over checkpoints: refused below).
-        if resume is None and not ckpt.checkpoints_after(self.checkpoint_dir, self.out_dir, -1):
+        if resume is None and not ckpt.checkpoint_files(self.checkpoint_dir, self.out_dir):
             self.keep_an_earlier_history()
         self.refuse_a_moved_checkpoint_dir(resume)
         init_source = self.load_init_source(resume)

@@ -824,6 +824,7 @@ def test_a_fresh_run_never_overwrites_checkpoints_it_cannot_read(tmp_path, bins,
     err = refused(train_cmd(out, bins, "--max_steps=8", "--resume_from_checkpoint="))
     assert "hold an earlier run: a fresh run here would overwrite or rotate them away" in err, err
     assert {p: p.read_bytes() for p in files} == before
+    assert (out / "eval_history.json").is_file() and not list(out.glob("*.earlier-*"))  # (not moved aside either)
 
 
 def test_a_run_never_mixes_with_another_runs_checkpoints(tmp_path, bins, refused):
