@@ -47,6 +47,10 @@ class CheckpointError(Exception):
     """A checkpoint could not be saved, found or loaded; the message is one line saying what to do."""
 
 
+class NewerFormatError(CheckpointError):
+    """A checkpoint of a newer format than this code reads: written by a newer version of this trainer."""
+
+
 # --- atomic writes -----------------------------------------------------------------------------
 
 class _FdWriter:
@@ -152,7 +156,8 @@ def _save_error(path, err):
     if Path(path).exists():
         intact = f"the {Path(path).name} there before is intact"
     else:
-        intact = "earlier checkpoints are intact" if rotated else "nothing was written"
+        others = rotated and any(p != Path(path) for p in list_checkpoints(Path(path).parent))
+        intact = "earlier checkpoints are intact" if others else "nothing was written"
     return CheckpointError(f"could not save {path}: {reason}; {intact}; {fix}")
 
 
@@ -296,12 +301,13 @@ def _same_disk(a, b):
         return False
 
 
-def _make_room(checkpoint_dir, target=None):
+def _make_room(checkpoint_dir, target=None, out_dir=None):
     """Before a save into `target` (default: checkpoint_dir): remove dead writers' temp files there, then, if
     free disk is below the size of the newest rotated checkpoint, delete the oldest rotated ones until it is
     not (only when they are on target's disk: elsewhere deleting frees nothing there).
 
-    Never deletes the newest, so at least one checkpoint always survives.
+    Never deletes the newest, so at least one checkpoint always survives; unless out_dir holds a readable best
+    or emergency checkpoint at its step or further on, which a resume would take instead.
     """
     target = Path(target or checkpoint_dir)
     for folder in {Path(checkpoint_dir), target}:
@@ -310,7 +316,9 @@ def _make_room(checkpoint_dir, target=None):
     if not existing or not _same_disk(checkpoint_dir, target):
         return
     need = existing[-1].stat().st_size
-    for old in existing[:-1]:
+    newest = _epoch_step(existing[-1])[1]
+    covered = out_dir is not None and any(stored >= newest for stored, *_ in _peek(_candidates(None, out_dir), False))
+    for old in existing if covered else existing[:-1]:
         free = shutil.disk_usage(target).free
         if free >= need:
             break
@@ -323,25 +331,36 @@ def _stamped(state):
     return {**state, "format_version": FORMAT_VERSION}
 
 
-def save_checkpoint(state, checkpoint_dir, keep):
+def save_checkpoint(state, checkpoint_dir, keep, out_dir=None):
     """Save `state` as checkpoint_dir/checkpoint_epoch{E}_step{S}.pt, then keep only the newest `keep`.
 
     Old checkpoints are deleted only after the new one is on disk, except when free disk is below the
-    size of the newest checkpoint: then the oldest go first (never the newest) so the save can succeed.
+    size of the newest checkpoint: then the oldest go first (never the newest, unless out_dir's best or emergency
+    checkpoint is as far on) so the save can succeed. With out_dir, an emergency checkpoint there of an earlier step
+    of the run (an interrupted session's, resumed and gone past) is deleted too, once the new one is on disk.
     Raises CheckpointError when the save fails; earlier checkpoints are untouched then.
     """
     _check_keep(keep)
     path = checkpoint_path(checkpoint_dir, state["epoch"], state["step"])
-    _make_room(checkpoint_dir)
+    _make_room(checkpoint_dir, out_dir=out_dir)
     atomic_save(_stamped(state), path)
     rotate_checkpoints(checkpoint_dir, keep, protect=path)
+    if out_dir is not None:
+        _drop_passed_emergency(out_dir, state, path)
     return path
+
+
+def _drop_passed_emergency(out_dir, state, saved):
+    emergency = Path(out_dir) / EMERGENCY_NAME
+    for stored, _, _, run_id in _peek([(emergency, 2)] if emergency.is_file() else [], warn=False):
+        if stored < state["step"] and run_id is not None and run_id == state.get("run_id") and _delete(emergency):
+            say(f"checkpoint: deleted {emergency.name} (step {stored}): {saved.name} is further on in the same run")
 
 
 def _save_in_out_dir(state, out_dir, name, checkpoint_dir):
     path = Path(out_dir) / name
     if checkpoint_dir is not None:
-        _make_room(checkpoint_dir, out_dir)
+        _make_room(checkpoint_dir, out_dir, out_dir)
     atomic_save(_stamped(state), path)
     return path
 
@@ -420,7 +439,7 @@ def _read(path, map_location, mmap):
     if not isinstance(version, int) or version < 1:
         raise CheckpointError(f"{path} has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
-        raise CheckpointError(
+        raise NewerFormatError(
             f"{path} has checkpoint format {version} but this code reads up to {FORMAT_VERSION}; "
             f"update the code (git pull)")
     return ckpt
@@ -481,9 +500,9 @@ def _candidates(checkpoint_dir, out_dir):
     return found
 
 
-def _peek(candidates, warn):
+def _peek(candidates, warn, unreadable=None):
     """(stored step, tie rank, path, stored run id or None) of the candidates whose header reads (mmap, cheap); the
-    others are skipped, with a warning on stderr if warn."""
+    others are skipped, with a warning on stderr if warn, and their (path, CheckpointError) appended to unreadable."""
     readable = []
     for path, rank in candidates:
         try:
@@ -492,6 +511,8 @@ def _peek(candidates, warn):
         except CheckpointError as e:
             if warn:
                 say(f"warning: skipping checkpoint: {e}")
+            if unreadable is not None:
+                unreadable.append((path, e))
     return readable
 
 
@@ -527,7 +548,8 @@ def find_checkpoint(spec, checkpoint_dir, out_dir, fix="to train afresh, use ano
             return None
         raise CheckpointError(
             f"resume_from_checkpoint='latest' but there is no checkpoint in {checkpoint_dir} or "
-            f"{out_dir}; use 'auto' to start fresh when there is none")
+            f"{out_dir}; give the path of one kept elsewhere (an earlier Kaggle session's output, say), or use "
+            f"'auto' to start fresh when there is none")
     for _, _, path, _ in sorted(_peek(candidates, warn=True), key=lambda c: (c[0], c[1]), reverse=True):
         try:
             _verify_checksums(path)
@@ -576,6 +598,14 @@ def checkpoints_after(checkpoint_dir, out_dir, step):
     """The readable checkpoint files (rotated, emergency, best) whose stored step is above step (what no
     run can resume from cannot be mixed up with one)."""
     return [path for stored, _, path, _ in _peek(_candidates(checkpoint_dir, out_dir), warn=False) if stored > step]
+
+
+def newer_format_files(checkpoint_dir, out_dir):
+    """The checkpoint files (rotated, emergency, best) of a newer format than this code reads: a newer version of
+    this trainer's run, which a run of this code must neither overwrite nor rotate away ('auto' skips them)."""
+    unreadable = []
+    _peek(_candidates(checkpoint_dir, out_dir), warn=False, unreadable=unreadable)
+    return [path for path, e in unreadable if isinstance(e, NewerFormatError)]
 
 
 def checkpoint_files(checkpoint_dir, out_dir):

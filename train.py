@@ -793,6 +793,11 @@ class Trainer:
 
         if cfg.resume_from_checkpoint not in ("auto", "latest"):  # those resume the newest, or find none
             self.refuse_newer_checkpoints(resume)
+        newer_format = ckpt.newer_format_files(self.checkpoint_dir, self.out_dir) if resume else []
+        if newer_format:  # ('auto' skips them, so it resumes from an older one of ours)
+            raise ConfigError(f"resuming from {resume}, but checkpoints of a newer format (a newer version of this "
+                              f"trainer's) are here: {_some(newer_format)}; this run would overwrite or rotate them "
+                              f"away: update the code (git pull), or move them away first")
         if resume is not None:
             self.restore(resume)
         if ddp.enabled and min_over_ranks(self.step, ddp, self.device) != -min_over_ranks(-self.step, ddp, self.device):
@@ -801,6 +806,10 @@ class Trainer:
         if resume is not None:
             self.carry_over_its_run(resume)  # (after the check above: it has every rank agree)
         if resume is None:
+            if cfg.resume_from_checkpoint == "auto":
+                self.log(f"resume: no checkpoint in {self.out_dir} or {self.checkpoint_dir}, so this is a fresh run "
+                         f"(to continue one whose checkpoints are elsewhere, an earlier Kaggle session's output say, "
+                         f"give --resume_from_checkpoint=PATH)")
             if init_source is not None:
                 self.model.load_state_dict(init_source.state_dict())
                 self.log(f"initialised weights from {cfg.init_from}")
@@ -1269,7 +1278,7 @@ class Trainer:
                 state["rank_rng_states"] = ranks
             try:
                 if kind == "rotated":
-                    path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints)
+                    path = ckpt.save_checkpoint(state, self.checkpoint_dir, self.cfg.max_checkpoints, self.out_dir)
                 elif kind == "best":
                     path = ckpt.save_best(state, self.out_dir, self.checkpoint_dir)
                 else:

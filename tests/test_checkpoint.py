@@ -196,6 +196,10 @@ try:
     save_checkpoint(big, sys.argv[1], keep=1)  # 2 MiB of weights
 except CheckpointError as e:
     print(e)
+try:
+    save_checkpoint(big, sys.argv[1] + "-first", keep=1)  # a run's first: no earlier checkpoint to speak of
+except CheckpointError as e:
+    print(e)
 from checkpoint import atomic_write_json
 atomic_write_json(sys.argv[1] + "/eval_history.json", [{"step": 1, "val_loss": 2.0}])  # small: written
 try:
@@ -212,10 +216,12 @@ def test_failed_write_is_one_line_removes_its_temp_and_keeps_old_checkpoints(tmp
     p = python(FSIZE_CHILD, ckdir)
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert len(lines) == 2, p.stdout
+    assert len(lines) == 3, p.stdout
     assert lines[0].startswith(f"could not save {ckdir / 'checkpoint_epoch0_step2.pt'}: File too large;")
     assert "earlier checkpoints are intact" in lines[0] and "free disk space" in lines[0]
-    assert lines[1] == f"could not save {ckdir / 'eval_history.json'}: File too large; the eval_history.json " \
+    assert lines[1] == f"could not save {ckdir}-first/checkpoint_epoch0_step2.pt: File too large; nothing was " \
+                       f"written; free disk space or lower max_checkpoints"
+    assert lines[2] == f"could not save {ckdir / 'eval_history.json'}: File too large; the eval_history.json " \
                        f"there before is intact; free disk space"
     assert sorted(os.listdir(ckdir)) == sorted([old.name, "eval_history.json"])  # temps removed, old one kept
     assert json.loads((ckdir / "eval_history.json").read_text()) == [{"step": 1, "val_loss": 2.0}]
@@ -321,14 +327,36 @@ def test_low_disk_makes_room_for_best_and_emergency_saves_too(tmp_path, monkeypa
     assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [3, 4]
     assert "deleted checkpoint_epoch0_step1.pt" in capsys.readouterr().err
     assert assert_whole(out / "emergency_checkpoint.pt")["step"] == 5 and assert_whole(out / "best_model.pt")["step"] == 6
-    # Never the newest rotated one, however full the disk.
+    # The newest rotated one goes only where a best or emergency checkpoint in out_dir is as far on (a resume would
+    # take that one): here best_model.pt (step 6) is, and step 4 makes room for the next best.
     small_disk(monkeypatch, out, 0)
     ck.save_best(state(7, numel=1 << 16), out, ckdir)
-    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [4]
+    assert ck.list_checkpoints(ckdir) == [] and assert_whole(out / "best_model.pt")["step"] == 7
     # Without checkpoint_dir (a caller that has none), nothing is deleted.
-    ck.save_checkpoint(state(8, numel=1 << 16), ckdir, keep=4)  # the newest before it, 4, stays
+    ck.save_checkpoint(state(8, numel=1 << 16), ckdir, keep=4)
     ck.save_best(state(9, numel=1 << 16), out)
-    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [4, 8]
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [8]
+    # A rotated save told out_dir: best_model.pt (9) is as far on as the newest, 8, which goes; then the new newest,
+    # 10, is further on than anything in out_dir, and stays for the next best.
+    ck.save_checkpoint(state(10, numel=1 << 16), ckdir, keep=4, out_dir=out)
+    ck.save_best(state(11, numel=1 << 16), out, ckdir)
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [10]
+
+
+def test_an_emergency_checkpoint_the_run_has_gone_past_is_deleted_at_its_next_rotated_save(tmp_path, capsys):
+    """An interrupted session's emergency checkpoint (232 MB for the default model), resumed and gone past, would
+    otherwise ride along in the output for good (on Kaggle, copied into every later session)."""
+    out = tmp_path / "out"
+    ck.save_emergency({**state(5), "run_id": "a"}, out)
+    for new in ({**state(5), "run_id": "a"}, {**state(6), "run_id": "b"}, state(6)):  # not further on, or not its run
+        ck.save_checkpoint(new, out / "checkpoints", keep=4, out_dir=out)
+        assert (out / "emergency_checkpoint.pt").is_file()
+    ck.save_checkpoint({**state(6), "run_id": "a"}, out / "checkpoints", keep=4)  # (no out_dir given: not looked at)
+    assert (out / "emergency_checkpoint.pt").is_file()
+    ck.save_checkpoint({**state(7), "run_id": "a"}, out / "checkpoints", keep=4, out_dir=out)
+    assert not (out / "emergency_checkpoint.pt").exists()
+    assert "deleted emergency_checkpoint.pt (step 5): checkpoint_epoch0_step7.pt is further on in the same run" in \
+        capsys.readouterr().err
 
 
 def test_low_disk_deletes_nothing_on_another_disk(tmp_path, monkeypatch):
@@ -464,7 +492,7 @@ def test_find_checkpoint_with_nothing_to_resume(tmp_path):
     assert ck.find_checkpoint(None, ckdir, out) is None
     assert ck.find_checkpoint("", ckdir, out) is None
     assert ck.find_checkpoint("auto", ckdir, out) is None
-    with pytest.raises(CheckpointError, match="no checkpoint in .*use 'auto' to start fresh"):
+    with pytest.raises(CheckpointError, match="no checkpoint in .*give the path of one kept elsewhere .*'auto' to start"):
         ck.find_checkpoint("latest", ckdir, out)
     with pytest.raises(CheckpointError, match="no checkpoint at lastest; did you mean 'latest'"):
         ck.find_checkpoint("lastest", ckdir, out)  # a typo is a missing path, with the hint

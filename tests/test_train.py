@@ -390,6 +390,8 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
     assert "step 22/22" in log and "epoch 1 done" in log and "epoch 2 done" in log
     assert "warning" not in log  # (a warmup of 2 in 22 steps is no warmup longer than the run)
     assert "tokens per step, 1 process\n" in log
+    # 'auto' with nothing to resume says so (a new Kaggle session's empty /kaggle/working is no silent fresh start).
+    assert f"resume: no checkpoint in {out} or {out / 'checkpoints'}, so this is a fresh run (to continue" in log
     assert (out / "final_model" / "config.json").exists()
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = b"".join(f.read_bytes() for f in (out / "tensorboard").glob("events.out.tfevents.*"))
@@ -816,6 +818,15 @@ def test_a_fresh_run_never_overwrites_checkpoints_it_cannot_read(tmp_path, bins,
     out = tmp_path / "out"
     run_train(out, bins, "--max_steps=4", "--save_steps=2", "--eval_steps=2")
     files = [*(out / "checkpoints").glob("*.pt"), out / "best_model.pt"]
+    # A newer version's checkpoints beside an older readable one: 'auto' skips them, and the resume from step 2 would
+    # rotate them away (or overwrite them on reaching their step), so it is refused.
+    for path in (out / "checkpoints" / "checkpoint_epoch1_step4.pt", out / "best_model.pt"):
+        torch.save({**torch.load(path, weights_only=True), "format_version": ckpt.FORMAT_VERSION + 1}, path)
+    before = {p: p.read_bytes() for p in files}
+    err = refused(train_cmd(out, bins, "--max_steps=8"))
+    assert "but checkpoints of a newer format (a newer version of this trainer's) are here: " in err, err
+    assert "update the code (git pull), or move them away first" in err and "best_model.pt" in err
+    assert {p: p.read_bytes() for p in files} == before
     for path in files:
         path.write_bytes(path.read_bytes()[:5000])
     before = {p: p.read_bytes() for p in files}
