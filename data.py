@@ -1057,13 +1057,21 @@ class TokenBins:
         number of ranks. The last batch may be short, and a rank may get one batch fewer than rank 0: sum
         losses, then reduce once.
         """
-        end = self.n_windows if max_windows is None else min(max_windows, self.n_windows)
+        end = self._eval_end(max_windows)
         for start in range(0, end, batch_size * self.world_size):
             lo = min(start + self.rank * batch_size, end)
             hi = min(lo + batch_size, end)
             if lo == hi:
                 return
             yield self._to_xy(self._windows[lo:hi], device)
+
+    def eval_batch_count(self, batch_size, max_windows=None):
+        """How many global batches eval_batches goes through: the same on every rank (a rank's own may be one fewer),
+        so that the ranks can agree on something at each."""
+        return -(-self._eval_end(max_windows) // (batch_size * self.world_size))
+
+    def _eval_end(self, max_windows):
+        return self.n_windows if max_windows is None else min(max_windows, self.n_windows)
 
     def state_dict(self):
         """{"epoch", "position", "seed", "n_windows"} as plain ints: where the next batch comes from, and in how

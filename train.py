@@ -469,17 +469,18 @@ def stop_signals():
 class StopRequest:
     """SIGINT/SIGTERM (and SIGHUP, a closed terminal or SSH session, unless the run ignores it, as under nohup) set a flag
     the loop checks at each micro-step (under torchrun, at the end of each step, where the ranks agree on it: a rank
-    stopping alone would leave the others waiting in their all-reduce). A second Ctrl-C (SIGINT) exits at once,
-    unless it comes within REPEAT_GRACE_S of the first: that is the same stop passed on (torchrun forwards the
-    signal it gets to every worker, and Ctrl-C reaches the launcher and the workers alike), not an impatient user. A
-    repeated SIGTERM or SIGHUP never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a
-    notebook's children sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s; a run in its evaluation needs those
-    seconds)."""
+    stopping alone would leave the others waiting in their all-reduce) and at each batch of an evaluation. A second
+    Ctrl-C (SIGINT) exits at once, unless it comes within REPEAT_GRACE_S of the first: that is the same stop passed
+    on (a process group's, or a notebook's, that reaches the launcher and the workers alike), not an impatient user.
+    Under torchrun a SIGTERM after a SIGINT is that second Ctrl-C too: torchrun passes the first Ctrl-C on as SIGINT
+    and, interrupted again while it waits for its workers, ends them with SIGTERM. A repeated SIGTERM or SIGHUP
+    otherwise never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a notebook's
+    children sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s)."""
 
     REPEAT_GRACE_S = 2.0
 
     def __init__(self, verbose=True, distributed=False):
-        self.signum, self.first_at, self.verbose = None, None, verbose
+        self.signum, self.first_at, self.verbose, self.distributed = None, None, verbose, distributed
         self.where = "the end of the step" if distributed else "the next micro-step"
 
     def install(self):
@@ -490,9 +491,11 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            if signum != signal.SIGINT or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
+            passed_on = self.distributed and self.signum == signal.SIGINT and signum == signal.SIGTERM  # (torchrun's)
+            if not (signum == signal.SIGINT or passed_on) or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
                 return
-            print("\nCtrl-C (SIGINT) during the stop: exiting now", file=sys.stderr, flush=True)
+            how = "SIGTERM from torchrun, a second Ctrl-C," if passed_on else "Ctrl-C (SIGINT)"
+            print(f"\n{how} during the stop: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.verbose:
@@ -711,6 +714,7 @@ class Trainer:
         self.test_oom_in_last_backward = os.environ.get("GPT_TEST_OOM_IN_LAST_BACKWARD") == "1"
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
+        self.test_signal_in_eval = int(os.environ.get("GPT_TEST_SIGTERM_IN_EVAL_STEP", "0")) if ddp.master else 0
         self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
         self.log = Logger(self.out_dir / "train.log", ddp.master)  # last: train_main closes it once it has a Trainer
 
@@ -844,8 +848,9 @@ class Trainer:
         final_saved = True
         try:
             if self.pending_after_step is not None:
-                self.log(f"redoing the evaluation of step {self.step}, which an error cut short")
-                self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1))
+                self.log(f"redoing the evaluation of step {self.step}, which was cut short")
+                if not self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1)):
+                    return self.emergency_exit(after_step_pending=True)
             while self.step < self.total_steps:
                 if self.train_bins.epoch != self.step // self.steps_per_epoch:
                     self.train_bins.start_epoch(self.step // self.steps_per_epoch)
@@ -859,7 +864,8 @@ class Trainer:
                 self.pending_after_step = (self.epoch_loss_sum, self.epoch_loss_count)
                 self.report_progress(bar, loss, lr)
                 last = self.step == self.total_steps
-                self.after_step(lr)
+                if not self.after_step(lr):  # a stop cut its evaluation short
+                    return self.emergency_exit(after_step_pending=True)
                 out_of_time = self.max_runtime and any_rank(self.elapsed_session() > self.max_runtime, ddp, self.device)
                 if self.step % cfg.save_steps == 0 or last or out_of_time:
                     final_saved = self.save_rotated(session_end=last or out_of_time)
@@ -1105,16 +1111,29 @@ class Trainer:
     def evaluate(self):
         """Mean val loss over the val split (or its first eval_iters x batch_size windows, as the run set them at
         its start: whatever the number of processes, the batch a resume sets or an out-of-memory back-off),
-        averaged over all ranks."""
+        averaged over all ranks; None when a stop cut it short."""
         if self.step == self.test_error_at_eval:
             self.test_error_at_eval = 0  # once per process
             raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
         self.model.eval()
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for x, y in self.val_bins.eval_batches(self.batch_size, self.val_windows, self.device):
+        batches = self.val_bins.eval_batches(self.batch_size, self.val_windows, self.device)
+        for _ in range(self.val_bins.eval_batch_count(self.batch_size, self.val_windows)):
+            # A stop cuts it short (agreed by the ranks at each batch): a whole val split can take minutes, and the
+            # seconds a supervisor (or torchrun) gives before its SIGKILL go to the save; the resume evaluates again.
+            if any_rank(self.stop.signum is not None, self.ddp, self.device):
+                self.model.train()
+                return None
+            batch = next(batches, None)
+            if batch is None:  # (this rank's share has one batch fewer)
+                continue
+            x, y = batch
             with self.autocast:
                 _, loss = self.model(x, y, return_logits=False)
             total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
+            if self.step == self.test_signal_in_eval:
+                self.test_signal_in_eval = 0
+                os.kill(os.getpid(), signal.SIGTERM)
         if self.ddp.enabled:
             dist.all_reduce(total)
         self.model.train()
@@ -1149,8 +1168,11 @@ class Trainer:
 
     def run_eval(self, lr, epoch_end):
         """Evaluate, record it, close the epoch if this step ends one, then save the best model: after the
-        epoch record, so that a resume from best_model.pt starts the next epoch's train loss afresh."""
+        epoch record, so that a resume from best_model.pt starts the next epoch's train loss afresh. False (and
+        nothing done) when a stop cut the evaluation short."""
         val = self.evaluate()
+        if val is None:
+            return False
         self.val_loss = val
         improved = val < self.best_val_loss
         ppl = plot.perplexity(val)
@@ -1174,14 +1196,18 @@ class Trainer:
             if not self.save("best"):
                 self.best_val_loss = previous
         self.sample()
+        return True
 
     def after_step(self, lr):
-        """The evaluation, epoch record and best model due after the step just completed."""
+        """The evaluation, epoch record and best model due after the step just completed; False when a stop cut
+        the evaluation short (they stay pending: the emergency checkpoint says so, and the resume does them)."""
         epoch_end = self.step % self.steps_per_epoch == 0 or self.step == self.total_steps
         if self.step % self.cfg.eval_steps == 0 or epoch_end:
-            self.run_eval(lr, epoch_end)
+            if not self.run_eval(lr, epoch_end):
+                return False
             self.refresh_plot()  # once, with this evaluation and any epoch record it closed
         self.pending_after_step = None
+        return True
 
     def refresh_plot(self):
         """Redraw out_dir/loss_curve.png when matplotlib is there; a plot never stops a run."""
@@ -1551,14 +1577,16 @@ class Trainer:
                 state = self.state(after_step_pending=True)
                 state["epoch_loss_sum"], state["epoch_loss_count"] = self.pending_after_step
             path = ckpt.save_emergency(state, self.out_dir, self.checkpoint_dir)
-            self.log(f"saved {path}")
+            self.log(f"saved {path}. Resume with: {self.resume_command()}")
         except Exception as e:  # the original error matters more
             self.log(f"warning: could not write the emergency checkpoint: {e}; {self.newest_note()}")
 
-    def emergency_exit(self, step_start=(None, None)):
-        """Save the last completed step (with the data and RNG state of the step that comes next) and leave."""
+    def emergency_exit(self, step_start=(None, None), after_step_pending=False):
+        """Save the last completed step (with the data and RNG state of the step that comes next) and leave.
+        after_step_pending: its evaluation (and what comes after it) is still to do, by the resume."""
         self.optimizer.zero_grad(set_to_none=True)
-        saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1])
+        saved = self.save("emergency", data_state=step_start[0], rng_state=step_start[1],
+                          after_step_pending=after_step_pending)
         newest = () if saved or not self.ddp.master else ckpt.newest_checkpoint(self.checkpoint_dir, self.out_dir)
         if newest is None:  # (a failed save with no checkpoint on disk here: nothing of this session to resume)
             self.log(f"interrupted at step {self.step}: {self.kept_note(saved, newest=newest)} here, so the same "
@@ -1687,12 +1715,15 @@ def train_main(argv, held):
         return _end_before_training(e, own_process=__name__ == "__main__")
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
-        # connect, is said once, by rank 0 (after that, each process says what it found).
-        # A device error or a missing bin, found on each node before connecting, is said once a node.
+        # connect, is said once, by rank 0. A device error or a missing bin, found on each node before connecting, is
+        # said once a node. After connecting, a setting or checkpoint refused (a resume's checkpoint not there, say)
+        # is too: the processes of a node read the same files. A device error then is each process's own.
         before_connecting = launched_world > 1 and not ddp.enabled
+        not_local_rank_0 = os.environ.get("LOCAL_RANK", "0") != "0"
         said_elsewhere = (isinstance(e, ConfigError) and os.environ.get("RANK", "0") != "0") or (
-            isinstance(e, (hardware.HardwareError, DataError)) and os.environ.get("LOCAL_RANK", "0") != "0")
-        if before_connecting and said_elsewhere:
+            isinstance(e, (hardware.HardwareError, DataError)) and not_local_rank_0)
+        if (before_connecting and said_elsewhere) or (
+                ddp.enabled and not_local_rank_0 and isinstance(e, (ConfigError, ckpt.CheckpointError))):
             # torchrun stops every process once one exits: leave the saying to rank 0 (which meets the same mistake),
             # and time to say it, instead of having it stopped before it has (seen on a slow machine).
             time.sleep(SAID_BY_ANOTHER_RANK_WAIT_S)

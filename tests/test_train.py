@@ -595,6 +595,35 @@ def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     assert not (tmp_path / "later" / "emergency_checkpoint.pt").exists()
 
 
+STOP_TWICE = """
+import os, signal, sys, time
+import train
+stop = train.StopRequest(distributed=sys.argv[1] == "torchrun")
+stop.install()
+stop.REPEAT_GRACE_S = 0.0
+for signum in (signal.SIGINT, signal.SIGTERM):
+    os.kill(os.getpid(), signum)
+    time.sleep(0.2)
+print("the stop goes on", flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "python"])
+def test_under_torchrun_a_sigterm_after_ctrl_c_is_the_second_ctrl_c(launcher):
+    """Ctrl-C twice in torchrun's terminal: torchrun passes the first on as SIGINT and, interrupted again while it
+    waits for its workers, ends them with SIGTERM (torch.distributed.elastic's agent: its `finally` shuts the workers
+    down a second time, with the default SIGTERM). A worker takes that for the second Ctrl-C, as it says it will, and
+    exits at once; a process of its own takes a SIGTERM after a SIGINT for a supervisor's, and its save goes on."""
+    p = subprocess.run([sys.executable, "-c", STOP_TWICE, launcher], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    if launcher == "torchrun":
+        assert p.returncode == 128 + signal.SIGTERM, p.stdout + p.stderr
+        assert "SIGTERM from torchrun, a second Ctrl-C, during the stop: exiting now" in p.stderr
+        assert "SIGINT received: stopping at the end of the step" in p.stderr and "goes on" not in p.stdout
+    else:
+        assert p.returncode == 0 and p.stdout == "the stop goes on\n", p.stdout + p.stderr
+
+
 def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common, from_straight=False):
     """A run stopped at max_steps=4 and resumed to 8 ends with the weights and train loss of one that ran 8
     straight (lr constant after warm-up, so both follow one schedule). from_straight: one run fewer, the resumed
@@ -759,12 +788,23 @@ def test_out_of_memory_at_micro_batch_1_gives_up_clearly_with_a_checkpoint(tmp_p
     assert emergency["step"] == 2 and emergency["data_state"] == before["data_state"]
 
 
-def test_an_error_after_a_step_has_its_evaluation_redone_on_resume(tmp_path, bins):
-    common = ["--max_steps=22", "--eval_steps=5", "--save_steps=100"]
+def test_an_evaluation_cut_short_by_a_stop_or_an_error_is_redone_on_resume(tmp_path, bins):
+    """A SIGTERM during an evaluation (a whole val split can take minutes: the seconds before a supervisor's, or
+    torchrun's, SIGKILL go to the save) stops it at the next batch; an error in one stops the run. Each resume
+    evaluates that step again, and the run ends as a straight one."""
+    common = ["--max_steps=22", "--eval_steps=5", "--save_steps=100", "--eval_iters=0"]  # (5 batches of val)
     straight, failed = tmp_path / "straight", tmp_path / "failed"
     run_train(straight, bins, *common)
+    p = run_train(failed, bins, *common, env={"GPT_TEST_SIGTERM_IN_EVAL_STEP": "5"}, check=False)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    state = ckpt.load_checkpoint(failed / "emergency_checkpoint.pt")
+    assert state["step"] == 5 and state["after_step_pending"]
+    history = failed / "eval_history.json"
+    assert not history.exists() or json.loads(history.read_text()) == []
     p = run_train(failed, bins, *common, env={"GPT_TEST_ERROR_AT_EVAL_STEP": "11"}, check=False)  # an epoch's end
+    assert "redoing the evaluation of step 5" in p.stdout
     assert p.returncode != 0 and "injected: an error in the evaluation of step 11" in p.stderr
+    assert f"saved {failed / 'emergency_checkpoint.pt'}. Resume with: python train.py" in p.stdout
     state = ckpt.load_checkpoint(failed / "emergency_checkpoint.pt")
     assert state["step"] == 11 and state["after_step_pending"]
     p = run_train(failed, bins, *common)
