@@ -306,8 +306,8 @@ def _make_room(checkpoint_dir, target=None, out_dir=None):
     free disk is below the size of the newest rotated checkpoint, delete the oldest rotated ones until it is
     not (only when they are on target's disk: elsewhere deleting frees nothing there).
 
-    Never deletes the newest, so at least one checkpoint always survives; unless out_dir holds a readable best
-    or emergency checkpoint at its step or further on, which a resume would take instead.
+    Never deletes the newest, so at least one checkpoint always survives; unless out_dir holds a whole best or
+    emergency checkpoint at its step or further on, which a resume would take instead (looked at only then).
     """
     target = Path(target or checkpoint_dir)
     for folder in {Path(checkpoint_dir), target}:
@@ -316,15 +316,28 @@ def _make_room(checkpoint_dir, target=None, out_dir=None):
     if not existing or not _same_disk(checkpoint_dir, target):
         return
     need = existing[-1].stat().st_size
-    newest = _epoch_step(existing[-1])[1]
-    covered = out_dir is not None and any(stored >= newest for stored, *_ in _peek(_candidates(None, out_dir), False))
-    for old in existing if covered else existing[:-1]:
+    for old in existing:
         free = shutil.disk_usage(target).free
-        if free >= need:
+        if free >= need or (old == existing[-1] and not _superseded(old, out_dir)):
             break
         if _delete(old):
             say(f"checkpoint: low disk ({free / 2**20:.0f} MiB free, a checkpoint is "
                 f"{need / 2**20:.0f} MiB): deleted {old.name} before saving")
+
+
+def _superseded(rotated, out_dir):
+    """Whether out_dir holds a whole (checksums verified) best or emergency checkpoint at the step of rotated
+    checkpoint `rotated` or further on: one a resume would take instead."""
+    if out_dir is None:
+        return False
+    for stored, _, path, _ in _peek(_candidates(None, out_dir), warn=False):
+        if stored >= _epoch_step(rotated)[1]:
+            try:
+                _verify_checksums(path)
+                return True
+            except CheckpointError:
+                pass
+    return False
 
 
 def _stamped(state):
@@ -337,7 +350,7 @@ def save_checkpoint(state, checkpoint_dir, keep, out_dir=None):
     Old checkpoints are deleted only after the new one is on disk, except when free disk is below the
     size of the newest checkpoint: then the oldest go first (never the newest, unless out_dir's best or emergency
     checkpoint is as far on) so the save can succeed. With out_dir, an emergency checkpoint there of an earlier step
-    of the run (an interrupted session's, resumed and gone past) is deleted too, once the new one is on disk.
+    of the run, or of its step (an interrupted session's, resumed), is deleted too, once the new one is on disk.
     Raises CheckpointError when the save fails; earlier checkpoints are untouched then.
     """
     _check_keep(keep)
@@ -353,8 +366,8 @@ def save_checkpoint(state, checkpoint_dir, keep, out_dir=None):
 def _drop_passed_emergency(out_dir, state, saved):
     emergency = Path(out_dir) / EMERGENCY_NAME
     for stored, _, _, run_id in _peek([(emergency, 2)] if emergency.is_file() else [], warn=False):
-        if stored < state["step"] and run_id is not None and run_id == state.get("run_id") and _delete(emergency):
-            say(f"checkpoint: deleted {emergency.name} (step {stored}): {saved.name} is further on in the same run")
+        if stored <= state["step"] and run_id is not None and run_id == state.get("run_id") and _delete(emergency):
+            say(f"checkpoint: deleted {emergency.name} (step {stored}): {saved.name} has the same run as far on")
 
 
 def _save_in_out_dir(state, out_dir, name, checkpoint_dir):

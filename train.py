@@ -148,6 +148,7 @@ class TrainConfig:
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (one CUDA GPU; experimental)
     seed: int = 1337  # seed for init, data order and dropout
     max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds)
+    max_runtime_from: float = 0.0  # the Unix time max_runtime counts from (0: train.py's start; the notebook's session)
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     # optional tracking
     tensorboard: bool = False  # log to out_dir/tensorboard (needs the tensorboard package)
@@ -368,6 +369,9 @@ def validate(cfg, world_size=1):
     if cfg.lr_decay not in ("cosine", "linear", "constant"):
         raise ConfigError(f"lr_decay must be 'cosine', 'linear' or 'constant', got {cfg.lr_decay!r}")
     parse_duration(cfg.max_runtime)
+    if not 0 <= cfg.max_runtime_from <= time.time() + 60:
+        raise ConfigError(f"max_runtime_from must be a Unix time not in the future (`date +%s` gives now), or 0 for "
+                          f"train.py's start; got {cfg.max_runtime_from:g}")
     try:
         hardware.normalize_dtype(cfg.dtype)
         hardware.normalize_compile(cfg.compile)
@@ -472,10 +476,10 @@ class StopRequest:
     stopping alone would leave the others waiting in their all-reduce) and at each batch of an evaluation. A second
     Ctrl-C (SIGINT) exits at once, unless it comes within REPEAT_GRACE_S of the first: that is the same stop passed
     on (a process group's, or a notebook's, that reaches the launcher and the workers alike), not an impatient user.
-    Under torchrun a SIGTERM after a SIGINT is that second Ctrl-C too: torchrun passes the first Ctrl-C on as SIGINT
-    and, interrupted again while it waits for its workers, ends them with SIGTERM. A repeated SIGTERM or SIGHUP
-    otherwise never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a notebook's
-    children sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s)."""
+    A repeated SIGTERM or SIGHUP never cuts the save short: it is a supervisor's reminder (ipykernel's shutdown of a
+    notebook's children sends seven SIGTERMs over 4.4 s, then SIGKILL at 14 s). Under torchrun that includes the
+    second Ctrl-C in a terminal: it reaches torchrun alone, which ends its workers with SIGTERM then, as it does on a
+    supervisor's SIGTERM after the Ctrl-C, and the two cannot be told apart; so no 'Ctrl-C again' is offered there."""
 
     REPEAT_GRACE_S = 2.0
 
@@ -491,15 +495,14 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            passed_on = self.distributed and self.signum == signal.SIGINT and signum == signal.SIGTERM  # (torchrun's)
-            if not (signum == signal.SIGINT or passed_on) or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
+            if signum != signal.SIGINT or time.monotonic() - self.first_at < self.REPEAT_GRACE_S:
                 return
-            how = "SIGTERM from torchrun, a second Ctrl-C," if passed_on else "Ctrl-C (SIGINT)"
-            print(f"\n{how} during the stop: exiting now", file=sys.stderr, flush=True)
+            print("\nCtrl-C (SIGINT) during the stop: exiting now", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         self.signum, self.first_at = signum, time.monotonic()
         if self.verbose:
-            again = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else " (Ctrl-C to exit at once)"
+            again = "" if self.distributed else (
+                " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else " (Ctrl-C to exit at once)")
             print(f"\n{signal.Signals(signum).name} received: stopping at {self.where}, saving an emergency "
                   f"checkpoint{again}", file=sys.stderr, flush=True)
 
@@ -761,7 +764,8 @@ class Trainer:
         done = ckpt.peek_step(resume) if resume is not None else 0
         self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=max(
             0, self.total_steps - done) * self.tokens_per_step // ddp.world_size, cuda_graphs=cfg.cuda_graphs,
-            world_size=ddp.world_size, max_seconds=self.max_runtime or None)
+            world_size=ddp.world_size, max_seconds=max(1.0, self.max_runtime - self.elapsed_session()) if self.max_runtime
+            else None)
         if self.test_graphs_on_cpu and self.plan.compile:
             self.plan = dataclasses.replace(self.plan, cuda_graphs=True)
         torch.manual_seed(cfg.seed + ddp.rank)
@@ -851,6 +855,8 @@ class Trainer:
                 self.log(f"redoing the evaluation of step {self.step}, which was cut short")
                 if not self.after_step(cfg.learning_rate * lr_lambda(cfg, self.total_steps)(self.step - 1)):
                     return self.emergency_exit(after_step_pending=True)
+                if self.step >= self.total_steps:  # the last step's: its end was not saved (the loop does that)
+                    final_saved = self.save_rotated(session_end=True)
             while self.step < self.total_steps:
                 if self.train_bins.epoch != self.step // self.steps_per_epoch:
                     self.train_bins.start_epoch(self.step // self.steps_per_epoch)
@@ -1558,8 +1564,9 @@ class Trainer:
 
     # endings ----------------------------------------------------------------------------------
     def elapsed_session(self):
-        """Seconds since this process started: what a notebook's session limit counts."""
-        return time.time() - PROCESS_START
+        """Seconds since this process started, or since max_runtime_from (a notebook's session): what max_runtime
+        counts."""
+        return time.time() - (self.cfg.max_runtime_from or PROCESS_START)
 
     def resume_command(self, again=False):
         """The command that resumes this run (again: the command as it was given, for a run with nothing on disk to
@@ -1654,7 +1661,9 @@ def val_windows(eval_iters, batch_size):
 def run_command(argv, world_size, local_world_size, again=False):
     """The command line that resumes a run started with train.py's arguments argv (again: that starts it again)
     by python (world_size 0) or torchrun, on one node or several (where only the user knows the rendezvous)."""
-    args = [a for a in argv if again or not a.startswith("--resume_from_checkpoint=")]
+    # (max_runtime_from is a session's: a resume is another session)
+    args = [a for a in argv if (again or not a.startswith("--resume_from_checkpoint=")) and
+            not a.startswith("--max_runtime_from=")]
     if not world_size:
         launcher = "python"
     elif local_world_size >= world_size:

@@ -341,21 +341,28 @@ def test_low_disk_makes_room_for_best_and_emergency_saves_too(tmp_path, monkeypa
     ck.save_checkpoint(state(10, numel=1 << 16), ckdir, keep=4, out_dir=out)
     ck.save_best(state(11, numel=1 << 16), out, ckdir)
     assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [10]
+    # A best_model.pt as far on, but damaged inside (its header reads; its checksums do not match), covers nothing.
+    data = bytearray((out / "best_model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "best_model.pt").write_bytes(bytes(data))
+    ck.save_emergency(state(12, numel=1 << 16), out, ckdir)
+    assert [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [10]
 
 
 def test_an_emergency_checkpoint_the_run_has_gone_past_is_deleted_at_its_next_rotated_save(tmp_path, capsys):
-    """An interrupted session's emergency checkpoint (232 MB for the default model), resumed and gone past, would
-    otherwise ride along in the output for good (on Kaggle, copied into every later session)."""
+    """An interrupted session's emergency checkpoint (232 MB for the default model), resumed and gone past (or only
+    caught up with: the resume of a stop in the last step's evaluation saves that step), would otherwise ride along
+    in the output for good (on Kaggle, copied into every later session)."""
     out = tmp_path / "out"
     ck.save_emergency({**state(5), "run_id": "a"}, out)
-    for new in ({**state(5), "run_id": "a"}, {**state(6), "run_id": "b"}, state(6)):  # not further on, or not its run
+    for new in ({**state(4), "run_id": "a"}, {**state(6), "run_id": "b"}, state(6)):  # behind it, or not its run
         ck.save_checkpoint(new, out / "checkpoints", keep=4, out_dir=out)
         assert (out / "emergency_checkpoint.pt").is_file()
     ck.save_checkpoint({**state(6), "run_id": "a"}, out / "checkpoints", keep=4)  # (no out_dir given: not looked at)
     assert (out / "emergency_checkpoint.pt").is_file()
-    ck.save_checkpoint({**state(7), "run_id": "a"}, out / "checkpoints", keep=4, out_dir=out)
+    ck.save_checkpoint({**state(5), "run_id": "a"}, out / "checkpoints", keep=4, out_dir=out)
     assert not (out / "emergency_checkpoint.pt").exists()
-    assert "deleted emergency_checkpoint.pt (step 5): checkpoint_epoch0_step7.pt is further on in the same run" in \
+    assert "deleted emergency_checkpoint.pt (step 5): checkpoint_epoch0_step5.pt has the same run as far on" in \
         capsys.readouterr().err
 
 
