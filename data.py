@@ -20,6 +20,7 @@ import http.client
 import importlib.util
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import re
 import signal
@@ -244,6 +245,11 @@ def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=
             time.sleep(wait)
     else:
         raise DataError(f"--url {url}: only http://, https:// and file:// URLs are supported")
+    if size is None and sha256 is None and dest.suffix == ".zip" and not zipfile.is_zipfile(part):
+        # Nothing to check it against (a --url without --sha256 whose server sends no length): a zip cut short has no
+        # directory at its end. Kept as .part, which the next run resumes.
+        raise DataError(f"downloaded {url} is not a whole zip (no directory at its end: the connection may have "
+                        f"dropped): run the same command again to resume it, or pass --sha256 to check it")
     got_size, got_sha = part.stat().st_size, sha256_file(part)
     for what, got, want in (("bytes", got_size, size), ("sha256", got_sha, sha256)):
         if want is not None and got != want:
@@ -475,7 +481,10 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
             def write_oldest():
                 split, result, n_in = pending.popleft()
                 tokens, n_eot, n_bytes = result.get() if pool else result
-                tokens.tofile(files[split])
+                try:
+                    files[split].write(memoryview(tokens))
+                except OSError as e:  # (a full disk: said with the file's name, where numpy's tofile says neither)
+                    raise OSError(e.errno, e.strerror, str(tmp[split])) from None
                 st = stats[split]
                 if len(tokens):
                     st["max_token_id"] = max(st["max_token_id"], int(tokens.max()))
@@ -698,12 +707,16 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
         candidates, size, sha256 = [url], None, sha256
     else:
         candidates, size, sha256 = spec["urls"], spec["size"], sha256 or spec["sha256"]
-    if zip_path.is_file():
-        got = sha256_file(zip_path)
+    got = sha256_file(zip_path) if zip_path.is_file() else None
+    if got is not None and url and sha256 is None and not _downloaded_from(out_dir, url, got):
+        # (another --url's file, say: with nothing to check it against, only meta.json can say where it came from)
+        print(f"{zip_path} is not known to come from {url}: downloading it again")
+    elif got is not None:
         if sha256 is not None and got != sha256:
             raise DataError(f"{zip_path} has sha256 {got}, expected {sha256}: delete it and run again")
         print(f"using the zip already downloaded at {zip_path}")
-        return zip_path, {"path": str(zip_path), "sha256": got, "verified": sha256 is not None}
+        return zip_path, {**({"url": url} if url else {"path": str(zip_path)}), "sha256": got,
+                          "verified": sha256 is not None}
     errors = []
     for candidate in candidates:
         print(f"downloading {candidate}")
@@ -716,6 +729,12 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
                 print(f"that mirror failed: {e}", file=sys.stderr)
     raise DataError(errors[0] if len(errors) == 1 else
                     "every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
+
+
+def _downloaded_from(out_dir, url, sha256):
+    """Whether out_dir's meta.json says its bins came from `url`'s file, whose sha256 is `sha256`."""
+    source = (_read_meta(Path(out_dir)) or {}).get("source")
+    return isinstance(source, dict) and source.get("url") == url and source.get("sha256") == sha256
 
 
 def _normal_sha256(value):
@@ -773,9 +792,14 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
         return _wikitext_tasks(path, members, remedy), total, {"dataset": name, "source": src}, workers
 
     def reusable(meta):  # another WikiText, or other text, is prepared again, not taken for this one; so is
-        # another --source than the folder was prepared from (a zip by its bytes, an unzipped folder by its files)
+        # another --source than the folder was prepared from (a zip by its bytes, an unzipped folder by its files),
+        # another --url's file, and, for the plain command (the published zip), any zip but the published one
         if given is None:
-            return meta.get("dataset") == name
+            src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+            if url:
+                return meta.get("dataset") == name and src.get("url") == url and sha256 in (None, src.get("sha256"))
+            published = sha256 or DATASETS[name]["sha256"]
+            return meta.get("dataset") == name and src.get("sha256", published) == published
         src = given[2]
         same = {"sha256": src["sha256"]} if "sha256" in src else {"files": src["files"]}  # (wherever it is mounted)
         return meta.get("dataset") == name and _same(meta.get("source"), same)
@@ -1181,7 +1205,16 @@ def _stop(signum, frame):
 
 def _end_workers_and_exit(code):
     """After a SIGTERM, which may have reached the pool's workers too (_tokenize): the workers left are killed, and the
-    process ends without the pool's clean-up at exit, which would wait on a lock that a killed worker holds."""
+    process ends without the pool's clean-up at exit, which would wait on a lock that a killed worker holds.
+
+    The pool's worker-handler thread replaces workers that died: stopped first (as Pool.terminate stops it), or it
+    may start one after the kills, which would outlive this process, waiting on that lock with the output open."""
+    for pool in filter(None, _ABANDONED_POOLS):
+        handler = getattr(pool, "_worker_handler", None)
+        if handler is not None:
+            handler._state = multiprocessing.pool.TERMINATE
+            pool._change_notifier.put(None)  # (wakes it from its wait for a worker's exit)
+            handler.join(5.0)
     for worker in multiprocessing.active_children():
         worker.kill()
     flush_quietly()

@@ -139,9 +139,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
+        if not srv.no_length:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        if srv.drop_first:  # promise everything, send half, hang up
+        if srv.drop_first:  # promise everything (or nothing: no length), send half, hang up
             srv.drop_first = False
             self.wfile.write(body[start:start + (len(body) - start) // 2])
             return
@@ -155,7 +156,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     srv.daemon_threads = True
-    srv.files, srv.requests, srv.corrupt, srv.drop_first = {}, [], False, False
+    srv.files, srv.requests, srv.corrupt, srv.drop_first, srv.no_length = {}, [], False, False, False
     srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -207,6 +208,19 @@ def test_wikitext103_cli_over_http(tmp_path, server, wikitext_zip):
     assert forced.returncode == 0 and "wrote" in forced.stdout
     assert len(server.requests) == 1  # --force re-tokenizes the zip already there, it does not download again
     assert text_of(tokens_of(out / "train.bin")) == raw["train"]
+    # Another --url's file is another dataset: prepared again, downloaded again (the zip there is not known to be it).
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as z:
+        for member, split in data.WIKITEXT_SPLITS.items():
+            z.writestr(f"wikitext-103-raw/{member}", raw["test" if split == "train" else "train"])
+    server.files["/other.zip"] = other.read_bytes()
+    p = run_cli("wikitext103", "--url", server.url("/other.zip"), "--out_dir", out, "--num_workers", 1)
+    assert p.returncode == 0 and "prepared from other inputs" in p.stdout and "downloading it again" in p.stdout
+    assert text_of(tokens_of(out / "train.bin")) == raw["test"] and len(server.requests) == 2
+    # The plain command means the published zip: neither these bins nor that zip are it (no download tried: the zip
+    # there is checked first).
+    p = run_cli("wikitext103", "--out_dir", out)
+    assert_one_line_error(p, "wikitext-103-raw-v1.zip has sha256", "expected", "delete it and run again")
 
 
 def test_tokens_do_not_depend_on_chunking(tmp_path, monkeypatch):
@@ -289,6 +303,44 @@ def test_dropped_connection_is_retried_and_resumed(tmp_path, server, wikitext_zi
     data.download(server.url("/w.zip"), dest, backoff=0.01)
     assert dest.read_bytes() == body
     assert [r["range"] for r in server.requests] == [None, f"bytes={len(body) // 2}-"]
+
+
+def test_a_zip_cut_short_by_a_server_that_sends_no_length_is_resumed_not_taken(tmp_path, server, wikitext_zip):
+    """Without a length or a sha256 to check, a connection dropped halfway looks like the end of the file: a zip cut
+    short has no directory at its end, so it stays .part, and the next run resumes it."""
+    body = wikitext_zip[0].read_bytes()
+    server.files["/w.zip"], server.drop_first, server.no_length = body, True, True
+    dest = tmp_path / "w.zip"
+    with pytest.raises(data.DataError, match="is not a whole zip .*run the same command again to resume it"):
+        data.download(server.url("/w.zip"), dest)
+    assert not dest.exists() and Path(f"{dest}.part").stat().st_size == len(body) // 2
+    data.download(server.url("/w.zip"), dest)
+    assert dest.read_bytes() == body and [r["range"] for r in server.requests] == [None, f"bytes={len(body) // 2}-"]
+
+
+def test_a_full_disk_while_writing_the_bins_names_the_file_and_keeps_the_old_ones(tmp_path):
+    """A real failed write (a file-size limit: EFBIG, as a full disk's ENOSPC) in the middle of the bins: one line
+    naming the file (numpy's tofile said '... requested and ... written' and nothing else), and the folder's
+    earlier bins stay as they were."""
+    import resource
+
+    text = tmp_path / "a.txt"
+    text.write_text("".join(f"line {i} of some text to tokenize\n" for i in range(12000)))
+    out = tmp_path / "out"
+    assert run_cli("text", "--input", text, "--out_dir", out, "--num_workers", 1).returncode == 0
+    before = {f: (out / f).read_bytes() for f in ("train.bin", "val.bin", "meta.json")}
+    text.write_text(text.read_text() * 2)
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (inherited across exec: the write fails instead)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    p = subprocess.run([sys.executable, str(ROOT / "data.py"), "text", "--input", str(text), "--out_dir", str(out),
+                        "--num_workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       preexec_fn=limited)
+    assert p.returncode == 1 and p.stderr.splitlines()[-1].startswith(
+        f"error: [Errno 27] File too large: '{out / 'train.bin.tmp'}'; free disk space"), p.stderr
+    assert {f: (out / f).read_bytes() for f in before} == before and not list(out.glob("*.tmp"))
 
 
 def test_complete_part_file_is_not_downloaded_again(tmp_path, server, wikitext_zip):
