@@ -147,7 +147,7 @@ class TrainConfig:
     compile: object = "auto"  # torch.compile: 'auto', True or False
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (one CUDA GPU; experimental)
     seed: int = 1337  # seed for init, data order and dropout
-    max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds)
+    max_runtime: str = ""  # stop cleanly with a checkpoint after this long ('8h30m', '90m', seconds; '' or 0: never)
     max_runtime_from: float = 0.0  # the Unix time max_runtime counts from (0: train.py's start; the notebook's session)
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     # optional tracking
@@ -762,10 +762,10 @@ class Trainer:
         # Each process compiles for itself and trains its share of the tokens this session has left: that decides
         # (CPU; a resume with a few steps to go does not compile for them).
         done = ckpt.peek_step(resume) if resume is not None else 0
+        left_s = max(1.0, self.max_runtime - self.elapsed_session()) if self.max_runtime else None  # (max_runtime_from)
         self.plan = hardware.decide(facts, cfg.dtype, cfg.compile, planned_tokens=max(
             0, self.total_steps - done) * self.tokens_per_step // ddp.world_size, cuda_graphs=cfg.cuda_graphs,
-            world_size=ddp.world_size, max_seconds=max(1.0, self.max_runtime - self.elapsed_session()) if self.max_runtime
-            else None)
+            world_size=ddp.world_size, max_seconds=left_s)
         if self.test_graphs_on_cpu and self.plan.compile:
             self.plan = dataclasses.replace(self.plan, cuda_graphs=True)
         torch.manual_seed(cfg.seed + ddp.rank)
