@@ -589,22 +589,26 @@ def copy_as_rotated(path, checkpoint_dir):
 
 
 def best_of_its_run(path):
-    """The best_model.pt of checkpoint `path`'s run, found in the run's out_dir: the checkpoint's own folder (an
+    """(best, folder) for checkpoint `path`'s run, looked for in the run's out_dir: the checkpoint's own folder (an
     emergency checkpoint, a best model), the one above (a rotated one in the default checkpoints/) or the out_dir
-    its config names. It is the one of the same run (run_id) whose val loss is the checkpoint's best val loss, at or
-    before its step; None if there is none."""
+    its config names. best: the best_model.pt of the same run (run_id) whose val loss is the checkpoint's best val
+    loss, at or before its step, or None. folder: the first of those folders holding a best_model.pt of the same
+    run, whatever its step (one after the checkpoint's, for a branch from an older checkpoint): the run's out_dir,
+    whose histories are the run's; or None."""
     state = _read(path, "cpu", mmap=True)
     best_loss, step, run = state.get("best_val_loss"), state["step"], state.get("run_id")
     named = (state.get("config") or {}).get("out_dir")
+    found = None
     for folder in (Path(path).parent, Path(path).parent.parent, *([Path(named).expanduser()] if named else [])):
         try:
             best = _read(folder / BEST_NAME, "cpu", mmap=True)
         except CheckpointError:
             continue
-        same_run = None in (run, best.get("run_id")) or best["run_id"] == run
-        if same_run and best.get("val_loss") == best_loss and best["step"] <= step:
-            return folder / BEST_NAME
-    return None
+        if None in (run, best.get("run_id")) or best["run_id"] == run:
+            found = found or folder
+            if best.get("val_loss") == best_loss and best["step"] <= step:
+                return folder / BEST_NAME, folder
+    return None, found
 
 
 def checkpoints_after(checkpoint_dir, out_dir, step):

@@ -36,13 +36,13 @@ class SampleError(Exception):
 
 
 def load_model(checkpoint=None, model_dir=None, out_dir=DEFAULT_OUT_DIR):
-    """The GPT to sample from (export_hf.load_model's), of the GPT-2 vocabulary."""
-    model = export_hf.load_model(checkpoint, model_dir, out_dir)[0]
+    """(the GPT to sample from, of the GPT-2 vocabulary; where it came from): export_hf.load_model's."""
+    model, _, source = export_hf.load_model(checkpoint, model_dir, out_dir)
     try:
         check_tokenizer_fits(model.config.vocab_size)
     except DataError as e:
         raise SampleError(f"{e}: sample.py needs a model of the GPT-2 vocabulary") from None
-    return model
+    return model, source
 
 
 def read_prompt(start):
@@ -134,7 +134,8 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         facts, plan = hardware.inference_plan(args.device, args.dtype, compile=args.compile)
-        model = load_model(args.checkpoint, args.model_dir, args.out_dir).to(plan.device).eval()
+        model, source = load_model(args.checkpoint, args.model_dir, args.out_dir)
+        model.to(plan.device).eval()
         prompt = read_prompt(args.start)
         n_ctx = model.config.n_positions
         idx = encode_prompt(prompt, n_ctx).to(plan.device)
@@ -146,6 +147,7 @@ def main(argv=None):
                   f"each of those recomputes the last {n_ctx} tokens (exact, but slower per token)", file=sys.stderr)
     except (SampleError, CheckpointError, export_hf.ExportError, hardware.HardwareError, ValueError) as e:
         fail(str(e))
+    print(f"model: {source}", file=sys.stderr)  # (the default, the best model, is not the newest weights)
     print(hardware.describe(facts, plan), file=sys.stderr)
     generator = torch.Generator(device=plan.device).manual_seed(args.seed)
     gen_kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -1531,36 +1531,42 @@ class Trainer:
                 except ckpt.CheckpointError as e:
                     self.log(f"warning: {e}")
             if needs_best:
-                lost_best = not self.copy_its_best(resume)
+                lost_best, run_folder = self.copy_its_best(resume)
         if any_rank(lost_best, self.ddp, self.device):
             if self.ddp.master:
-                self.log(f"warning: the run of {resume} had a best val loss of {self.best_val_loss:.4f}, but its "
-                         f"best_model.pt is not beside it: best_model.pt (and final_model/) in {self.out_dir} will "
-                         f"be the best from step {self.step} on")
+                why = (f"its best_model.pt in {run_folder} is from a later step (a branch from an older checkpoint)"
+                       if run_folder is not None else "its best_model.pt is not beside it")
+                self.log(f"warning: the run of {resume} had a best val loss of {self.best_val_loss:.4f}, but {why}: "
+                         f"best_model.pt (and final_model/) in {self.out_dir} will be the best from step {self.step} on")
             self.best_val_loss = float("inf")
 
     def copy_its_best(self, resume):
-        """Copy the best_model.pt of resume's run, and its histories where out_dir has none, into out_dir; whether
-        the best model is there now."""
+        """Copy the best_model.pt of resume's run, and its histories where out_dir has none (read_history drops their
+        records after the resumed step), into out_dir: the histories also where that best model is from a later
+        step. Returns (whether the best model is still to be had, the run's out_dir or None)."""
         try:
-            best = ckpt.best_of_its_run(resume)
+            best, run_folder = ckpt.best_of_its_run(resume)
         except ckpt.CheckpointError:
-            best = None
-        if best is None:
-            return False
+            best, run_folder = None, None
+        source = best.parent if best is not None else run_folder
+        if source is None:
+            return True, None
         # A history file out_dir has already, readable or not, is read_history's to keep or move aside.
         histories = [name for name in (plot.EPOCH_HISTORY, plot.EVAL_HISTORY)
-                     if (best.parent / name).is_file() and not (self.out_dir / name).exists()]
+                     if (source / name).is_file() and not (self.out_dir / name).exists()]
         try:  # the histories first: the best model copied marks the carry-over as done
             for name in histories:
-                ckpt.atomic_copy(best.parent / name, self.out_dir / name)
-            ckpt.atomic_copy(best, self.out_dir / ckpt.BEST_NAME)
+                ckpt.atomic_copy(source / name, self.out_dir / name)
+            if best is not None:
+                ckpt.atomic_copy(best, self.out_dir / ckpt.BEST_NAME)
         except (OSError, ckpt.CheckpointError) as e:
-            self.log(f"warning: could not copy {best} to {self.out_dir}: {e}")
-            return False
-        self.log(f"resume: copied {best} (val loss {self.best_val_loss:.4f})"
-                 + "".join(f", {name}" for name in histories) + f" to {self.out_dir}")
-        return True
+            self.log(f"warning: could not copy {best or source / histories[0]} to {self.out_dir}: {e}")
+            return True, None
+        copied = ([f"{best} (val loss {self.best_val_loss:.4f})"] if best is not None else []) + histories
+        if copied:
+            self.log(f"resume: copied {', '.join(copied)} from {source}" if best is None else
+                     f"resume: copied {', '.join(copied)} to {self.out_dir}")
+        return best is None, run_folder
 
     # endings ----------------------------------------------------------------------------------
     def elapsed_session(self):

@@ -62,6 +62,9 @@ def test_default_is_best_model_of_out_dir(run_dir):
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy_text(tiny_model(), "The future of AI", 20) + "\n"
     assert "tokens/s" in result.stderr.splitlines()[-1]
+    # Which weights: the best model, not the newest (said, as evaluate.py says it).
+    step = torch.load(run_dir / "out" / "best_model.pt", weights_only=True)["step"]
+    assert result.stderr.splitlines()[0] == f"model: {Path('out') / 'best_model.pt'} (step {step})", result.stderr
 
 
 def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
@@ -70,6 +73,7 @@ def test_model_dir_and_checkpoint_give_the_same_text(run_dir):
     from_ckpt = run_sample("--checkpoint", run_dir / "out" / "best_model.pt", *common)
     assert from_hf.returncode == from_ckpt.returncode == 0, from_hf.stderr + from_ckpt.stderr
     assert from_hf.stdout == from_ckpt.stdout == greedy_text(tiny_model(), "Hello", 15) + "\n"
+    assert f"model: {run_dir / 'out' / 'final_model'}\n" in from_hf.stderr
 
 
 

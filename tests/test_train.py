@@ -999,11 +999,22 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     earlier = json.loads((src / "eval_history.json").read_text())
     assert json.loads((beside / "eval_history.json").read_text())[:len(earlier)] == earlier
     assert ckpt.load_checkpoint(beside / "best_model.pt")["val_loss"] <= min(r["val_loss"] for r in earlier)
+    # A branch from an older checkpoint into a new out_dir (where going back is refused in the run's own): the run's
+    # best model is from a later step, so the best starts over, but the run's histories up to the checkpoint come.
+    assert ckpt.load_checkpoint(src / "best_model.pt")["step"] == 4
+    branch = tmp_path / "branch"
+    p = run_train(branch, bins, "--max_steps=4", "--eval_steps=2",
+                  f"--resume_from_checkpoint={src / 'checkpoints' / 'checkpoint_epoch1_step2.pt'}")
+    assert f"but its best_model.pt in {src} is from a later step (a branch from an older checkpoint)" in p.stdout
+    assert f"resume: copied training_history.json, eval_history.json from {src}" in p.stdout, p.stdout
+    records = json.loads((branch / "eval_history.json").read_text())
+    assert [r["step"] for r in records] == [2, 4] and records[0] == earlier[0]  # (src's own step 4: dropped)
     # The checkpoint alone: the best starts over from its step (else, on a val split where the run does worse,
     # there would be no best_model.pt at all), with a warning.
     lone, worse = tmp_path / "lone", tmp_path / "worse"
     lone.mkdir()
     shutil.copy(src / "checkpoints" / "checkpoint_epoch1_step2.pt", lone)
+    src.rename(tmp_path / "gone")  # (the run's out_dir, which its config names, is not there: a Kaggle input not attached)
     shutil.copytree(bins, worse)
     np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
     p = run_train(tmp_path / "out2", worse, "--max_steps=4", "--eval_steps=2",
