@@ -419,9 +419,9 @@ def _encode_task(items, titles=False, prior=False):
                 nul = raw.find(b"\0")
                 if nul >= 0:
                     raise _holds_nul(name, f"NUL byte at offset {offset + nul}")
-                if offset == 0 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Notepad's) is no text
-                    text = text[1:]
                 n_bytes += len(raw)
+                if offset == 0 and text.startswith("\ufeff"):  # a UTF-8 byte-order mark (Notepad's) is no text
+                    text, n_bytes = text[1:], n_bytes - len("\ufeff".encode("utf-8"))
             texts = _split_articles(text, prior) if titles else [text]
             prior = True
         for t in texts:

@@ -620,8 +620,9 @@ def test_text_input_errors(tmp_path):
 def test_a_utf8_byte_order_mark_is_not_tokenized(tmp_path):
     text = "Saved by Notepad, with a byte-order mark.\n" * 200
     (tmp_path / "bom.txt").write_text(text, encoding="utf-8-sig")
-    data.prepare_text([tmp_path / "bom.txt"], tmp_path / "o", num_workers=1)
+    meta = data.prepare_text([tmp_path / "bom.txt"], tmp_path / "o", num_workers=1)
     assert (text_of(tokens_of(tmp_path / "o" / "train.bin")) + text_of(tokens_of(tmp_path / "o" / "val.bin"))).decode() == text
+    assert sum(meta["splits"][s]["text_bytes"] for s in ("train", "val")) == len(text.encode())  # (nor counted)
 
 
 def test_preparing_a_folder_again_removes_splits_it_does_not_write(tmp_path, wikitext_zip):
