@@ -249,7 +249,8 @@ def download(url, dest, size=None, sha256=None, retries=4, backoff=1.0, timeout=
         # Nothing to check it against (a --url without --sha256 whose server sends no length): a zip cut short has no
         # directory at its end. Kept as .part, which the next run resumes.
         raise DataError(f"downloaded {url} is not a whole zip (no directory at its end: the connection may have "
-                        f"dropped): run the same command again to resume it, or pass --sha256 to check it")
+                        f"dropped): run the same command again to resume it, or pass --sha256 to check it; if the URL "
+                        f"serves no zip at all (a web page, say), delete {part} and check --url")
     got_size, got_sha = part.stat().st_size, sha256_file(part)
     for what, got, want in (("bytes", got_size, size), ("sha256", got_sha, sha256)):
         if want is not None and got != want:
@@ -501,9 +502,12 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
             while pending:
                 write_oldest()
         for s, f in files.items():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+            except OSError as e:  # (a full disk found at the flush: said with the file's name too)
+                raise OSError(e.errno, e.strerror, str(tmp[s])) from None
             if stats[s]["tokens"] == 0:
                 raise DataError(f"the {s} split came out empty: give more input text"
                                 + (" or a larger --val_fraction" if s == "val" else ""))
@@ -796,8 +800,8 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
         # another --url's file, and, for the plain command (the published zip), any zip but the published one
         if given is None:
             src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
-            if url:
-                return meta.get("dataset") == name and src.get("url") == url and sha256 in (None, src.get("sha256"))
+            if url:  # (with --sha256, that file from wherever it came)
+                return meta.get("dataset") == name and (src.get("sha256") == sha256 if sha256 else src.get("url") == url)
             published = sha256 or DATASETS[name]["sha256"]
             return meta.get("dataset") == name and src.get("sha256", published) == published
         src = given[2]
