@@ -454,6 +454,16 @@ def default_num_workers():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+@contextlib.contextmanager
+def _naming(path):
+    """An OSError inside (a full disk) raised again with path's name in it: a file object's write and flush name no
+    file, and numpy's tofile said only '... requested and ... written'."""
+    try:
+        yield
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
     """Encode the tasks into out_dir/{split}.bin, in order, in parallel; return per-split stats.
 
@@ -482,10 +492,8 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
             def write_oldest():
                 split, result, n_in = pending.popleft()
                 tokens, n_eot, n_bytes = result.get() if pool else result
-                try:
+                with _naming(tmp[split]):
                     files[split].write(memoryview(tokens))
-                except OSError as e:  # (a full disk: said with the file's name, where numpy's tofile says neither)
-                    raise OSError(e.errno, e.strerror, str(tmp[split])) from None
                 st = stats[split]
                 if len(tokens):
                     st["max_token_id"] = max(st["max_token_id"], int(tokens.max()))
@@ -502,12 +510,10 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
             while pending:
                 write_oldest()
         for s, f in files.items():
-            try:
+            with _naming(tmp[s]):
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
-            except OSError as e:  # (a full disk found at the flush: said with the file's name too)
-                raise OSError(e.errno, e.strerror, str(tmp[s])) from None
             if stats[s]["tokens"] == 0:
                 raise DataError(f"the {s} split came out empty: give more input text"
                                 + (" or a larger --val_fraction" if s == "val" else ""))
