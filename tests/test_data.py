@@ -158,7 +158,7 @@ def server():
     srv.daemon_threads = True
     srv.files, srv.requests, srv.corrupt, srv.drop_first, srv.no_length = {}, [], False, False, False
     srv.url = lambda path: f"http://127.0.0.1:{srv.server_address[1]}{path}"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)  # shutdown() waits a poll
     thread.start()
     yield srv
     srv.shutdown()
