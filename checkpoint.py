@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import say
+from cli import check_readable, say
 
 FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
 
@@ -420,11 +420,7 @@ def _read(path, map_location, mmap):
         hf = " (a HuggingFace folder: train.py takes it as --init_from, sample.py and evaluate.py as --model_dir)" \
             if (Path(path) / "config.json").is_file() else ""
         raise CheckpointError(f"{path} is not a file; give the path of a .pt checkpoint{hf}")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
+    check_readable(path, CheckpointError)
     # torch.save writes a zip whose directory is at the very end: a file cut short has none.
     try:
         whole = zipfile.is_zipfile(path)

@@ -74,19 +74,45 @@ def one_line(e, limit=200):
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def check_readable(path, error):
+    """Raise error(f"cannot read PATH: REASON") when the file at path does not open for reading (its permissions, a
+    failing disk), so that a parser never takes an unreadable file for a damaged one."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror or e}") from e
+
+
 def ctrl_c_ends_it(message="interrupted"):
     """For a script with nothing to save (sample.py, evaluate.py), called before it imports PyTorch: Ctrl-C at
     any moment (while PyTorch loads, the model is read, text is generated) ends it at once with `message` on a
     line of its own and exit code 130, never a traceback; what it printed so far stays."""
     def stop(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a copy of this one) changes nothing
-        flush_quietly()
-        try:
-            os.write(2, f"\n{message}\n".encode())
-        except OSError:
-            pass
-        os._exit(128 + signal.SIGINT)
+        _end_interrupted(message)
     signal.signal(signal.SIGINT, stop)
+
+
+def run_cleaning_up_on_ctrl_c(main, message="interrupted"):
+    """main() of a script that writes files (export_hf.py, plot.py), whose start ctrl_c_ends_it covered: Ctrl-C is a
+    KeyboardInterrupt again, so that the write's clean-up runs (its temp file removed, a folder it replaces put
+    back), and then ends the script as ctrl_c_ends_it does."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        _end_interrupted(message)
+
+
+def _end_interrupted(message):
+    """`message` on a line of its own on stderr, then exit code 130 at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C (or a copy of this one) changes nothing
+    flush_quietly()
+    try:
+        os.write(2, f"\n{message}\n".encode())
+    except OSError:
+        pass
+    os._exit(128 + signal.SIGINT)
 
 
 def flush_quietly():

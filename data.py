@@ -39,7 +39,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from cli import bar_size, fail, flush_quietly, one_line, plural, tolerant_output
+from cli import bar_size, check_readable, fail, flush_quietly, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
@@ -1018,8 +1018,14 @@ def read_bin(path, vocab_size=None):
     """A token bin as a read-only uint16 memmap, checked: it exists, holds whole tokens, and (given
     vocab_size) no id the model cannot embed. DataError naming the file otherwise."""
     path = Path(path)
+    if path.parent.is_file():
+        raise DataError(f"{path.parent} is a file, not a data folder: point data_dir at the folder data.py wrote "
+                        f"(it holds train.bin and val.bin)")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a token bin: pick another split, or point data_dir at a folder data.py "
+                        f"wrote")
     if not path.is_file():
-        have = sorted(p.stem for p in path.parent.glob("*.bin"))
+        have = sorted(p.stem for p in path.parent.glob("*.bin") if p.is_file())
         if have:
             raise DataError(f"{path} not found ({path.parent} has {', '.join(have)}): pick another split, "
                             f"or prepare the data again with data.py")
@@ -1034,6 +1040,7 @@ def read_bin(path, vocab_size=None):
     if n_bytes % 2:
         raise DataError(f"{path} has {n_bytes:,} {plural(n_bytes, 'byte')}, an odd number, not whole uint16 tokens: "
                         f"it is truncated or not a token bin; prepare it again with data.py")
+    check_readable(path, DataError)
     tokens = np.memmap(path, dtype=np.uint16, mode="r")
     if vocab_size is not None:
         top = int(tokens.max())

@@ -53,8 +53,11 @@ def read_prompt(start):
     path = Path(start[len("FILE:"):]).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SampleError(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except OSError as e:
+        raise SampleError(f"cannot read the prompt file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise SampleError(f"the prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                          f"UTF-8") from None
     return text.removeprefix("\ufeff").removesuffix("\n")  # a UTF-8 byte-order mark (Notepad's) is no text
 
 

@@ -1,6 +1,7 @@
 """What every test runs under: offline, whatever order the files are collected in."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,9 +63,12 @@ sys.argv = [script] + sys.argv[3:]
 sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` has it
 
 
-def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch or opens its model's file
+def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch, opens its model's file or
+    # moves a finished temp folder (an export's .NAME.tmp-PID-HEX) or temp file (.NAME.PID.HEX.tmp) into place
+    moved = os.path.basename(args[0]) if event == "os.rename" else ""
     if (moment in ("torch", "numpy") and event == "import" and args[0] == moment) or (
-            moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")):
+            moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")) or (
+            moment == "swap" and ".tmp-" in moved) or (moment == "replace" and moved.endswith(".tmp")):
         os.kill(os.getpid(), signal.SIGINT)
 
 
@@ -76,8 +80,21 @@ runpy.run_path(script, run_name="__main__")
 @pytest.fixture
 def interrupted_at():
     """run(script, moment, *args, cwd) -> the finished process of `python script *args` that got Ctrl-C (a real
-    SIGINT to itself) at `moment`: "torch" or "numpy" (while it imports it) or "model" (as it opens best_model.pt)."""
+    SIGINT to itself) at `moment`: "torch" or "numpy" (while it imports it), "model" (as it opens best_model.pt),
+    "swap" (as it moves an export's finished temp folder into place) or "replace" (as it moves a finished temp file
+    over the file it writes)."""
     def run(script, moment, *args, cwd):
         return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=120)
     return run
+
+
+@pytest.fixture
+def without_root():
+    """The command prefix that runs a process without root's power over files, for a test's unreadable or read-only
+    file: none for a user who is not root; as root, setpriv with every capability dropped (skipped without it)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("runs as root without setpriv: every file is readable and writable to it")
+    return [shutil.which("setpriv"), "--bounding-set", "-all", "--inh-caps", "-all"]

@@ -180,3 +180,36 @@ def test_a_terminal_that_reports_no_size_still_gets_the_progress_bar():
     assert "3/3" in _drawn_on_a_terminal(24, 80)
     with open(os.devnull, "w") as not_a_terminal:
         assert cli.bar_size(not_a_terminal) == {"dynamic_ncols": True}  # tqdm's own way there
+
+
+UNREADABLE_CHILD = """
+import sys
+import checkpoint, data, export_hf, plot
+for read, path in ((data.read_bin, sys.argv[1]), (export_hf.load_hf, sys.argv[2]), (export_hf.load_hf, sys.argv[3]),
+                   (lambda p: plot.read_records(p, "step"), sys.argv[4]), (checkpoint.load_checkpoint, sys.argv[5])):
+    try:
+        read(path)
+    except Exception as e:
+        print(type(e).__name__, e)
+"""
+
+
+def test_an_unreadable_file_is_said_to_be_unreadable_not_damaged(tmp_path, without_root):
+    """A token bin, an HF folder's config.json or weights, a history, a checkpoint that the user may not read: each
+    reader says so (check_readable), not that the file is damaged or not the kind it expects."""
+    from export_hf import export_hf
+    from model import GPT, GPTConfig
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.bin").write_bytes(bytes(64))
+    hf = [export_hf(GPT(GPTConfig(n_positions=8, n_embd=8, n_layer=1, n_head=2)), tmp_path / f"hf{i}") for i in (1, 2)]
+    (tmp_path / "eval_history.json").write_text("[]")
+    (tmp_path / "best_model.pt").write_bytes(b"PK")
+    unreadable = [tmp_path / "data" / "test.bin", hf[0] / "config.json", hf[1] / "model.safetensors",
+                  tmp_path / "eval_history.json", tmp_path / "best_model.pt"]
+    for path in unreadable:
+        path.chmod(0)
+    p = subprocess.run([*without_root, sys.executable, "-c", UNREADABLE_CHILD, *map(str, unreadable[:1] + hf + unreadable[3:])],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    errors = ("DataError", "ExportError", "ExportError", "PlotError", "CheckpointError")
+    assert p.stdout.splitlines() == [f"{e} cannot read {path}: Permission denied" for e, path in zip(errors, unreadable)], \
+        p.stdout + p.stderr

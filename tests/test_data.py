@@ -1001,6 +1001,19 @@ def test_val_starts_with_the_next_file_when_the_cut_falls_in_a_files_last_line(t
     assert text_of(tokens_of(tmp_path / "one" / "val.bin")).decode() == "e.\n"  # its last 10%
 
 
+def test_a_folder_or_a_file_where_the_other_belongs_is_named(tmp_path):
+    """--split x where x.bin is a folder; --data_dir pointing at a file (a checkpoint, say)."""
+    (tmp_path / "train.bin").write_bytes(bytes(4))
+    (tmp_path / "x.bin").mkdir()
+    with pytest.raises(DataError, match=r"x\.bin is a folder, not a token bin: pick another split"):
+        data.read_bin(tmp_path / "x.bin")
+    with pytest.raises(DataError, match=r"val\.bin not found \(.* has train\): pick another split"):  # (not x)
+        data.read_bin(tmp_path / "val.bin")
+    with pytest.raises(DataError, match=r"train\.bin is a file, not a data folder: point data_dir at the folder "
+                                        r"data\.py wrote \(it holds train\.bin and val\.bin\)$"):
+        data.read_bin(tmp_path / "train.bin" / "test.bin")
+
+
 @pytest.mark.parametrize("content, message", [
     (b"", "is empty (no tokens): it is truncated, or its split got no text; prepare it again with data.py"),
     (b"\x01\x02\x03", "has 3 bytes, an odd number, not whole uint16 tokens: it is truncated or not a token bin"),

@@ -234,6 +234,8 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
     (["--checkpoint", "latest"], "no model at out or out/checkpoints: train one"),
     (["--model_dir", "nowhere"], "nowhere/config.json not found"),
     (["--start", "FILE:missing.txt", "--out_dir", "{run}/out"], "cannot read the prompt file missing.txt"),
+    (["--start", "FILE:latin1.txt", "--out_dir", "{run}/out"], "the prompt file latin1.txt is not UTF-8 text (invalid "
+                                                               "continuation byte at byte 3): save it as UTF-8"),
     (["--top_p", "0", "--out_dir", "{run}/out"], "--top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--max_new_tokens", "ten"], "argument --max_new_tokens: invalid int value"),
@@ -248,6 +250,7 @@ def test_prompt_from_file_longer_than_the_context(run_dir, tmp_path):
 ])
 def test_errors_are_one_line(tmp_path, run_dir, args, fragment, main_in_process):
     args = [a.format(run=run_dir) for a in args]
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
     if not args:  # one case through a real process, as a user runs it
         result = run_sample(*CPU, cwd=tmp_path)
         code, out, err = result.returncode, result.stdout, result.stderr
