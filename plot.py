@@ -16,10 +16,14 @@ import json
 import math
 from pathlib import Path
 
+from cli import check_readable, ctrl_c_ends_it, fail, is_number, run_cleaning_up_on_ctrl_c, tolerant_output
+
+if __name__ == "__main__":
+    ctrl_c_ends_it()  # while numpy and PyTorch load; the PNG's write cleans up (run_cleaning_up_on_ctrl_c)
+
 import numpy as np
 
 from checkpoint import CheckpointError, atomic_write_bytes
-from cli import fail, is_number, tolerant_output
 
 PNG_NAME = "loss_curve.png"
 EVAL_HISTORY = "eval_history.json"  # one record per evaluation (train.py writes both)
@@ -55,6 +59,7 @@ def read_records(path, required):
     path = Path(path)
     if not path.exists():
         return []
+    check_readable(path, PlotError)
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -198,6 +203,11 @@ def main(argv=None):
         fail(f"{args.out_dir} is not a folder: give train.py's out_dir")
     if args.output and Path(args.output).suffix.lower() != ".png":
         fail(f"--output {args.output}: plot.py writes a PNG, so give a name ending in .png")
+    if args.output and Path(args.output).is_dir():
+        fail(f"--output {args.output} is a folder: give the path of a file ending in .png")
+    blocker = args.output and next((p for p in Path(args.output).parents if p.exists() and not p.is_dir()), None)
+    if blocker:
+        fail(f"--output {args.output}: {blocker} is a file, not a folder; give another path")
     try:
         print(f"wrote {plot_history(args.out_dir, args.output)}")
     except (PlotError, CheckpointError) as e:
@@ -206,4 +216,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     tolerant_output()
-    main()
+    run_cleaning_up_on_ctrl_c(main)

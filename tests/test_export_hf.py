@@ -203,9 +203,19 @@ def test_config_json_may_name_sizes_by_transformers_aliases(tmp_path):
         load_hf(tmp_path)
 
 
+def test_a_hand_written_config_may_name_its_architecture_as_a_string(tmp_path):
+    hf = random_hf_model()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": "GPT2LMHeadModel"}))
+    assert load_hf(tmp_path).config.n_head == hf.config.n_head
+
+
 @pytest.mark.parametrize("change, fragment", [
     ({"architectures": ["GPT2ForSequenceClassification"]}, "architectures is 'GPT2ForSequenceClassification', "
                                                             "not a language model"),
+    ({"architectures": "GPT2ForSequenceClassification"}, "architectures is 'GPT2ForSequenceClassification', "
+                                                          "not a language model"),  # (a hand-written one: a string)
     ({"activation_function": "relu"}, "activation_function 'relu' is not supported"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True is not supported"),
     ({"model_type": "llama"}, "only GPT-2 models"),
@@ -230,9 +240,10 @@ def test_untied_head_is_refused():
 
 def test_existing_model_folder_is_replaced_and_no_temp_is_left(tmp_path):
     export(randomized(SMALL, seed=1), tmp_path / "m")
-    (tmp_path / "m" / "pytorch_model.bin").write_text("from an older save_pretrained: would shadow nothing, goes")
+    (tmp_path / "m" / "tokenizer.json").write_text("what save_pretrained of the export's tokenizer adds")
     (tmp_path / "m" / ".DS_Store").write_text("what macOS's Finder leaves")
-    (tmp_path / "m" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves
+    (tmp_path / "m" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves where it opened config.json
+    (tmp_path / "m" / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
     model = randomized(SMALL, seed=2)
     export(model, tmp_path / "m")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted(export_hf.EXPORT_FILES)
@@ -324,6 +335,22 @@ def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
     with pytest.raises(ExportError, match=r"hub holds \.git, README\.md, which an export does not write"):
         export(randomized(SMALL, seed=2), hub)
     assert (hub / ".git" / "HEAD").exists() and (hub / "README.md").exists()
+    # Another model (an older save_pretrained's weights file, which no export writes); a notebook's only copy.
+    older, notes = (export(randomized(SMALL, seed=1), tmp_path / name) for name in ("older", "notes"))
+    (older / "pytorch_model.bin").write_bytes(b"someone else's weights")
+    (notes / ".ipynb_checkpoints").mkdir()
+    (notes / ".ipynb_checkpoints" / "analysis-checkpoint.ipynb").write_text("{}")
+    for folder, held in ((older, "pytorch_model.bin"), (notes, ".ipynb_checkpoints")):
+        with pytest.raises(ExportError, match=rf"{folder.name} holds {held}, which an export does not write"):
+            export(randomized(SMALL, seed=2), folder)
+    assert (older / "pytorch_model.bin").read_bytes() == b"someone else's weights"
+    assert (notes / ".ipynb_checkpoints" / "analysis-checkpoint.ipynb").is_file()
+    # The checkpoint to export inside the folder (renamed to a name an export writes): never deleted by its export.
+    write_checkpoint(hub / "tokenizer.json", randomized(SMALL, seed=3))
+    with pytest.raises(ExportError, match=r"tokenizer.json is in .*hub, which an export replaces whole: pick another "
+                                          r"OUT_DIR"):
+        export(hub / "tokenizer.json", hub)
+    assert load_checkpoint(hub / "tokenizer.json")["step"] == 10
     with pytest.raises(ExportError, match="exists and is not a folder"):
         export(randomized(SMALL), tmp_path / "out" / "best_model.pt")
     with pytest.raises(ExportError, match=r"cannot create .*best_model.pt: .*best_model.pt is a file; pick another OUT_DIR"):
@@ -335,6 +362,48 @@ def test_an_export_into_a_read_only_folder_names_that_folder():
     with pytest.raises(ExportError, match=r"^cannot write in /sys: .*; pick another OUT_DIR \(on Kaggle: under "
                                           r"/kaggle/working\)$"):
         export(randomized(SMALL), "/sys/final_model")
+
+
+@pytest.mark.parametrize("moment", ["torch", "swap"])
+def test_ctrl_c_ends_an_export_in_one_line_with_the_old_folder_in_place(tmp_path, moment, interrupted_at):
+    """Ctrl-C while PyTorch loads, or between an export's two moves (the old folder moved aside, the new one not yet
+    in): `interrupted`, and the old folder where it was, with nothing left beside it."""
+    old = export(randomized(SMALL, seed=1), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    write_checkpoint(tmp_path / "best_model.pt", randomized(SMALL, seed=2))
+    p = interrupted_at(REPO / "export_hf.py", moment, tmp_path / "best_model.pt", old, cwd=tmp_path)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "m"]
+
+
+def test_a_folder_an_export_left_aside_is_named_where_it_is_missing(tmp_path):
+    """Killed between its two moves (no clean-up runs), an export leaves the old folder in .NAME.old-*: a load of
+    the missing folder says where it is."""
+    old = export(randomized(SMALL), tmp_path / "m")
+    (tmp_path / ".m.old-a1b2c3").mkdir()
+    old.rename(tmp_path / ".m.old-a1b2c3" / "m")
+    with pytest.raises(ExportError, match=rf"^{old} is missing, but an interrupted export left the one before in "
+                                          rf"{tmp_path / '.m.old-a1b2c3' / 'm'}: move that folder back to {old}, or "
+                                          rf"export again$"):
+        load_hf(old)
+
+
+def test_a_read_only_export_folder_is_named_and_left_as_it_was(tmp_path, without_root):
+    """Moving a folder changes its '..' entry: a read-only one cannot be moved aside, so it cannot be replaced."""
+    old = export(randomized(SMALL, seed=1), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    write_checkpoint(tmp_path / "best_model.pt", randomized(SMALL, seed=2))
+    old.chmod(0o555)
+    try:
+        p = subprocess.run([*without_root, sys.executable, "export_hf.py", tmp_path / "best_model.pt", old], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        old.chmod(0o755)
+    assert (p.returncode, p.stderr) == (2, f"error: cannot replace {old}: Permission denied; make it writable, or "
+                                           f"pick another OUT_DIR\n")
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "m"]
 
 
 def test_export_into_the_current_folder(tmp_path, monkeypatch):
@@ -406,6 +475,9 @@ def test_import_never_overwrites_a_file_it_did_not_write(tmp_path, main_in_proce
     ("config_fewer_layers", "model.safetensors disagree (12 unexpected (transformer.h.1."),
     ("a_file", "is a file, not a HuggingFace model folder (a .pt checkpoint of train.py goes to sample.py and "
                "evaluate.py as --checkpoint)"),
+    # Bytes overwritten in the weights (safetensors has no checksum): a NaN.
+    ("nan_safetensors", "are not all finite (NaN or inf in 1 tensor, transformer.wpe.weight first): the file is "
+                        "damaged or its run diverged; export or download it again, or use an earlier checkpoint"),
 ])
 def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, capsys, damage, fragment):
     hf = export(randomized(SMALL), tmp_path / "hf")
@@ -433,6 +505,11 @@ def test_a_damaged_hf_folder_is_one_line_everywhere(tmp_path, capsys, damage, fr
         (hf / "config.json").write_text(json.dumps({**config, **edit}))
     elif damage == "a_file":
         hf = weights
+    elif damage == "nan_safetensors":
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(weights)
+        tensors["transformer.wpe.weight"][0, 0] = float("nan")
+        save_file(tensors, weights)
     else:
         config = json.loads((hf / "config.json").read_text())
         (hf / "config.json").write_text(json.dumps({**config, "n_head": 3}))

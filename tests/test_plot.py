@@ -143,6 +143,32 @@ def test_cli_errors_are_one_line(tmp_path, case, message):
     assert not (run / "loss_curve.png").exists()
 
 
+def test_an_output_path_that_cannot_be_a_file_is_one_line(tmp_path, main_in_process):
+    from plot import main
+    run = write_run(tmp_path / "out")
+    (tmp_path / "curves.png").mkdir()
+    for output, message in ((tmp_path / "curves.png", f"--output {tmp_path / 'curves.png'} is a folder: give the "
+                                                      f"path of a file ending in .png"),
+                            (run / "eval_history.json" / "x.png", f"--output {run / 'eval_history.json' / 'x.png'}: "
+                                                                  f"{run / 'eval_history.json'} is a file, not a "
+                                                                  f"folder; give another path")):
+        code, out, err = main_in_process(main, [str(run), "--output", str(output)], tmp_path)
+        assert (code, out, err) == (2, "", f"error: {message}\n")
+    assert sorted(p.name for p in run.iterdir()) == ["eval_history.json", "training_history.json"]
+
+
+@pytest.mark.parametrize("moment", ["torch", "replace"])
+def test_ctrl_c_ends_it_in_one_line_and_leaves_no_temp_file(tmp_path, moment, interrupted_at):
+    """Ctrl-C while PyTorch loads, or as the new PNG is moved over the old one: `interrupted`, the old PNG as it
+    was, no temp file beside it."""
+    run = write_run(tmp_path / "out")
+    (run / "loss_curve.png").write_bytes(b"the old curve")
+    p = interrupted_at(REPO / "plot.py", moment, run, cwd=tmp_path)
+    assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")
+    assert (run / "loss_curve.png").read_bytes() == b"the old curve"
+    assert sorted(p.name for p in run.iterdir()) == ["eval_history.json", "loss_curve.png", "training_history.json"]
+
+
 @pytest.mark.parametrize("name, records, message", [
     ("eval_history.json", [{"epoch": 0.1, "val_loss": 3.0}], "record 1 has no number 'step'"),
     ("eval_history.json", [1, 2, 3], "record 1 has no number 'step'"),
