@@ -87,17 +87,23 @@ def check_readable(path, error):
 def ctrl_c_ends_it(message="interrupted"):
     """For a script with nothing to save (sample.py, evaluate.py), called before it imports PyTorch: Ctrl-C at
     any moment (while PyTorch loads, the model is read, text is generated) ends it at once with `message` on a
-    line of its own and exit code 130, never a traceback; what it printed so far stays."""
+    line of its own and exit code 130, never a traceback; what it printed so far stays. (A Ctrl-C ignored from the
+    start, in a script run with `&`, stays ignored.)"""
     def stop(signum, frame):
         _end_interrupted(message)
-    signal.signal(signal.SIGINT, stop)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, stop)
 
 
 def run_cleaning_up_on_ctrl_c(main, message="interrupted"):
     """main() of a script that writes files (export_hf.py, plot.py), whose start ctrl_c_ends_it covered: Ctrl-C is a
     KeyboardInterrupt again, so that the write's clean-up runs (its temp file removed, a folder it replaces put
-    back), and then ends the script as ctrl_c_ends_it does."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    back), and then ends the script as ctrl_c_ends_it does. A second Ctrl-C does not cut that clean-up short."""
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
     try:
         main()
     except KeyboardInterrupt:

@@ -1022,8 +1022,8 @@ def read_bin(path, vocab_size=None):
         raise DataError(f"{path.parent} is a file, not a data folder: point data_dir at the folder data.py wrote "
                         f"(it holds train.bin and val.bin)")
     if path.is_dir():
-        raise DataError(f"{path} is a folder, not a token bin: pick another split, or point data_dir at a folder data.py "
-                        f"wrote")
+        raise DataError(f"{path} is a folder, not a token bin: point data_dir at a folder data.py wrote, or prepare "
+                        f"the data again with data.py")
     if not path.is_file():
         have = sorted(p.stem for p in path.parent.glob("*.bin") if p.is_file())
         if have:

@@ -9,6 +9,7 @@ as (in, out) where nn.Linear holds (out, in).
 """
 
 import argparse
+import errno
 import glob
 import json
 import os
@@ -299,24 +300,28 @@ def _replaceable(path):
 
 
 def _replace_dir(new, target):
-    """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place (a
-    Ctrl-C between the two moves puts it back)."""
+    """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place. An
+    error or a Ctrl-C at any point of the two moves leaves one of them at `target`: the old one put back unless the
+    new one got there."""
     if not target.exists():
         new.rename(target)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = trash / target.name
     try:
-        target.rename(trash / target.name)
-    except OSError as e:  # a read-only folder cannot be moved (its '..' entry would change)
-        trash.rmdir()
-        raise ExportError(f"cannot replace {target}: {e.strerror}; make it writable, or pick another OUT_DIR") from None
-    try:
+        try:
+            target.rename(old)
+        except OSError as e:
+            fix = "make it writable" if e.errno in (errno.EACCES, errno.EPERM) else "close what holds it open"
+            # (a read-only folder cannot be moved: its '..' entry would change)
+            raise ExportError(f"cannot replace {target}: {e.strerror}; {fix}, or pick another OUT_DIR") from None
         new.rename(target)
-    except BaseException:
-        (trash / target.name).rename(target)
-        trash.rmdir()
+    except BaseException:  # (a KeyboardInterrupt may come just before a move or just after it)
+        if old.exists() and not target.exists():
+            old.rename(target)
         raise
-    shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)  # empty, or the old folder once the new one is in place
 
 
 def _imported_checkpoint(path):
@@ -408,6 +413,7 @@ def export_hf(source, out_dir):
         raise ExportError(f"could not write the export to {out_dir}: {reason}; {left}; free disk space") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_stale_exports(out_dir)  # (a Ctrl-C in the swap's last clean-up: out_dir is whole)
         raise
     _remove_stale_exports(out_dir)  # out_dir is in place: an earlier swap's moved-aside folder has served its turn
     return out_dir

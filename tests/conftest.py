@@ -63,13 +63,21 @@ sys.argv = [script] + sys.argv[3:]
 sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` has it
 
 
-def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch, opens its model's file or
-    # moves a finished temp folder (an export's .NAME.tmp-PID-HEX) or temp file (.NAME.PID.HEX.tmp) into place
+armed = []  # "swapped": the export's folder was moved into place; the next event is the moment
+
+
+def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch, opens its model's file,
+    # moves a finished temp folder (an export's .NAME.tmp-PID-HEX) or temp file (.NAME.PID.HEX.tmp) into place, or
+    # does the next thing after that folder's move
     moved = os.path.basename(args[0]) if event == "os.rename" else ""
     if (moment in ("torch", "numpy") and event == "import" and args[0] == moment) or (
             moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")) or (
-            moment == "swap" and ".tmp-" in moved) or (moment == "replace" and moved.endswith(".tmp")):
+            moment == "swap" and ".tmp-" in moved) or (moment == "replace" and moved.endswith(".tmp")) or (
+            armed == [True]):
+        armed.append(False)
         os.kill(os.getpid(), signal.SIGINT)
+    elif moment == "swapped" and ".tmp-" in moved and not armed:
+        armed.append(True)
 
 
 sys.addaudithook(ctrl_c_at)
@@ -81,8 +89,8 @@ runpy.run_path(script, run_name="__main__")
 def interrupted_at():
     """run(script, moment, *args, cwd) -> the finished process of `python script *args` that got Ctrl-C (a real
     SIGINT to itself) at `moment`: "torch" or "numpy" (while it imports it), "model" (as it opens best_model.pt),
-    "swap" (as it moves an export's finished temp folder into place) or "replace" (as it moves a finished temp file
-    over the file it writes)."""
+    "swap" (as it moves an export's finished temp folder into place), "swapped" (at the next audited event after that
+    move: the clean-up of the old folder) or "replace" (as it moves a finished temp file over the file it writes)."""
     def run(script, moment, *args, cwd):
         return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=120)
@@ -95,6 +103,11 @@ def without_root():
     file: none for a user who is not root; as root, setpriv with every capability dropped (skipped without it)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("runs as root without setpriv: every file is readable and writable to it")
-    return [shutil.which("setpriv"), "--bounding-set", "-all", "--inh-caps", "-all"]
+    drop = [shutil.which("setpriv") or "setpriv", "--bounding-set", "-all", "--inh-caps", "-all"]
+    try:
+        usable = subprocess.run([*drop, sys.executable, "-c", ""], capture_output=True, timeout=60).returncode == 0
+    except OSError:  # no setpriv
+        usable = False
+    if not usable:
+        pytest.skip("runs as root, and setpriv cannot drop its capabilities here: every file is readable to it")
+    return drop

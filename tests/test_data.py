@@ -1005,7 +1005,8 @@ def test_a_folder_or_a_file_where_the_other_belongs_is_named(tmp_path):
     """--split x where x.bin is a folder; --data_dir pointing at a file (a checkpoint, say)."""
     (tmp_path / "train.bin").write_bytes(bytes(4))
     (tmp_path / "x.bin").mkdir()
-    with pytest.raises(DataError, match=r"x\.bin is a folder, not a token bin: pick another split"):
+    with pytest.raises(DataError, match=r"x\.bin is a folder, not a token bin: point data_dir at a folder data\.py "
+                                        r"wrote"):
         data.read_bin(tmp_path / "x.bin")
     with pytest.raises(DataError, match=r"val\.bin not found \(.* has train\): pick another split"):  # (not x)
         data.read_bin(tmp_path / "val.bin")

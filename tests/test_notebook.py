@@ -76,6 +76,7 @@ def test_run_streams_output_and_a_failure_stops_run_all(capsys):
     assert capsys.readouterr().out.endswith("first\nbar 1\rbar 2\n")  # \r kept: a progress bar redraws in place
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="a kernel's start is read from Linux's /proc")
 def test_max_runtime_counts_from_the_sessions_start(tmp_path):
     """config/kaggle_t4.py's max_runtime counts from train.py's start: after a long data preparation, or on Run All
     again later in the session, the run would go past Kaggle's limit. On Kaggle the notebook passes the session's
