@@ -185,6 +185,24 @@ def test_settings_no_run_can_use_are_refused_before_it_starts(overrides, message
     train.validate(train.TrainConfig(learning_rate=0.0))  # a frozen run: min_lr has nothing to be above
 
 
+def test_every_shipped_config_loads_and_readme_gives_its_model_size():
+    """Each config/*.py is read and checked as a run would (no run could start from a broken one), and the model
+    sizes README's table of configs states are the models' own."""
+    readme = (ROOT / "README.md").read_text()
+    stated = dict(re.findall(r"\| `(config/\w+\.py)` \|[^|\n]*?([\d.]+M parameters \([\d.]+M without embeddings\))",
+                             readme))
+    assert set(stated) == {"config/small_5m.py", "config/large_20m.py"}  # (the pattern still reads the table)
+    for path in sorted((ROOT / "config").glob("*.py")):
+        cfg, _ = train.load_config([str(path)])
+        train.validate(cfg)
+        name = f"config/{path.name}"
+        assert name in readme, f"{name} is not in README's table of configs"
+        if name in stated:
+            model = GPT(train.model_config(cfg))
+            total, body = model.num_params() / 1e6, model.num_params(non_embedding=True) / 1e6
+            assert stated[name] == f"{total:.1f}M parameters ({body:.1f}M without embeddings)", name
+
+
 def test_config_files_that_set_nothing_or_name_no_setting_are_refused(tmp_path):
     config = tmp_path / "mine.py"
     for text, message in (  # YAML's `name: value` is a Python annotation and JSON a dict: both run, setting nothing
