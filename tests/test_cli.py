@@ -214,3 +214,21 @@ def test_an_unreadable_file_is_said_to_be_unreadable_not_damaged(tmp_path, witho
     errors = ("DataError", "ExportError", "ExportError", "PlotError", "CheckpointError")
     assert p.stdout.splitlines() == [f"{e} cannot read {path}: Permission denied" for e, path in zip(errors, unreadable)], \
         p.stdout + p.stderr
+
+
+IGNORED_CTRL_C_CHILD = """
+import os, signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `python script.py &` in a script
+import cli
+cli.ctrl_c_ends_it()
+cli.run_cleaning_up_on_ctrl_c(lambda: os.kill(os.getpid(), signal.SIGINT))
+print("still ignored:", signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+"""
+
+
+def test_a_ctrl_c_ignored_from_the_start_stays_ignored():
+    """A script started with `&` from a non-interactive shell has Ctrl-C ignored (so does train.py's run): the
+    handlers of the scripts that end on Ctrl-C leave it so."""
+    p = subprocess.run([sys.executable, "-c", IGNORED_CTRL_C_CHILD], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert (p.returncode, p.stdout, p.stderr) == (0, "still ignored: True\n", "")
