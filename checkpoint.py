@@ -23,9 +23,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cli import check_readable, say
+
+# torch is imported by the functions that use it, not here: data.py writes its meta.json, and plot.py its PNG,
+# with this module's atomic writes, and neither needs PyTorch's seconds of start-up (and hundreds of MB) for that.
 
 FORMAT_VERSION = 1  # bump when the layout of the dict changes incompatibly
 
@@ -241,6 +243,8 @@ def atomic_copy(src, path):
 
 def atomic_save(obj, path):
     """torch.save `obj` to `path` atomically; a failed write raises CheckpointError, leaving `path` as it was."""
+    import torch
+
     _atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -413,6 +417,8 @@ def _read(path, map_location, mmap):
 
     Tensor bytes are not checksummed here (torch.load never does); _verify_checksums does that.
     """
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}; check the path")
@@ -670,6 +676,8 @@ def capture_rng_state():
 
     Stored as tensors, lists, ints and floats only, so a checkpoint holding it loads with weights_only=True.
     """
+    import torch
+
     py_version, py_state, py_gauss = random.getstate()
     np_key, np_state, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
@@ -683,6 +691,8 @@ def capture_rng_state():
 
 def restore_rng_state(state):
     """Restore what capture_rng_state() returned (CUDA states only for the devices present)."""
+    import torch
+
     py_version, py_state, py_gauss = state["python"]
     random.setstate((py_version, tuple(py_state), py_gauss))
     n = state["numpy"]
@@ -697,6 +707,8 @@ def restore_rng_state(state):
 
 def unwrapped(model):
     """The bare model inside torch.compile's wrapper (`_orig_mod`) and DDP's (`module`)."""
+    import torch
+
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod

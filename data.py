@@ -39,6 +39,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, atomic_write_json
 from cli import bar_size, check_readable, fail, flush_quietly, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
@@ -610,8 +611,7 @@ def _make(out_dir, splits, make):
     tokenized = {}
 
     def before_rename():
-        # The bins are written: the clock stops (what follows is no tokenizing, and meta.json's first write
-        # imports torch, seconds that the MB/s line would else count).
+        # The bins are written: the clock stops (what follows is no tokenizing).
         tokenized["at"] = time.perf_counter()
         # Every new bin is complete: the folder's old meta.json must not vouch for them, and a split this
         # preparation does not write (an earlier dataset's test.bin) must not be read as this dataset's. A
@@ -624,10 +624,7 @@ def _make(out_dir, splits, make):
                 (out_dir / f"{split}.bin").unlink(missing_ok=True)
 
     def write_meta(content):
-        # checkpoint imports torch: imported here, never in the workers. Its folder fsync makes the renames durable.
-        from checkpoint import CheckpointError, atomic_write_json
-
-        try:
+        try:  # (atomic_write_json's folder fsync makes the bins' renames durable too)
             atomic_write_json(out_dir / "meta.json", content)
         except CheckpointError as e:
             raise DataError(f"could not write {out_dir / 'meta.json'} ({e.__cause__}): check the disk") from None

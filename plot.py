@@ -19,7 +19,7 @@ from pathlib import Path
 from cli import check_readable, ctrl_c_ends_it, fail, is_number, run_cleaning_up_on_ctrl_c, tolerant_output
 
 if __name__ == "__main__":
-    ctrl_c_ends_it()  # while numpy and PyTorch load; the PNG's write cleans up (run_cleaning_up_on_ctrl_c)
+    ctrl_c_ends_it()  # while numpy (and matplotlib) load; the PNG's write cleans up (run_cleaning_up_on_ctrl_c)
 
 import numpy as np
 

@@ -692,9 +692,28 @@ def test_ctrl_c_while_it_starts_ends_it_in_one_line(tmp_path, interrupted_at):
     assert (p.returncode, p.stdout, p.stderr) == (130, "", "\ninterrupted\n") and not (tmp_path / "out").exists()
 
 
+def test_preparing_data_never_loads_pytorch(tmp_path):
+    """data.py's start-up is numpy and tiktoken: meta.json's atomic write (checkpoint.py) imports no torch, which
+    would add seconds and ~150 MB to every preparation."""
+    (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
+    launcher = """if True:
+        import os, runpy, sys
+        def note_torch(event, args):
+            if event == "import" and args[0] == "torch":
+                os.write(2, b"imported torch\\n")
+        sys.argv = sys.argv[1:]
+        sys.path[0] = os.path.dirname(sys.argv[0])
+        sys.addaudithook(note_torch)
+        runpy.run_path(sys.argv[0], run_name="__main__")"""
+    p = subprocess.run([sys.executable, "-c", launcher, str(ROOT / "data.py"), "text", "--input", tmp_path / "a.txt",
+                        "--out_dir", tmp_path / "out", "--num_workers", "1"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and (tmp_path / "out" / "meta.json").is_file(), p.stderr
+    assert "imported torch" not in p.stderr
+
+
 def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path):
     """`timeout`, systemd and a container's stop send SIGTERM to every process of the group: the workers too. Here
-    it comes while they wait for work and the preparation imports torch (seconds, for meta.json): the worker that a
+    it comes while they wait for work and the preparation writes its placeholder meta.json: the worker that a
     SIGTERM ended while it held the task queue's lock left the pool's clean-up waiting on it forever (seen with
     `timeout 2 python data.py text ...`). It ends as a SIGTERM to data.py alone does: one line, exit code 143,
     nothing left in the folder, and no process of the group left."""
@@ -702,13 +721,15 @@ def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path):
     out = tmp_path / "out"
     launcher = """if True:
         import os, runpy, signal, sys
-        main = os.getpid()
-        def kill_group_at_torch(event, args):
-            if event == "import" and args[0] == "torch" and os.getpid() == main and "torch" not in sys.modules:
+        main, sent = os.getpid(), []
+        def kill_group_at_meta(event, args):
+            if (event == "open" and os.path.basename(str(args[0])).startswith(".meta.json.") and os.getpid() == main
+                    and not sent):
+                sent.append(True)
                 os.killpg(0, signal.SIGTERM)
         sys.argv = sys.argv[1:]
         sys.path[0] = os.path.dirname(sys.argv[0])
-        sys.addaudithook(kill_group_at_torch)
+        sys.addaudithook(kill_group_at_meta)
         runpy.run_path(sys.argv[0], run_name="__main__")"""
     proc = subprocess.Popen([sys.executable, "-c", launcher, str(ROOT / "data.py"), "text", "--input",
                              str(tmp_path / "a.txt"), "--out_dir", str(out), "--num_workers", "2"], cwd=ROOT,
@@ -728,18 +749,18 @@ def test_a_preparation_stopped_after_its_bins_are_in_place_is_prepared_again(tmp
     (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
     out = tmp_path / "out"
     import checkpoint
-    real, writes = checkpoint.atomic_write_json, []
+    real, writes = data.atomic_write_json, []
 
     def second_write_fails(path, obj):
         writes.append(obj)
         if len(writes) == 2:
             raise checkpoint.CheckpointError("no room") from OSError(28, "No space left on device")
         real(path, obj)
-    monkeypatch.setattr(checkpoint, "atomic_write_json", second_write_fails)
+    monkeypatch.setattr(data, "atomic_write_json", second_write_fails)
     with pytest.raises(DataError, match="could not write .*meta.json .*No space left on device.*: check the disk"):
         data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
     assert writes[0]["preparing"] and json.loads((out / "meta.json").read_text())["splits"] == {}
-    monkeypatch.setattr(checkpoint, "atomic_write_json", real)
+    monkeypatch.setattr(data, "atomic_write_json", real)
     meta = data.prepare_text([tmp_path / "a.txt"], out, num_workers=1)
     assert json.loads((out / "meta.json").read_text()) == meta and meta["splits"]["train"]["tokens"] > 0
 

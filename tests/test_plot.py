@@ -157,9 +157,9 @@ def test_an_output_path_that_cannot_be_a_file_is_one_line(tmp_path, main_in_proc
     assert sorted(p.name for p in run.iterdir()) == ["eval_history.json", "training_history.json"]
 
 
-@pytest.mark.parametrize("moment", ["torch", "replace"])
+@pytest.mark.parametrize("moment", ["numpy", "replace"])
 def test_ctrl_c_ends_it_in_one_line_and_leaves_no_temp_file(tmp_path, moment, interrupted_at):
-    """Ctrl-C while PyTorch loads, or as the new PNG is moved over the old one: `interrupted`, the old PNG as it
+    """Ctrl-C while numpy loads, or as the new PNG is moved over the old one: `interrupted`, the old PNG as it
     was, no temp file beside it."""
     run = write_run(tmp_path / "out")
     (run / "loss_curve.png").write_bytes(b"the old curve")
