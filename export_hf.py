@@ -321,7 +321,8 @@ def _replace_dir(new, target):
             old.rename(target)
         raise
     finally:
-        shutil.rmtree(trash, ignore_errors=True)  # empty, or the old folder once the new one is in place
+        if target.exists():  # (else the old one could not be put back: it stays aside, the only copy)
+            shutil.rmtree(trash, ignore_errors=True)  # empty, or the old folder once the new one is in place
 
 
 def _imported_checkpoint(path):
