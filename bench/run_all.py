@@ -2,12 +2,13 @@
 
     python bench/run_all.py                  # full size: about 16 minutes on a 2-core CPU
     python bench/run_all.py --threads 1      # steadier ratios on a busy shared machine
-    python bench/run_all.py --quick          # tiny settings, ~2 minutes: checks that the benches run
+    python bench/run_all.py --quick          # tiny settings, ~1 minute: checks that the benches run
 
 Each bench runs as its own process with --json; its last line is one JSON object, which becomes a row.
 Training runs in float32 and in the dtype hardware.decide picks (bf16 where the device has it), and on a
 GPU also in float16 (a T4's precision); generation in the picked dtype and, where that is not float32, in float32;
-on a CPU also compiled (generate(compile=True), sample.py --compile) in the picked dtype.
+on a CPU also compiled (generate(compile=True), sample.py --compile) in the picked dtype, except with --quick (its
+compile would take most of a quick run; tests/test_sample.py compiles that generation).
 """
 
 import argparse
@@ -88,7 +89,7 @@ def main(argv=None):
         results["train float16"] = run_bench("train_throughput.py", ["--dtype", "float16", *common, *quick["train"]])
     gen = run_bench("generate_throughput.py", [*common, *quick["generate"]])
     results[f"generate {gen.get('dtype', '')}".strip()] = gen
-    if gen.get("device") == "cpu":  # generate(compile=True), sample.py --compile: CPUs only
+    if gen.get("device") == "cpu" and not args.quick:  # generate(compile=True), sample.py --compile: CPUs only
         results[f"generate {gen['dtype']} compiled"] = run_bench(
             "generate_throughput.py", ["--compile", "true", *common, *quick["generate"]])
     if gen.get("dtype", "float32") != "float32":
