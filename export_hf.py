@@ -316,9 +316,13 @@ def _replace_dir(new, target):
             # (a read-only folder cannot be moved: its '..' entry would change)
             raise ExportError(f"cannot replace {target}: {e.strerror}; {fix}, or pick another OUT_DIR") from None
         new.rename(target)
-    except BaseException:  # (a KeyboardInterrupt may come just before a move or just after it)
+    except BaseException as e:  # (a KeyboardInterrupt may come just before a move or just after it)
         if old.exists() and not target.exists():
-            old.rename(target)
+            try:
+                old.rename(target)
+            except OSError as again:
+                raise ExportError(f"could not move {target} back after {one_line(e)} ({again.strerror}): it is whole "
+                                  f"in {old}; move that folder back") from None
         raise
     finally:
         if target.exists():  # (else the old one could not be put back: it stays aside, the only copy)

@@ -382,6 +382,37 @@ def test_ctrl_c_ends_an_export_in_one_line_with_a_whole_folder_in_place(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model.pt", "m"]
 
 
+FAILING_MOVES_CHILD = """
+import sys
+import export_hf
+from model import GPT, GPTConfig
+target = sys.argv[1]
+def moves_into_target_fail(event, args):  # the new folder's move, then the old one's move back: a failing disk
+    if event == "os.rename" and str(args[1]) == target:
+        raise OSError(5, "Input/output error")
+sys.addaudithook(moves_into_target_fail)
+try:
+    export_hf.export_hf(GPT(GPTConfig(n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=160)), target)
+except export_hf.ExportError as e:
+    print(e)
+"""
+
+
+def test_an_old_folder_that_cannot_be_moved_back_is_kept_and_named(tmp_path):
+    """Both moves into place fail (the new folder's, then the old one's back): the old export stays whole where it
+    was moved aside, and the line says where; nothing deletes it."""
+    old = export(randomized(SMALL, seed=1), tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    p = subprocess.run([sys.executable, "-c", FAILING_MOVES_CHILD, str(old)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    aside = list(tmp_path.glob(".m.old-*/m"))
+    assert len(aside) == 1 and not old.exists(), (p.stdout, p.stderr)
+    assert p.stdout == (f"could not move {old} back after OSError: [Errno 5] Input/output error (Input/output "
+                        f"error): it is whole in {aside[0]}; move that folder back\n"), p.stderr
+    assert {p.name: p.read_bytes() for p in aside[0].iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [aside[0].parent.name]  # (no temp folder left)
+
+
 def test_a_folder_an_export_left_aside_is_named_where_it_is_missing(tmp_path):
     """Killed between its two moves (no clean-up runs), an export leaves the old folder in .NAME.old-*: a load of
     the missing folder says where it is."""
