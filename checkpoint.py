@@ -334,8 +334,9 @@ def _superseded(rotated, out_dir):
     checkpoint `rotated` or further on: one a resume would take instead."""
     if out_dir is None:
         return False
+    step = _epoch_step(rotated)[1]
     for stored, _, path, _ in _peek(_candidates(None, out_dir), warn=False):
-        if stored >= _epoch_step(rotated)[1]:
+        if stored >= step:
             try:
                 _verify_checksums(path)
                 return True

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import sys
+from pathlib import Path
 
 
 def fail(message, code=2):
@@ -82,6 +83,11 @@ def check_readable(path, error):
             pass
     except OSError as e:
         raise error(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def file_in_the_way(path):
+    """The first folder above `path` that exists as a file (what keeps path from being created there), or None."""
+    return next((p for p in Path(path).parents if p.exists() and not p.is_dir()), None)
 
 
 def ctrl_c_ends_it(message="interrupted"):

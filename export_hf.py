@@ -19,7 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cli import check_readable, ctrl_c_ends_it, fail, one_line, plural, run_cleaning_up_on_ctrl_c, tolerant_output
+from cli import (check_readable, ctrl_c_ends_it, fail, file_in_the_way, one_line, plural, run_cleaning_up_on_ctrl_c,
+                 tolerant_output)
 
 if __name__ == "__main__":
     ctrl_c_ends_it()  # while PyTorch loads (seconds); the export itself cleans up (run_cleaning_up_on_ctrl_c)
@@ -195,7 +196,7 @@ def load_hf(hf_dir):
         raise ExportError(f"{hf_dir} is a file, not a HuggingFace model folder (a .pt checkpoint of train.py goes "
                           f"to sample.py and evaluate.py as --checkpoint)")
     if not config_path.is_file():
-        aside = sorted(hf_dir.parent.glob(f".{glob.escape(hf_dir.name)}.old-*/{glob.escape(hf_dir.name)}"))
+        aside = [d / hf_dir.name for d in _moved_aside(hf_dir) if (d / hf_dir.name).exists()]
         if not hf_dir.exists() and aside:  # an export stopped between its two moves (a kill: no clean-up ran)
             raise ExportError(f"{hf_dir} is missing, but an interrupted export left the one before in {aside[-1]}: "
                               f"move that folder back to {hf_dir}, or export again")
@@ -299,6 +300,16 @@ def _replaceable(path):
     return path.name in REPLACEABLE_FILES
 
 
+def _aside_prefix(folder):
+    """The name's start of the hidden sibling a replaced folder is moved into: .NAME.old-XXXX/NAME."""
+    return f".{folder.name}.old-"
+
+
+def _moved_aside(folder):
+    """The .NAME.old-* siblings holding a folder an export moved aside (an earlier swap's, left by a kill)."""
+    return sorted(folder.parent.glob(glob.escape(_aside_prefix(folder)) + "*"))
+
+
 def _replace_dir(new, target):
     """Move the finished folder `new` to `target`; an existing target is removed only once `new` is in place. An
     error or a Ctrl-C at any point of the two moves leaves one of them at `target`: the old one put back unless the
@@ -306,7 +317,7 @@ def _replace_dir(new, target):
     if not target.exists():
         new.rename(target)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    trash = Path(tempfile.mkdtemp(prefix=_aside_prefix(target), dir=target.parent))
     old = trash / target.name
     try:
         try:
@@ -344,7 +355,7 @@ def _remove_stale_exports(out_dir):
     missing, that is the only copy and stays)."""
     remove_stale_temps(out_dir.parent, re.compile(rf"\.{re.escape(out_dir.name)}\.tmp-(\d+)-[0-9a-f]{{8}}"))
     if (out_dir / "config.json").is_file():
-        for old in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.old-*"):
+        for old in _moved_aside(out_dir):
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -429,7 +440,7 @@ def _make_folder_of(path, remedy):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        blocker = next((p for p in [path.parent, *path.parent.parents] if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(path)
         reason = f"{blocker} is a file" if blocker else e.strerror
         raise ExportError(f"cannot create {path.parent}: {reason}; {remedy}") from None
 

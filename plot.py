@@ -16,7 +16,8 @@ import json
 import math
 from pathlib import Path
 
-from cli import check_readable, ctrl_c_ends_it, fail, is_number, run_cleaning_up_on_ctrl_c, tolerant_output
+from cli import (check_readable, ctrl_c_ends_it, fail, file_in_the_way, is_number, run_cleaning_up_on_ctrl_c,
+                 tolerant_output)
 
 if __name__ == "__main__":
     ctrl_c_ends_it()  # while numpy (and matplotlib) load; the PNG's write cleans up (run_cleaning_up_on_ctrl_c)
@@ -205,7 +206,7 @@ def main(argv=None):
         fail(f"--output {args.output}: plot.py writes a PNG, so give a name ending in .png")
     if args.output and Path(args.output).is_dir():
         fail(f"--output {args.output} is a folder: give the path of a file ending in .png")
-    blocker = args.output and next((p for p in Path(args.output).parents if p.exists() and not p.is_dir()), None)
+    blocker = args.output and file_in_the_way(args.output)
     if blocker:
         fail(f"--output {args.output}: {blocker} is a file, not a folder; give another path")
     try:
