@@ -658,6 +658,32 @@ def make_run_folders(cfg):
 
 
 LOCK_NAME = ".train.lock"
+LOG_NAME = "train.log"
+
+
+def missing_folders(cfg):
+    """The run's folders, and folders above them, that are not there yet (make_run_folders creates them)."""
+    missing = {}
+    for folder in run_folders(cfg):
+        folder = Path(os.path.abspath(folder))
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            missing[folder] = None
+            folder = folder.parent
+    return list(missing)
+
+
+def remove_refused_run_folders(created):
+    """A run refused (or stopped) before training leaves no folders behind: those it created (`missing_folders`),
+    deepest first, go if they hold nothing but its own lock and train.log. Anything else in one keeps it."""
+    for folder in sorted(created, key=lambda f: len(f.parts), reverse=True):
+        try:
+            names = {p.name for p in folder.iterdir()}
+            if names <= {LOCK_NAME, LOG_NAME}:
+                for name in names:
+                    (folder / name).unlink()
+                folder.rmdir()
+        except OSError:  # never in the way of the line that says why the run stopped
+            return
 
 
 @contextlib.contextmanager
@@ -704,6 +730,7 @@ class Trainer:
         if ddp.master:
             make_run_folders(cfg)
         self.stop = StopRequest(verbose=ddp.master, distributed=ddp.enabled)
+        self.t0 = None  # when this session's training started (start_session)
         self.max_runtime = parse_duration(cfg.max_runtime)
         # Test hooks (tests/test_train.py): a real OutOfMemoryError above a micro-batch size (on one rank only,
         # if given; in the last micro-batch's backward instead of the forward, if asked), a NaN loss at given
@@ -719,7 +746,7 @@ class Trainer:
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
         self.test_signal_in_eval = int(os.environ.get("GPT_TEST_SIGTERM_IN_EVAL_STEP", "0")) if ddp.master else 0
         self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
-        self.log = Logger(self.out_dir / "train.log", ddp.master)  # last: train_main closes it once it has a Trainer
+        self.log = Logger(self.out_dir / LOG_NAME, ddp.master)  # last: train_main closes it once it has a Trainer
 
     # setup ------------------------------------------------------------------------------------
     def setup(self):
@@ -901,7 +928,7 @@ class Trainer:
         from tqdm import tqdm
         cfg, ddp = self.cfg, self.ddp
         self.stop.install()  # before the first line: a signal after it stops the run with its save
-        self.t0 = time.time()
+        self.t0 = time.time()  # (training has started: train_main keeps its folders, whatever happens)
         self.banner(self.model.num_params(), self.model.num_params(non_embedding=True))
         self.log("config: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
         done_epochs = self.step // self.steps_per_epoch
@@ -1701,7 +1728,7 @@ def main(argv):
 
 
 def train_main(argv, held):
-    ddp, trainer = Dist(), None
+    ddp, trainer, created = Dist(), None, []
     launched_world = int(os.environ.get("WORLD_SIZE") or 1)  # torchrun's processes, known before they connect
     try:
         cfg, given = load_config(argv)
@@ -1712,6 +1739,7 @@ def train_main(argv, held):
         if os.environ.get("RANK", "0") == "0":
             # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
             # with one line, where after connecting the other ranks would lose their peer mid-collective.
+            created = missing_folders(cfg)
             make_run_folders(cfg)
             held.enter_context(run_lock(cfg))
         ddp = init_distributed(device_type)
@@ -1727,6 +1755,7 @@ def train_main(argv, held):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except KeyboardInterrupt as e:  # before training started (its own Ctrl-C handling begins with start_session)
+        forget_the_folders(trainer, created)
         return _end_before_training(e, own_process=__name__ == "__main__")
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
@@ -1746,6 +1775,7 @@ def train_main(argv, held):
             print(f"error: {e}", file=sys.stderr, flush=True)
         if trainer is not None:
             trainer.log.record(f"error: {e}")  # train.log tells why the run stopped, too
+        forget_the_folders(trainer, created)
         if ddp.enabled:
             os._exit(2)  # a collective may be hung (see hardware.nccl_check): tearing the group down could hang too
         return 2
@@ -1754,6 +1784,14 @@ def train_main(argv, held):
             trainer.log.close()
         if ddp.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def forget_the_folders(trainer, created):
+    """Refused or stopped before training started: the folders the run created go again (remove_refused_run_folders)."""
+    if trainer is None or trainer.t0 is None:
+        if trainer is not None:
+            trainer.log.close()
+        remove_refused_run_folders(created)
 
 
 if __name__ == "__main__":
