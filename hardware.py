@@ -3,7 +3,7 @@
 The decisions are a pure function of a few device facts, so the whole table (P100, V100, T4, A100,
 L4, H100, CPUs with and without native bf16, Apple MPS) is tested on a CPU-only machine:
 
-    facts = probe_facts(choose_device(cfg.device))   # reads torch / /proc/cpuinfo
+    facts = probe_facts(device_for(cfg.device, choose_device(cfg.device)))  # reads torch, /proc/cpuinfo
     preflight(facts)                                  # sm_XY in this torch build? does a kernel run?
     plan = decide(facts, cfg.dtype, cfg.compile, planned_tokens)
     print(describe(facts, plan))                      # the one device line printed at start

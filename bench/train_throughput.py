@@ -72,10 +72,10 @@ def print_profile(step, n, device):
 def profile_one_step_for_ncu(step, device):
     """One call of step between cudaProfilerStart and Stop: under `ncu --profile-from-start off` only its kernels
     are profiled (Nsight Compute replays each kernel per section: slow, so one warmed-up step)."""
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     torch.cuda.profiler.start()
     step()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     torch.cuda.profiler.stop()
     print("ncu: one step of ours profiled", file=sys.stderr)
 
@@ -113,8 +113,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     threads = common.set_threads(args.threads)
 
-    device = hardware.choose_device(args.device)
-    facts = hardware.probe_facts(device)
+    facts = hardware.probe_facts(hardware.device_for(args.device, hardware.choose_device(args.device)))  # cuda:N kept
     hardware.preflight(facts)
     plan = hardware.decide(facts, args.dtype, args.compile, planned_tokens=GUIDE_RUN_TOKENS)
     if args.ncu and plan.device_type != "cuda":
