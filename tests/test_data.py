@@ -736,6 +736,9 @@ def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, err = proc.communicate(timeout=60)
+        # No worker runs on (one that has ended may wait as a zombie for init, which no container's need reap).
+        group = subprocess.run(["ps", "-o", "stat=,pid=,args=", "-g", str(proc.pid)], capture_output=True, text=True)
+        assert not [line for line in group.stdout.splitlines() if not line.startswith("Z")], group.stdout
     finally:
         with contextlib.suppress(ProcessLookupError):  # whatever is left of the group (nothing, if it ended)
             os.killpg(proc.pid, signal.SIGKILL)
