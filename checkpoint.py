@@ -306,15 +306,16 @@ def _same_disk(a, b):
 
 
 def _make_room(checkpoint_dir, target=None, out_dir=None):
-    """Before a save into `target` (default: checkpoint_dir): remove dead writers' temp files there, then, if
-    free disk is below the size of the newest rotated checkpoint, delete the oldest rotated ones until it is
-    not (only when they are on target's disk: elsewhere deleting frees nothing there).
+    """Before a save into `target` (default: checkpoint_dir): remove dead writers' temp files there and in
+    checkpoint_dir and out_dir (a killed emergency save's is as large as a checkpoint), then, if free disk is
+    below the size of the newest rotated checkpoint, delete the oldest rotated ones until it is not (only when
+    they are on target's disk: elsewhere deleting frees nothing there).
 
     Never deletes the newest, so at least one checkpoint always survives; unless out_dir holds a whole best or
     emergency checkpoint at its step or further on, which a resume would take instead (looked at only then).
     """
     target = Path(target or checkpoint_dir)
-    for folder in {Path(checkpoint_dir), target}:
+    for folder in {Path(checkpoint_dir), target, *([Path(out_dir)] if out_dir else [])}:
         remove_stale_temps(folder)
     existing = list_checkpoints(checkpoint_dir)
     if not existing or not _same_disk(checkpoint_dir, target):

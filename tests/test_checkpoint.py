@@ -306,6 +306,25 @@ def test_low_disk_rotates_oldest_first_before_saving(tmp_path, monkeypatch, caps
     assert [ck.load_checkpoint(p)["step"] for p in ck.list_checkpoints(ckdir)] == [6, 7]
 
 
+def test_a_rotated_save_first_removes_a_dead_writers_temp_file_in_out_dir(tmp_path, monkeypatch, capsys):
+    """A kill -9 in the middle of an emergency save leaves its temp file in out_dir, as large as a checkpoint. The
+    next rotated save (checkpoint_dir on the same disk) removes it before it counts the free space: no checkpoint
+    is deleted for room that a dead file held."""
+    out = tmp_path / "out"
+    ckdir = out / "checkpoints"
+    for step in (1, 2):
+        ck.save_checkpoint(state(step, numel=1 << 16), ckdir, keep=4, out_dir=out)
+    size = ck.list_checkpoints(ckdir)[-1].stat().st_size
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = out / f".emergency_checkpoint.pt.{ended.pid}.0123abcd.tmp"
+    dead.write_bytes(bytes(size))
+    small_disk(monkeypatch, out, 3 * size + size // 2)  # half a checkpoint free, with the dead file
+    ck.save_checkpoint(state(3, numel=1 << 16), ckdir, keep=4, out_dir=out)
+    assert not dead.exists() and [assert_whole(p)["step"] for p in ck.list_checkpoints(ckdir)] == [1, 2, 3]
+    assert "low disk" not in capsys.readouterr().err
+
+
 def test_low_disk_makes_room_for_best_and_emergency_saves_too(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     ckdir = out / "checkpoints"
