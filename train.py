@@ -744,6 +744,8 @@ class Trainer:
         self.test_oom_in_last_backward = os.environ.get("GPT_TEST_OOM_IN_LAST_BACKWARD") == "1"
         self.test_nan_steps = {int(s) for s in os.environ.get("GPT_TEST_NAN_AT_STEPS", "").split(",") if s}
         self.test_step_delay = float(os.environ.get("GPT_TEST_STEP_DELAY", "0"))
+        self.test_history_write_failures = int(os.environ.get("GPT_TEST_FAIL_HISTORY_WRITES", "0"))
+        self.unwritten_histories = {}  # {file name: records} whose last write failed (write_history)
         self.test_signal_in_eval = int(os.environ.get("GPT_TEST_SIGTERM_IN_EVAL_STEP", "0")) if ddp.master else 0
         self.test_graphs_on_cpu = os.environ.get("GPT_TEST_CUDA_GRAPHS_ON_CPU") == "1"
         self.log = Logger(self.out_dir / LOG_NAME, ddp.master)  # last: train_main closes it once it has a Trainer
@@ -1346,14 +1348,32 @@ class Trainer:
             except ckpt.CheckpointError as e:
                 self.log(f"warning: {e}")
                 failed = True
+            self.write_unwritten_histories()  # (the save may have made room)
         return not any_rank(failed, self.ddp, self.device)  # under DDP also what keeps the ranks together
 
-    def write_history(self, name, records):
-        """out_dir/name rewritten whole; a failed write (a full disk) is a warning, the next one catches up."""
+    def write_history(self, name, records, again=False):
+        """out_dir/name rewritten whole. A failed write (a full disk) is a warning: the file is written again with
+        its next record and after every checkpoint save (`again`, silent), so that a stop in between, whose resume
+        reads the file, loses no record."""
+        if self.test_history_write_failures:
+            self.test_history_write_failures -= 1
+            if not again:
+                self.log(f"warning: injected: could not write {self.out_dir / name}")
+            self.unwritten_histories[name] = records
+            return
         try:
             ckpt.atomic_write_json(self.out_dir / name, records)
         except ckpt.CheckpointError as e:
-            self.log(f"warning: {e}")
+            if not again:
+                self.log(f"warning: {e}")
+            self.unwritten_histories[name] = records
+        else:
+            self.unwritten_histories.pop(name, None)
+
+    def write_unwritten_histories(self):
+        """After a checkpoint save: the histories whose last write failed, written again (write_history)."""
+        for name, records in list(self.unwritten_histories.items()):
+            self.write_history(name, records, again=True)
 
     # resume -----------------------------------------------------------------------------------
     def load_init_source(self, resume):
@@ -1620,6 +1640,7 @@ class Trainer:
             self.log(f"saved {path}. Resume with: {self.resume_command()}")
         except Exception as e:  # the original error matters more
             self.log(f"warning: could not write the emergency checkpoint: {e}; {self.newest_note()}")
+        self.write_unwritten_histories()
 
     def emergency_exit(self, step_start=(None, None), after_step_pending=False):
         """Save the last completed step (with the data and RNG state of the step that comes next) and leave.

@@ -838,6 +838,19 @@ def test_an_error_between_steps_keeps_the_step_it_follows(tmp_path, bins):
     assert step_losses(failed) == step_losses(straight)
 
 
+def test_a_history_that_could_not_be_written_is_written_with_the_next_checkpoint(tmp_path, bins):
+    """eval_history.json could not be written at step 2 (a full disk), nor again after best_model.pt's save then:
+    the emergency checkpoint after an error at step 3 writes it, so the resume (which reads the file) keeps step 2's
+    record."""
+    out, common = tmp_path / "out", ["--max_steps=6", "--eval_steps=2", "--save_steps=100"]
+    p = run_train(out, bins, *common, env={"GPT_TEST_FAIL_HISTORY_WRITES": "2", "GPT_TEST_ERROR_AFTER_STEP": "3"},
+                  check=False)
+    assert p.returncode != 0 and (p.stdout + p.stderr).count("warning: injected: could not write") == 1
+    assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2]
+    run_train(out, bins, *common)
+    assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2, 4, 6]
+
+
 @pytest.mark.slow
 def test_epoch_train_loss_is_the_same_after_any_resume(tmp_path, bins):
     """Stopped at an epoch's end and resumed from best_model.pt (as after a kill before the next rotated
