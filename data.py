@@ -715,7 +715,7 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
     else:
         candidates, size, sha256 = spec["urls"], spec["size"], sha256 or spec["sha256"]
     got = sha256_file(zip_path) if zip_path.is_file() else None
-    if got is not None and url and sha256 is None and not _downloaded_from(out_dir, url, got):
+    if got is not None and url and sha256 is None and not _downloaded_from(out_dir, zip_path, url, got):
         # (another --url's file, say: with nothing to check it against, only meta.json can say where it came from)
         print(f"{zip_path} is not known to come from {url}: downloading it again")
     elif got is not None:
@@ -729,6 +729,7 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
         print(f"downloading {candidate}")
         try:
             got = download(candidate, zip_path, size=size, sha256=sha256, retries=retries)
+            _note_download(zip_path, candidate, got)
             return zip_path, {"url": candidate, "sha256": got, "verified": sha256 is not None}
         except DataError as e:
             errors.append(str(e))
@@ -738,10 +739,29 @@ def _fetch_zip(name, out_dir, url, sha256, retries):
                     "every mirror failed (add one to DATASETS in data.py): pass --url URL or --source PATH")
 
 
-def _downloaded_from(out_dir, url, sha256):
-    """Whether out_dir's meta.json says its bins came from `url`'s file, whose sha256 is `sha256`."""
-    source = (_read_meta(Path(out_dir)) or {}).get("source")
-    return isinstance(source, dict) and source.get("url") == url and source.get("sha256") == sha256
+def _source_note(zip_path):
+    return zip_path.with_name(zip_path.name + ".source.json")
+
+
+def _note_download(zip_path, url, sha256):
+    """Beside a downloaded zip, where it came from: a preparation stopped before its meta.json (Ctrl-C while
+    tokenizing) then keeps the zip for the same --url, instead of downloading it again."""
+    try:
+        atomic_write_json(_source_note(zip_path), {"url": url, "sha256": sha256})
+    except CheckpointError:  # (a full disk: only a download again is lost, and the tokenizing would fail anyway)
+        pass
+
+
+def _downloaded_from(out_dir, zip_path, url, sha256):
+    """Whether the zip whose sha256 is `sha256` came from `url`: as the note beside it says (_note_download), or
+    out_dir's meta.json of the bins made from it."""
+    def says(source):
+        return isinstance(source, dict) and source.get("url") == url and source.get("sha256") == sha256
+    try:
+        note = json.loads(_source_note(zip_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        note = None
+    return says(note) or says((_read_meta(Path(out_dir)) or {}).get("source"))
 
 
 def _normal_sha256(value):

@@ -1048,3 +1048,27 @@ def test_a_bin_that_holds_no_whole_tokens_is_named(tmp_path, content, message):
     with pytest.raises(DataError) as e:
         data.read_bin(tmp_path / "val.bin")
     assert str(e.value).startswith(f"{tmp_path / 'val.bin'} {message}")
+
+
+def test_a_url_download_stopped_while_tokenizing_is_not_downloaded_again(tmp_path, server, wikitext_zip):
+    """A first --url run killed (kill -9: a Kaggle session's end) once its download is done, while it tokenizes: no
+    meta.json says where the zip came from, but the note beside the zip does, and the same command uses it."""
+    zip_path, raw, _ = wikitext_zip
+    server.files["/w.zip"] = zip_path.read_bytes()
+    out, url = tmp_path / "out", server.url("/w.zip")
+    launcher = """if True:
+        import os, runpy, signal, sys
+        def kill_at_the_bins(event, args):
+            if event == "open" and str(args[0]).endswith(".bin.tmp"):
+                os.kill(os.getpid(), signal.SIGKILL)
+        sys.argv = sys.argv[1:]
+        sys.path[0] = os.path.dirname(sys.argv[0])
+        sys.addaudithook(kill_at_the_bins)
+        runpy.run_path(sys.argv[0], run_name="__main__")"""
+    killed = subprocess.run([sys.executable, "-c", launcher, str(ROOT / "data.py"), "wikitext103", "--url", url,
+                             "--out_dir", str(out), "--num_workers", "1"], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL and not (out / "meta.json").exists(), killed.stderr
+    assert len(server.requests) == 1
+    again = run_cli("wikitext103", "--url", url, "--out_dir", out, "--num_workers", 1)
+    assert again.returncode == 0 and "using the zip already downloaded" in again.stdout, again.stdout + again.stderr
+    assert len(server.requests) == 1 and text_of(tokens_of(out / "train.bin")) == raw["train"]
