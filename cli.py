@@ -148,6 +148,13 @@ def quiet_on_closed_pipe():
 NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # a full disk, a file-size limit, a quota
 
 
+def fix_for_folder(e, elsewhere):
+    """The fix to name for an OSError `e` making or writing in a folder: room, where the disk is full (moving to
+    another folder of the same disk would not help, and on Kaggle the folder is already the right one), else
+    `elsewhere`."""
+    return "free disk space" if e.errno in NO_ROOM else elsewhere
+
+
 def tolerant_output(stdout_errors="backslashreplace", full_ends_it=True):
     """Let the script's output hold any text: what the encoding of stdout or stderr cannot (Windows writes a
     redirected stdout in its ANSI code page, e.g. cp1252) is escaped (\\u65e5) instead of ending the program

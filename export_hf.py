@@ -19,8 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from cli import (check_readable, ctrl_c_ends_it, fail, file_in_the_way, one_line, plural, run_cleaning_up_on_ctrl_c,
-                 tolerant_output)
+from cli import (check_readable, ctrl_c_ends_it, fail, file_in_the_way, fix_for_folder, one_line, plural,
+                 run_cleaning_up_on_ctrl_c, tolerant_output)
 
 if __name__ == "__main__":
     ctrl_c_ends_it()  # while PyTorch loads (seconds); the export itself cleans up (run_cleaning_up_on_ctrl_c)
@@ -402,9 +402,9 @@ def export_hf(source, out_dir):
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         tmp.mkdir()
-    except OSError as e:  # a read-only folder (a Kaggle input): name out_dir, not the temp folder
-        raise ExportError(f"cannot write in {out_dir.parent}: {e.strerror}; pick another OUT_DIR (on Kaggle: under "
-                          f"/kaggle/working)") from None
+    except OSError as e:  # a read-only folder (a Kaggle input), a full disk: name out_dir, not the temp folder
+        fix = fix_for_folder(e, "pick another OUT_DIR (on Kaggle: under /kaggle/working)")
+        raise ExportError(f"cannot write in {out_dir.parent}: {e.strerror}; {fix}") from None
     try:
         atomic_write_json(tmp / "config.json", hf_config(config))
         atomic_write_bytes(tmp / "model.safetensors", safetensors.torch.save(tensors, metadata={"format": "pt"}))

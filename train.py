@@ -80,8 +80,8 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
 
     import checkpoint as ckpt
     import hardware
-    from cli import (bar_size, keeping_said, one_line, outlive_closed_output, plural, quiet_on_closed_pipe, say, show,
-                     tolerant_output)
+    from cli import (bar_size, fix_for_folder, keeping_said, one_line, outlive_closed_output, plural,
+                     quiet_on_closed_pipe, say, show, tolerant_output)
     from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
@@ -515,8 +515,8 @@ class Logger:
         try:
             self.file = self._open() if enabled else None
         except OSError as e:
-            raise ConfigError(f"cannot write {path}: {e.strerror}; point out_dir at a writable folder "
-                              f"(on Kaggle: under /kaggle/working)") from None
+            fix = fix_for_folder(e, "point out_dir at a writable folder (on Kaggle: under /kaggle/working)")
+            raise ConfigError(f"cannot write {path}: {e.strerror}; {fix}") from None
         self.bar = None
         self.failing = False  # the last write to train.log failed (a full disk): warned once, retried each line
 
@@ -653,8 +653,9 @@ def make_run_folders(cfg):
         except OSError as e:
             hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
                     if folder != Path(cfg.out_dir) else "")
-            raise ConfigError(f"cannot write in {folder}: {e.strerror}; point out_dir (and checkpoint_dir) at "
-                              f"a writable folder (on Kaggle: under /kaggle/working){hint}") from None
+            fix = fix_for_folder(e, f"point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under "
+                                    f"/kaggle/working){hint}")
+            raise ConfigError(f"cannot write in {folder}: {e.strerror}; {fix}") from None
 
 
 LOCK_NAME = ".train.lock"
@@ -1697,7 +1698,9 @@ class Trainer:
                 what = ckpt.BEST_NAME if best.exists() else f"the last weights: no {ckpt.BEST_NAME} yet"
                 self.log(f"exported {final} from {what} (HuggingFace GPT2LMHeadModel + GPT2Tokenizer)")
             except Exception as e:
-                self.log(f"warning: could not export final_model/: {e}")
+                redo = (f"; export it again with: python export_hf.py {shlex.quote(str(best))} "
+                        f"{shlex.quote(str(final))}" if best.exists() else "")
+                self.log(f"warning: could not export final_model/: {e}{redo}")
         if math.isfinite(self.best_val_loss):
             best = f"best val loss {self.best_val_loss:.4f}"
         elif self.val_loss is not None:  # evaluated, but no best_model.pt could be written (a full disk)

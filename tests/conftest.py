@@ -111,3 +111,28 @@ def without_root():
     if not usable:
         pytest.skip("runs as root, and setpriv cannot drop its capabilities here: every file is readable to it")
     return drop
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a real full disk: a tiny tmpfs whose files (inodes) have all been used, where making a folder or
+    a file fails with ENOSPC. Needs root and mount (skipped elsewhere: tests that need a full write use a file-size
+    limit instead, whose EFBIG the tools treat alike)."""
+    disk = tmp_path / "full"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(disk)],
+                                 capture_output=True, timeout=60).returncode == 0
+    except OSError:  # no mount command
+        mounted = False
+    if not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root and the right to mount)")
+    try:
+        for i in range(100):
+            try:
+                (disk / f"f{i}").touch()
+            except OSError:
+                break
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=60)

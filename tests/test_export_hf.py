@@ -364,6 +364,12 @@ def test_an_export_into_a_read_only_folder_names_that_folder():
         export(randomized(SMALL), "/sys/final_model")
 
 
+def test_an_export_onto_a_full_disk_says_free_disk_space(full_disk):
+    """Not "pick another OUT_DIR": on Kaggle /kaggle/working is the right one, and it is full."""
+    with pytest.raises(ExportError, match=rf"^cannot write in {full_disk}: No space left on device; free disk space$"):
+        export(randomized(SMALL), full_disk / "final_model")
+
+
 @pytest.mark.parametrize("moment", ["torch", "swap", "swapped"])
 def test_ctrl_c_ends_an_export_in_one_line_with_a_whole_folder_in_place(tmp_path, moment, interrupted_at):
     """Ctrl-C while PyTorch loads, or between an export's two moves (the old folder moved aside, the new one not yet

@@ -417,6 +417,18 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
         assert tag in events
 
 
+def test_a_final_export_that_fails_says_how_to_export_again(tmp_path, bins):
+    """The run is saved (exit 0), the export is not: its warning ends with the command that redoes it."""
+    out = tmp_path / "out"
+    (out / "final_model").mkdir(parents=True)
+    (out / "final_model" / "notes.txt").write_text("mine")  # an export never replaces what it did not write
+    p = run_train(out, bins, "--max_steps=2", "--eval_steps=2", "--export_final_model=True")
+    line = next(line for line in p.stdout.splitlines() if "could not export" in line)
+    assert line.startswith("warning: could not export final_model/: ") and line.endswith(
+        f"; export it again with: python export_hf.py {out / 'best_model.pt'} {out / 'final_model'}"), line
+    assert (out / "final_model" / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("dtype", ["float32"])  # bf16's exact resume: the compiled resume test
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins, dtype):
     # With dropout: the random streams must go on from where the stop left them, too.
@@ -836,6 +848,17 @@ def test_an_error_between_steps_keeps_the_step_it_follows(tmp_path, bins):
     run_train(failed, bins, *common)
     assert_same_weights(final_state(straight)["model_state_dict"], final_state(failed)["model_state_dict"])
     assert step_losses(failed) == step_losses(straight)
+
+
+def test_a_full_disk_at_the_start_says_free_disk_space(full_disk, bins, refused):
+    """Not "point out_dir at a writable folder": on Kaggle it already is the right one. Whether the folder cannot be
+    made, or it is there (a resume) and takes no file."""
+    for run in (full_disk / "run", full_disk / "f0"):
+        if run.name == "f0":
+            run.unlink()
+            run.mkdir()
+        assert refused(train_cmd(run, bins)) == \
+            f"error: cannot write in {run}: No space left on device; free disk space\n"
 
 
 def test_a_history_that_could_not_be_written_is_written_with_the_next_checkpoint(tmp_path, bins):
