@@ -43,6 +43,14 @@ from checkpoint import CheckpointError, atomic_write_json
 from cli import bar_size, check_readable, fail, flush_quietly, one_line, plural, tolerant_output
 
 EOT_TOKEN = 50256  # <|endoftext|>, also the separator between documents in the bins
+
+
+def default_out_dir(name):
+    """Where data.py writes a dataset's bins unless --out_dir says otherwise."""
+    return f"data/{name}"
+
+
+DEFAULT_DATA_DIR = default_out_dir("wikitext103")  # train.py's default data_dir, the guide's dataset
 N_VOCAB = EOT_TOKEN + 1  # the GPT-2 tokenizer's ids, 0 .. <|endoftext|>
 
 
@@ -781,7 +789,7 @@ def prepare_wikitext(name, out_dir=None, url=None, source=None, sha256=None, num
     unzips an uploaded zip), used in place; `sha256` is checked against whichever zip is used. Returns the
     meta dict.
     """
-    out_dir = Path(out_dir or f"data/{name}")
+    out_dir = Path(out_dir or default_out_dir(name))
     sha256 = _normal_sha256(sha256) if sha256 else None
     if url and source:
         raise DataError("give --url or --source, not both")
@@ -946,7 +954,7 @@ def _text_segments(files, total, val_fraction, text_field, sha):
                             f"run the same command again") from None
 
 
-def prepare_text(inputs, out_dir="data/text", val_fraction=0.05, text_field="text", num_workers=None,
+def prepare_text(inputs, out_dir=default_out_dir("text"), val_fraction=0.05, text_field="text", num_workers=None,
                  force=False):
     """Tokenize text files, folders (their .txt and .jsonl files) and JSON Lines into {train,val}.bin.
 
@@ -1025,7 +1033,7 @@ def prepare_hf(name, config=None, text_field="text", out_dir=None, val_fraction=
     def make():
         return _tasks(segments()), None, {"dataset": name, **recipe}, _workers(num_workers)
 
-    return _run(out_dir or f"data/{Path(name).name}", tuple(s for s, _ in parts), force, make,
+    return _run(out_dir or default_out_dir(Path(name).name), tuple(s for s, _ in parts), force, make,
                 lambda meta: _same(meta, recipe))
 
 
@@ -1200,7 +1208,7 @@ def _parser():
 
     for name in DATASETS:
         sp = sub.add_parser(name, help=f"download {DATASETS[name]['zip']} and tokenize it")
-        common(sp, f"data/{name}")
+        common(sp, default_out_dir(name))
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--url", help="download from this http(s):// or file:// URL instead of the mirrors")
         where.add_argument("--source", help="use this already-downloaded zip, or the folder it unzips to")
@@ -1208,14 +1216,14 @@ def _parser():
         sp.add_argument("--retries", type=_retries_arg, default=4,
                         help="download retries after a failure (default 4)")
     sp = sub.add_parser("text", help="your own .txt / .jsonl files or folders of them")
-    common(sp, "data/text")
+    common(sp, default_out_dir("text"))
     sp.add_argument("--input", nargs="+", required=True, metavar="PATH",
                     help="text files, JSON Lines files (.jsonl) and folders (their .txt and .jsonl files)")
     sp.add_argument("--text_field", default="text", help="JSON Lines field holding the text (default text)")
     sp.add_argument("--val_fraction", type=float, default=0.05,
                     help="fraction of the input (its end) held out as val (default 0.05)")
     sp = sub.add_parser("hf", help="a HuggingFace dataset (needs `pip install datasets`)")
-    common(sp, "data/<last part of NAME>")
+    common(sp, default_out_dir("<last part of NAME>"))
     sp.add_argument("--name", required=True, help="dataset name on the hub, or a local path")
     sp.add_argument("--config", default=None, help="dataset configuration, e.g. wikitext-2-raw-v1")
     sp.add_argument("--text_field", default="text", help="column holding the text (default text)")
@@ -1267,7 +1275,7 @@ def main(argv=None):
             prepare_wikitext(args.command, args.out_dir, url=args.url, source=args.source, sha256=args.sha256,
                              num_workers=args.num_workers, force=args.force, retries=args.retries)
         elif args.command == "text":
-            prepare_text(args.input, args.out_dir or "data/text", val_fraction=args.val_fraction,
+            prepare_text(args.input, args.out_dir or default_out_dir("text"), val_fraction=args.val_fraction,
                          text_field=args.text_field, num_workers=args.num_workers, force=args.force)
         else:
             prepare_hf(args.name, args.config, text_field=args.text_field, out_dir=args.out_dir,

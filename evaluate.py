@@ -22,7 +22,6 @@ Runs in float32 unless --dtype says otherwise, so results compare across machine
 import argparse
 import codecs
 import json
-import math
 import os
 import sys
 import time
@@ -35,19 +34,18 @@ if __name__ == "__main__":
 
 import numpy as np
 
-# Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages, so each batch's
-# logits (100-800 MB, made afresh every batch) are faulted in 2 MB at a time, not 4 KB: 1.6x faster on CPU
-# (bench/NOTES.md). train.py asks for the same.
+# Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages, so the logits, made
+# afresh for every chunk of 1024 rows (100-200 MB), are faulted in 2 MB at a time, not 4 KB: 1.6x faster on CPU,
+# measured when each batch's logits were one tensor of 100-800 MB (bench/NOTES.md). train.py asks for the same.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
 import hardware
 from checkpoint import CheckpointError
-from data import EOT_TOKEN, DataError, get_tokenizer, read_bin
+from data import DEFAULT_DATA_DIR, EOT_TOKEN, DataError, get_tokenizer, read_bin
 from export_hf import ExportError, add_model_args, load_model
-
-DEFAULT_DATA_DIR = "data/wikitext103"  # train.py's default data_dir, for an HF folder (which records none)
+from plot import perplexity, perplexity_text
 
 
 class EvalError(Exception):
@@ -158,8 +156,9 @@ def evaluate(model, tokens, block_size, stride, batch_size=8, device="cpu", dtyp
     if n_scored == 0:
         raise EvalError("the split holds no tokens to score (only <|endoftext|>)")
     n_words = count_words(tokens) if words else 0
-    return {"tokens": n_scored, "loss": nll / n_scored, "perplexity": math.exp(nll / n_scored),
-            "words": n_words or None, "word_perplexity": math.exp(nll / n_words) if n_words else None}
+    # (capped at exp(50), as train.py's records are: a diverged model's loss in the thousands overflows exp())
+    return {"tokens": n_scored, "loss": nll / n_scored, "perplexity": perplexity(nll / n_scored),
+            "words": n_words or None, "word_perplexity": perplexity(nll / n_words) if n_words else None}
 
 
 # --- command line -----------------------------------------------------------------------------------
@@ -194,9 +193,9 @@ def table(r):
             ("window", f"{r['block_size']} tokens, stride {r['stride']}, {r['dtype']} on {r['device']}"),
             ("tokens scored", f"{r['tokens']:,}"),
             ("loss", f"{r['loss']:.4f}"),
-            ("perplexity", f"{r['perplexity']:.2f} (token-level)")]
+            ("perplexity", f"{perplexity_text(r['perplexity'])} (token-level)")]
     if r["word_perplexity"] is not None:
-        rows += [("words", f"{r['words']:,}"), ("word perplexity", f"{r['word_perplexity']:.2f}")]
+        rows += [("words", f"{r['words']:,}"), ("word perplexity", perplexity_text(r["word_perplexity"]))]
     rows.append(("time", f"{r['elapsed_s']:.1f} s"))
     return "\n".join(f"{name:<16}{value}" for name, value in rows)
 
@@ -211,7 +210,7 @@ def main(argv=None):
         block_size = args.block_size or min(config.get("max_length", n_positions), n_positions)
         stride = args.stride or max(1, block_size // 2)
         check_window(block_size, stride, n_positions)
-        data_dir = args.data_dir or config.get("data_dir") or DEFAULT_DATA_DIR
+        data_dir = args.data_dir or config.get("data_dir") or DEFAULT_DATA_DIR  # (an HF folder records none)
         if not args.data_dir and config.get("data_dir") and not Path(data_dir).is_dir():
             relative = "" if Path(data_dir).is_absolute() else ", relative to the folder train.py ran in,"
             raise EvalError(f"no folder {data_dir}: that data_dir is the one the model was trained on{relative} "

@@ -49,6 +49,11 @@ def perplexity(loss):
     return math.exp(min(loss, PERPLEXITY_CAP_LOSS))
 
 
+def perplexity_text(ppl):
+    """A perplexity (perplexity()) for a line: its digits, or "over ..." where it was capped (a diverged model)."""
+    return f"{ppl:.2f}" if not ppl >= math.exp(PERPLEXITY_CAP_LOSS) else f"over {ppl:.3g} (exp({PERPLEXITY_CAP_LOSS}))"
+
+
 # Fields a history record may hold as numbers (or null); `required`, below, must be there.
 NUMERIC_FIELDS = ("step", "epoch", "tokens", "train_loss", "val_loss", "val_perplexity", "lr")
 AXIS_FIELDS = ("step", "epoch", "tokens")  # positions: finite

@@ -71,8 +71,9 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     from pathlib import Path
 
     # Before torch's first allocation: CPU tensors of 2 MB and more get transparent huge pages. A CPU step makes its
-    # (B, T, vocab) logits afresh (400 MB in bf16 at the default size) and the kernel faults them in 2 MB at a time
-    # instead of 4 KB: +8-11% tokens/s for the compiled bf16 step on 2 cores (bench/NOTES.md). No effect on GPUs.
+    # logits afresh, chunk by chunk (about 100 MB a chunk in compiled bf16, 800 MB in compiled fp32), and the kernel
+    # faults them in 2 MB at a time instead of 4 KB: +8-11% tokens/s for the compiled bf16 step on 2 cores, measured
+    # when its logits were one 400 MB tensor (bench/NOTES.md). No effect on GPUs.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
     import torch
@@ -82,7 +83,7 @@ try:  # Ctrl-C while Python loads the modules (PyTorch's take seconds): one line
     import hardware
     from cli import (bar_size, fix_for_folder, keeping_said, one_line, outlive_closed_output, plural,
                      quiet_on_closed_pipe, say, show, tolerant_output)
-    from data import EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
+    from data import DEFAULT_DATA_DIR, EOT_TOKEN, N_VOCAB, DataError, TokenBins, get_tokenizer, read_bin
     from model import GPT, GPTConfig, configure_optimizer, set_weight_decay
     import plot
     import sample
@@ -112,7 +113,7 @@ class TrainConfig:
     layer_norm_epsilon: float = 1e-5  # LayerNorm epsilon
     init_from: str = "scratch"  # 'scratch', a checkpoint .pt, or a HuggingFace GPT-2 folder
     # data
-    data_dir: str = "data/wikitext103"  # folder with train.bin/val.bin from data.py
+    data_dir: str = DEFAULT_DATA_DIR  # folder with train.bin/val.bin from data.py
     max_length: int = 512  # tokens per training sequence (<= n_positions)
     # optimisation
     batch_size: int = 8  # micro-batch per device (halved automatically on out-of-memory)
@@ -120,7 +121,7 @@ class TrainConfig:
     learning_rate: float = 5e-4  # peak learning rate
     min_lr: float = 5e-5  # learning rate at the end of the decay
     lr_decay: str = "cosine"  # 'cosine', 'linear' or 'constant' after warmup
-    warmup_steps: int = 500  # linear warmup from 0
+    warmup_steps: int = 500  # linear warmup to learning_rate (its first step at 1/(warmup_steps+1) of it)
     weight_decay: float = 0.01  # AdamW decay on 2-D weights only
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -804,7 +805,7 @@ class Trainer:
         except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError, as a failed CPU alloc
             if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "alloc" in str(e).lower()):
                 raise
-            E, inner = cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd
+            E, inner = cfg.n_embd, cfg.n_inner
             gb = 4 * ((cfg.vocab_size + cfg.n_positions) * E + cfg.n_layer * (4 * E * E + 2 * E * inner)) / 1e9
             raise hardware.HardwareError(f"the model's weights (~{gb:,.1f} GB in fp32) do not fit in "
                                          f"{self.device_type} memory; lower vocab_size, n_positions, n_embd or "
@@ -1212,9 +1213,8 @@ class Trainer:
         self.val_loss = val
         improved = val < self.best_val_loss
         ppl = plot.perplexity(val)
-        cap = plot.PERPLEXITY_CAP_LOSS
-        ppl_text = f"{ppl:.2f}" if not val >= cap else f"over {ppl:.3g} (exp({cap}))"  # (NaN: "nan")
-        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {ppl_text}" + (" (best)" if improved else ""))
+        self.log(f"step {self.step}: val loss {val:.4f}, perplexity {plot.perplexity_text(ppl)}" +
+                 (" (best)" if improved else ""))
         if self.ddp.master:
             self.eval_history = [r for r in self.eval_history if r.get("step") != self.step] + [{
                 "step": self.step, "epoch": self.step / self.steps_per_epoch, "tokens": self.tokens_seen,

@@ -1,4 +1,4 @@
-"""Run every bench and print one table.
+"""Run the three throughput benches (train, generate, prepare; not bf16_vs_fp32.py) and print one table.
 
     python bench/run_all.py                  # full size: about 16 minutes on a 2-core CPU
     python bench/run_all.py --threads 1      # steadier ratios on a busy shared machine

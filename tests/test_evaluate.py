@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EOT_TOKEN, get_tokenizer
-from evaluate import count_words, evaluate, is_wikitext, sliding_window_nll, windows
+from evaluate import count_words, evaluate, is_wikitext, sliding_window_nll, table, windows
 from evaluate import main as evaluate_main
 from export_hf import export_hf
 from model import GPT, GPTConfig
@@ -245,3 +245,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_ctrl_c_while_it_starts_ends_it_in_one_line(run_dir, moment, interrupted_at):
     p = interrupted_at(REPO / "evaluate.py", moment, "--out_dir", run_dir / "out", cwd=run_dir)
     assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")
+
+
+def test_a_diverged_models_perplexity_is_capped_not_a_traceback():
+    """Weights blown up (finite): a loss in the thousands, whose exp() overflows a float. The figures stay numbers
+    (capped at exp(50), as train.py's records are) and the table says "over"."""
+    model = sharp_model()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e4)
+    r = evaluate(model, doc_tokens(), 16, 8)
+    assert r["loss"] > 1000 and r["perplexity"] == r["word_perplexity"] == math.exp(50)
+    json.dumps(r, allow_nan=False)
+    lines = table({**r, "model": "m", "data": "d", "dataset": "wikitext2", "block_size": 16, "stride": 8,
+                   "dtype": "float32", "device": "cpu", "elapsed_s": 1.0}).splitlines()
+    assert "perplexity      over 5.18e+21 (exp(50)) (token-level)" in lines
+    assert "word perplexity over 5.18e+21 (exp(50))" in lines
