@@ -63,21 +63,28 @@ sys.argv = [script] + sys.argv[3:]
 sys.path[0] = os.path.dirname(os.path.abspath(script))  # as `python script` has it
 
 
-armed = []  # "swapped": the export's folder was moved into place; the next event is the moment
+armed = []  # "swapped", "swap-twice": the export's folder was moved into place, or was to be; the next event (a
+# rename, for swap-twice) is the moment of the (second) Ctrl-C
 
 
 def ctrl_c_at(event, args):  # a real SIGINT, the moment the script imports PyTorch, opens its model's file,
     # moves a finished temp folder (an export's .NAME.tmp-PID-HEX) or temp file (.NAME.PID.HEX.tmp) into place, or
     # does the next thing after that folder's move
     moved = os.path.basename(args[0]) if event == "os.rename" else ""
-    if (moment in ("torch", "numpy") and event == "import" and args[0] == moment) or (
+    if moment == "moved" and ".tmp-" in moved and not armed:  # the move done, then Ctrl-C as it returns
+        armed.append(False)
+        os.rename(args[0], args[1])
+        os.kill(os.getpid(), signal.SIGINT)
+    elif (moment in ("torch", "numpy") and event == "import" and args[0] == moment) or (
             moment == "model" and event == "open" and str(args[0]).endswith("best_model.pt")) or (
             moment == "swap" and ".tmp-" in moved) or (moment == "replace" and moved.endswith(".tmp")) or (
-            armed == [True]):
+            armed == [True] and (moment != "swap-twice" or moved)):
         armed.append(False)
         os.kill(os.getpid(), signal.SIGINT)
-    elif moment == "swapped" and ".tmp-" in moved and not armed:
+    elif moment in ("swapped", "swap-twice") and ".tmp-" in moved and not armed:
         armed.append(True)
+        if moment == "swap-twice":
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 sys.addaudithook(ctrl_c_at)
@@ -89,8 +96,10 @@ runpy.run_path(script, run_name="__main__")
 def interrupted_at():
     """run(script, moment, *args, cwd) -> the finished process of `python script *args` that got Ctrl-C (a real
     SIGINT to itself) at `moment`: "torch" or "numpy" (while it imports it), "model" (as it opens best_model.pt),
-    "swap" (as it moves an export's finished temp folder into place), "swapped" (at the next audited event after that
-    move: the clean-up of the old folder) or "replace" (as it moves a finished temp file over the file it writes)."""
+    "swap" (as it moves an export's finished temp folder into place), "moved" (as that move returns, done),
+    "swapped" (at the next audited event after that move: the clean-up of the old folder), "swap-twice" (at "swap",
+    and again as the old folder is moved back) or "replace" (as it moves a finished temp file over the file it
+    writes)."""
     def run(script, moment, *args, cwd):
         return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=120)

@@ -274,8 +274,13 @@ except ExportError as e:
 
 
 def test_a_failed_export_leaves_the_old_folder_intact(tmp_path):
+    """...and a killed export's temp folder (as large as the model) is gone first: the message says free disk space."""
     export(randomized(SMALL, seed=1), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f".m.tmp-{ended.pid}-0123abcd").mkdir()
+    (tmp_path / f".m.tmp-{ended.pid}-0123abcd" / "model.safetensors").write_bytes(bytes(1000))
     p = subprocess.run([sys.executable, "-c", EXPORT_FSIZE_CHILD, str(tmp_path / "m")], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout == f"could not write the export to {tmp_path / 'm'}: File too large; " \
@@ -345,6 +350,23 @@ def test_a_folder_that_is_not_a_model_is_never_replaced(tmp_path):
             export(randomized(SMALL, seed=2), folder)
     assert (older / "pytorch_model.bin").read_bytes() == b"someone else's weights"
     assert (notes / ".ipynb_checkpoints" / "analysis-checkpoint.ipynb").is_file()
+    # Jupyter's copy of an export's file beside a notebook's, or a folder under such a name: kept all the same.
+    (notes / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
+    mixed = export(randomized(SMALL, seed=1), tmp_path / "mixed")
+    (mixed / ".ipynb_checkpoints" / "config-checkpoint.json").mkdir(parents=True)
+    (mixed / ".ipynb_checkpoints" / "config-checkpoint.json" / "draft.ipynb").write_text("{}")
+    for folder in (notes, mixed):
+        with pytest.raises(ExportError, match=rf"{folder.name} holds \.ipynb_checkpoints, which an export does not"):
+            export(randomized(SMALL, seed=2), folder)
+    assert (notes / ".ipynb_checkpoints" / "analysis-checkpoint.ipynb").is_file()
+    assert (mixed / ".ipynb_checkpoints" / "config-checkpoint.json" / "draft.ipynb").is_file()
+    # A folder name that is a glob pattern ("model[v2]" matches "modelv"): another folder's moved-aside copy, its
+    # only one, is not taken for this one's.
+    (tmp_path / ".modelv.old-a1b2c3" / "modelv").mkdir(parents=True)
+    (tmp_path / ".modelv.old-a1b2c3" / "modelv" / "config.json").write_text("{}")
+    for seed in (1, 2):  # (the second export finds the first in place, and cleans up beside it)
+        export(randomized(SMALL, seed=seed), tmp_path / "model[v2]")
+    assert (tmp_path / ".modelv.old-a1b2c3" / "modelv" / "config.json").is_file()
     # The checkpoint to export inside the folder (renamed to a name an export writes): never deleted by its export.
     write_checkpoint(hub / "tokenizer.json", randomized(SMALL, seed=3))
     with pytest.raises(ExportError, match=r"tokenizer.json is in .*hub, which an export replaces whole: pick another "
@@ -370,18 +392,18 @@ def test_an_export_onto_a_full_disk_says_free_disk_space(full_disk):
         export(randomized(SMALL), full_disk / "final_model")
 
 
-@pytest.mark.parametrize("moment", ["torch", "swap", "swapped"])
+@pytest.mark.parametrize("moment", ["torch", "swap", "swap-twice", "moved", "swapped"])
 def test_ctrl_c_ends_an_export_in_one_line_with_a_whole_folder_in_place(tmp_path, moment, interrupted_at):
     """Ctrl-C while PyTorch loads, or between an export's two moves (the old folder moved aside, the new one not yet
-    in): `interrupted`, the old folder where it was. Just after the new one got there: that one. Nothing is left
-    beside it."""
+    in), also with a second Ctrl-C as the old one is moved back: `interrupted`, the old folder where it was. As the
+    new one's move returns, or just after: that one. Nothing is left beside it."""
     old = export(randomized(SMALL, seed=1), tmp_path / "m")
     before = {p.name: p.read_bytes() for p in old.iterdir()}
     model = randomized(SMALL, seed=2)
     write_checkpoint(tmp_path / "best_model.pt", model)
     p = interrupted_at(REPO / "export_hf.py", moment, tmp_path / "best_model.pt", old, cwd=tmp_path)
     assert (p.returncode, p.stderr, p.stdout) == (130, "\ninterrupted\n", "")
-    if moment == "swapped":
+    if moment in ("moved", "swapped"):
         assert torch.equal(load_hf(old).transformer.wpe.weight, model.transformer.wpe.weight)
     else:
         assert {p.name: p.read_bytes() for p in old.iterdir()} == before
@@ -425,9 +447,13 @@ def test_a_folder_an_export_left_aside_is_named_where_it_is_missing(tmp_path):
     old = export(randomized(SMALL), tmp_path / "m")
     (tmp_path / ".m.old-a1b2c3").mkdir()
     old.rename(tmp_path / ".m.old-a1b2c3" / "m")
+    (tmp_path / ".m.old-zzzzzz").mkdir()  # killed before its move: it holds nothing, and is not named
     with pytest.raises(ExportError, match=rf"^{old} is missing, but an interrupted export left the one before in "
                                           rf"{tmp_path / '.m.old-a1b2c3' / 'm'}: move that folder back to {old}, or "
                                           rf"export again$"):
+        load_hf(old)
+    old.mkdir()  # a folder there, not an export's: not "missing"
+    with pytest.raises(ExportError, match=rf"^{old / 'config.json'} not found: point at a folder written by"):
         load_hf(old)
 
 

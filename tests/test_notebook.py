@@ -93,6 +93,11 @@ def test_max_runtime_counts_from_the_sessions_start(tmp_path):
     assert float(kept.read_text()) == start
     kept.write_text(repr(start - 3600))  # an hour later, Run All again: the same start
     assert h["session_start"](kept) == start - 3600
+    for kernel in (time.time() - 13 * 3600, time.time() + 3600):  # no session's start: the first call's time
+        h["process_start"] = lambda: kernel
+        kept.unlink()
+        called = time.time()
+        assert called <= h["session_start"](kept) <= time.time()
     cell = next(c.source for c in read_notebook().cells if "run(launcher(n_gpus)" in c.source)
     assert '*([f"--max_runtime_from={SESSION_START:.0f}"] if SESSION_START else [])' in cell
 
