@@ -1077,6 +1077,10 @@ def read_bin(path, vocab_size=None):
     return tokens
 
 
+_RESUME_ON_ITS_DATA = ("Resume with the data_dir it was trained on, or start a new run from its weights in another "
+                       "out_dir with --init_from=CHECKPOINT")
+
+
 class TokenBins:
     """Batches of (x, y) from data_dir/{split}.bin: non-overlapping windows of block_size + 1 tokens.
 
@@ -1097,6 +1101,7 @@ class TokenBins:
                             f"block_size + 1 = {block_size + 1}: use more data or a smaller max_length")
         # (n_windows, block_size + 1) view of the file; rows are read from disk only when indexed.
         self._windows = tokens[:self.n_windows * (block_size + 1)].reshape(self.n_windows, block_size + 1)
+        self._tokens, self._fingerprint = tokens, None
         self.start_epoch(0)
 
     def start_epoch(self, epoch):
@@ -1139,19 +1144,37 @@ class TokenBins:
     def _eval_end(self, max_windows):
         return self.n_windows if max_windows is None else min(max_windows, self.n_windows)
 
+    def fingerprint(self):
+        """A digest of the split's tokens: their count and 16 samples of 2,048 spread over the file (the first and
+        the last among them), cheap at any size. A resume checks it: as many windows of other data are refused."""
+        if self._fingerprint is None:
+            digest, n = hashlib.sha256(str(self.n_tokens).encode()), 2048
+            for start in np.linspace(0, max(self.n_tokens - n, 0), 16).astype(np.int64):
+                digest.update(self._tokens[start:start + n].tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def check_same_data(self, saved_fingerprint):
+        """DataError unless `saved_fingerprint` (a checkpoint's fingerprint(); None, from before it was kept:
+        not checked) is this split's."""
+        if saved_fingerprint is not None and saved_fingerprint != self.fingerprint():
+            raise DataError(f"{self.path} holds other tokens than the checkpoint was saved with (as many windows, "
+                            f"other contents): the data changed since. {_RESUME_ON_ITS_DATA}")
+
     def state_dict(self):
-        """{"epoch", "position", "seed", "n_windows"} as plain ints: where the next batch comes from, and in how
-        many windows (a resume on other data is refused)."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_windows": self.n_windows}
+        """{"epoch", "position", "seed", "n_windows", "fingerprint"}: where the next batch comes from, and in which
+        data (a resume on other data is refused)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_windows": self.n_windows,
+                "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state):
         """Continue exactly where state_dict() was taken; DataError if the bin is not the one it was taken on."""
         saved = state.get("n_windows")  # checkpoints from before it was stored skip this check
         if saved is not None and int(saved) != self.n_windows:
             raise DataError(f"{self.path} has {self.n_windows} windows of {self.block_size + 1} tokens, but the "
-                            f"checkpoint was saved while training on {saved}: the data changed since. Resume with "
-                            f"the data_dir it was trained on, or start a new run from its weights in another "
-                            f"out_dir with --init_from=CHECKPOINT")
+                            f"checkpoint was saved while training on {saved}: the data changed since. "
+                            f"{_RESUME_ON_ITS_DATA}")
+        self.check_same_data(state.get("fingerprint"))
         self.seed = int(state["seed"])
         self.start_epoch(state["epoch"])
         if not 0 <= int(state["position"]) <= self.n_windows:

@@ -1320,6 +1320,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accum * self.ddp.world_size,
             "val_windows": self.val_windows,
+            "val_fingerprint": self.val_bins.fingerprint(),  # (best_val_loss is a loss on these tokens)
         }
         if after_step_pending:
             state["after_step_pending"] = True
@@ -1503,6 +1504,7 @@ class Trainer:
                 f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh in another "
                 f"out_dir")
         self.train_bins.load_state_dict(state["data_state"])  # (other data: refused before a line says what applies)
+        self.val_bins.check_same_data(state.get("val_fingerprint"))
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         # The optimizer's saved hyper-parameters give way to this run's settings (the same on a plain resume):

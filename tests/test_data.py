@@ -942,7 +942,31 @@ def test_batches_are_shifted_windows_of_the_file(bins):
     assert torch.equal(x[:, 1:], y[:, :-1])
     assert all(x[r, 0] % 9 == 0 for r in range(4))  # every row starts on a window boundary
     assert torch.equal(x[:, :1] + torch.arange(8), x)
-    assert tb.state_dict() == {"epoch": 0, "position": 4, "seed": 1337, "n_windows": 24}
+    assert tb.state_dict() == {"epoch": 0, "position": 4, "seed": 1337, "n_windows": 24,
+                               "fingerprint": tb.fingerprint()}
+
+
+def test_a_resume_on_as_many_windows_of_other_tokens_is_refused(bins, tmp_path):
+    """The window count alone would let a resume go on with other data of the same size (another dataset, text
+    added at the end): the fingerprint (samples spread over the file, the first and last tokens among them) is
+    the split's, and the same whatever the window length or the number of ranks."""
+    tb = TokenBins(bins, "train", 8)
+    tb.next_batch(4)
+    state = tb.state_dict()
+    assert TokenBins(bins, "train", 16, rank=1, world_size=2).fingerprint() == state["fingerprint"]
+    tokens = np.fromfile(bins / "train.bin", dtype=np.uint16)
+    for where in (0, len(tokens) - 1):  # (the last tokens are in no window here, but text added at the end is new data)
+        other = tmp_path / f"other{where}"
+        other.mkdir()
+        changed = tokens.copy()
+        changed[where] += 1
+        changed.tofile(other / "train.bin")
+        with pytest.raises(DataError, match=rf"^{other / 'train.bin'} holds other tokens than the checkpoint was "
+                                            r"saved with \(as many windows, other contents\): the data changed since"):
+            TokenBins(other, "train", 8).load_state_dict(state)
+    same = TokenBins(bins, "train", 8)
+    same.load_state_dict({k: v for k, v in state.items() if k != "fingerprint"})  # a checkpoint from before it
+    assert same.position == 4
 
 
 def test_epochs_shuffle_differently_and_deterministically(bins):

@@ -1086,6 +1086,14 @@ def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
         f"weights in another out_dir with --init_from=CHECKPOINT\n")
     assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
     assert "applied from here" not in (out / "train.log").read_text()  # (max_steps 4 -> 8 was said, then refused)
+    # As many windows, other tokens: the val split's too (the best val loss is a loss on its tokens).
+    for split in ("train", "val"):
+        same_size = tmp_path / f"other_{split}"
+        shutil.copytree(bins, same_size)
+        tokens = np.fromfile(same_size / f"{split}.bin", dtype=np.uint16)
+        tokens[::-1].tofile(same_size / f"{split}.bin")
+        assert refused(train_cmd(out, same_size, "--max_steps=8")).startswith(
+            f"error: {same_size / f'{split}.bin'} holds other tokens than the checkpoint was saved with")
 
 
 def test_a_history_that_is_not_a_list_of_records_is_moved_aside(tmp_path, capsys):
