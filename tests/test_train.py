@@ -417,18 +417,6 @@ def test_run_writes_checkpoints_history_and_logs(tmp_path, bins):
         assert tag in events
 
 
-def test_a_final_export_that_fails_says_how_to_export_again(tmp_path, bins):
-    """The run is saved (exit 0), the export is not: its warning ends with the command that redoes it."""
-    out = tmp_path / "out"
-    (out / "final_model").mkdir(parents=True)
-    (out / "final_model" / "notes.txt").write_text("mine")  # an export never replaces what it did not write
-    p = run_train(out, bins, "--max_steps=2", "--eval_steps=2", "--export_final_model=True")
-    line = next(line for line in p.stdout.splitlines() if "could not export" in line)
-    assert line.startswith("warning: could not export final_model/: ") and line.endswith(
-        f"; export it again with: python export_hf.py {out / 'best_model.pt'} {out / 'final_model'}"), line
-    assert (out / "final_model" / "notes.txt").read_text() == "mine"
-
-
 @pytest.mark.parametrize("dtype", ["float32"])  # bf16's exact resume: the compiled resume test
 def test_sigterm_writes_emergency_checkpoint_and_resume_is_exact(tmp_path, bins, dtype):
     # With dropout: the random streams must go on from where the stop left them, too.
@@ -864,14 +852,21 @@ def test_a_full_disk_at_the_start_says_free_disk_space(full_disk, bins, refused)
 def test_a_history_that_could_not_be_written_is_written_with_the_next_checkpoint(tmp_path, bins):
     """eval_history.json could not be written at step 2 (a full disk), nor again after best_model.pt's save then:
     the emergency checkpoint after an error at step 3 writes it, so the resume (which reads the file) keeps step 2's
-    record."""
+    record. (Its end tries the final export into a folder an export never replaces: the run is saved, exit 0, and
+    the warning ends with the command that exports it again.)"""
     out, common = tmp_path / "out", ["--max_steps=6", "--eval_steps=2", "--save_steps=100"]
     p = run_train(out, bins, *common, env={"GPT_TEST_FAIL_HISTORY_WRITES": "2", "GPT_TEST_ERROR_AFTER_STEP": "3"},
                   check=False)
     assert p.returncode != 0 and (p.stdout + p.stderr).count("warning: injected: could not write") == 1
     assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2]
-    run_train(out, bins, *common)
+    (out / "final_model").mkdir()
+    (out / "final_model" / "notes.txt").write_text("mine")
+    p = run_train(out, bins, *common, "--export_final_model=True")
     assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2, 4, 6]
+    line = next(line for line in p.stdout.splitlines() if "could not export" in line)
+    assert line.startswith("warning: could not export final_model/: ") and line.endswith(
+        f"; export it again with: python export_hf.py {out / 'best_model.pt'} {out / 'final_model'}"), line
+    assert (out / "final_model" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
