@@ -1084,7 +1084,8 @@ _RESUME_ON_ITS_DATA = ("Resume with the data_dir it was trained on, or start a n
 class TokenBins:
     """Batches of (x, y) from data_dir/{split}.bin: non-overlapping windows of block_size + 1 tokens.
 
-    Training: an epoch is every window once, in an order shuffled by (seed, epoch). `position` counts the
+    Training: an epoch is every window once (the caller stops short of a last partial batch), in an order shuffled
+    by (seed, epoch). `position` counts the
     windows consumed by all ranks together, so {epoch, position, seed} resumes exactly, even on a
     different number of ranks. Each call to next_batch takes the next batch_size * world_size windows;
     rank r gets slice [r * batch_size, (r + 1) * batch_size) of them.

@@ -130,7 +130,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many steps (0 = epochs decide)
     # evaluation and logging
     eval_steps: int = 500  # evaluate every N steps (and at each epoch's end and the run's end)
-    eval_iters: int = 0  # val batches of batch_size per evaluation (0 = the whole val split)
+    eval_iters: int = 0  # val batches of batch_size per evaluation, over all processes (0 = the whole val split)
     log_steps: int = 10  # a step line every N steps: in train.log always, on screen when stderr is no terminal
     sample_prompt: str = "The future of AI"  # sample printed at each evaluation ('' = off)
     sample_tokens: int = 40  # length of that sample
