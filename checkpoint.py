@@ -82,6 +82,8 @@ class _FdWriter:
 
 
 def _pid_alive(pid):
+    if os.name == "nt":  # os.kill(pid, 0) there sends Ctrl-C (CTRL_C_EVENT is 0): never probe, keep (the age rule)
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -674,7 +676,7 @@ def load_model_checkpoint(spec, out_dir):
 
 
 def capture_rng_state():
-    """RNG states of python `random`, numpy's global generator, torch CPU and every CUDA device.
+    """RNG states of python `random`, numpy's global generator, torch CPU, every CUDA device and Apple's MPS.
 
     Stored as tensors, lists, ints and floats only, so a checkpoint holding it loads with weights_only=True.
     """
@@ -688,6 +690,7 @@ def capture_rng_state():
                   "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "torch_cpu": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {}),
     }
 
 
@@ -705,6 +708,8 @@ def restore_rng_state(state):
     if state.get("cuda") and torch.cuda.is_available():
         for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.cpu().to(torch.uint8), i)
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"].cpu().to(torch.uint8))
 
 
 def unwrapped(model):

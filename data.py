@@ -1147,7 +1147,8 @@ class TokenBins:
 
     def fingerprint(self):
         """A digest of the split's tokens: their count and 16 samples of 2,048 spread over the file (the first and
-        the last among them), cheap at any size. A resume checks it: as many windows of other data are refused."""
+        the last among them), cheap at any size. A resume checks it (`holds`): as many windows of other data are
+        refused."""
         if self._fingerprint is None:
             digest, n = hashlib.sha256(str(self.n_tokens).encode()), 2048
             for start in np.linspace(0, max(self.n_tokens - n, 0), 16).astype(np.int64):
@@ -1155,12 +1156,9 @@ class TokenBins:
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
-    def check_same_data(self, saved_fingerprint):
-        """DataError unless `saved_fingerprint` (a checkpoint's fingerprint(); None, from before it was kept:
-        not checked) is this split's."""
-        if saved_fingerprint is not None and saved_fingerprint != self.fingerprint():
-            raise DataError(f"{self.path} holds other tokens than the checkpoint was saved with (as many windows, "
-                            f"other contents): the data changed since. {_RESUME_ON_ITS_DATA}")
+    def holds(self, saved_fingerprint):
+        """Whether this split is the one whose fingerprint() a checkpoint saved (None, from before it was kept: yes)."""
+        return saved_fingerprint is None or saved_fingerprint == self.fingerprint()
 
     def state_dict(self):
         """{"epoch", "position", "seed", "n_windows", "fingerprint"}: where the next batch comes from, and in which
@@ -1175,7 +1173,9 @@ class TokenBins:
             raise DataError(f"{self.path} has {self.n_windows} windows of {self.block_size + 1} tokens, but the "
                             f"checkpoint was saved while training on {saved}: the data changed since. "
                             f"{_RESUME_ON_ITS_DATA}")
-        self.check_same_data(state.get("fingerprint"))
+        if not self.holds(state.get("fingerprint")):
+            raise DataError(f"{self.path} holds other tokens than the checkpoint was saved with (as many windows, "
+                            f"other contents): the data changed since. {_RESUME_ON_ITS_DATA}")
         self.seed = int(state["seed"])
         self.start_epoch(state["epoch"])
         if not 0 <= int(state["position"]) <= self.n_windows:

@@ -117,7 +117,8 @@ def sliding_window_nll(model, tokens, block_size, stride, batch_size=8, device="
             if n_scored:
                 with hardware.autocast(device, dtype):
                     _, loss = model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device), return_logits=False)
-                total += loss.double().cpu() * n_scored  # the model's loss is the mean over scored targets
+                # (the mean over scored targets; float64 on the CPU: MPS has no float64)
+                total += loss.detach().cpu().double() * n_scored
                 count += n_scored
             bar.update(len(batch))
     return total.item(), count

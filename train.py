@@ -466,9 +466,11 @@ def lr_lambda(cfg, total_steps):
 
 def stop_signals():
     """The signals that stop a run: SIGINT, SIGTERM and SIGHUP (a closed terminal), unless SIGHUP is ignored (nohup)
-    or the platform has none (Windows)."""
+    or the platform has none (Windows, where Ctrl-Break's SIGBREAK stops it instead)."""
     hup = getattr(signal, "SIGHUP", None)
-    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) == signal.SIG_DFL else [])
+    brk = getattr(signal, "SIGBREAK", None)  # Windows: Ctrl-Break
+    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) == signal.SIG_DFL else []) + (
+        [brk] if brk else [])
 
 
 class StopRequest:
@@ -1153,7 +1155,7 @@ class Trainer:
             self.test_error_at_eval = 0  # once per process
             raise RuntimeError(f"injected: an error in the evaluation of step {self.step}")
         self.model.eval()
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        loss_sum, count = 0.0, 0  # (Python floats: float64, which MPS has not)
         batches = self.val_bins.eval_batches(self.batch_size, self.val_windows, self.device)
         for _ in range(self.val_bins.eval_batch_count(self.batch_size, self.val_windows)):
             # A stop cuts it short (agreed by the ranks at each batch): a whole val split can take minutes, and the
@@ -1167,14 +1169,16 @@ class Trainer:
             x, y = batch
             with self.autocast:
                 _, loss = self.model(x, y, return_logits=False)
-            total += torch.tensor([loss.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
+            loss_sum, count = loss_sum + loss.item() * y.numel(), count + y.numel()
             if self.step == self.test_signal_in_eval:
                 self.test_signal_in_eval = 0
                 os.kill(os.getpid(), signal.SIGTERM)
         if self.ddp.enabled:
+            total = torch.tensor([loss_sum, count], device=self.device, dtype=torch.float64)
             dist.all_reduce(total)
+            loss_sum, count = total.tolist()
         self.model.train()
-        return (total[0] / total[1]).item() if total[1] else float("nan")
+        return loss_sum / count if count else float("nan")
 
     def sample(self):
         if not self.cfg.sample_prompt or not self.ddp.master or self.cfg.vocab_size < N_VOCAB:
@@ -1320,7 +1324,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accum * self.ddp.world_size,
             "val_windows": self.val_windows,
-            "val_fingerprint": self.val_bins.fingerprint(),  # (best_val_loss is a loss on these tokens)
+            "val_fingerprint": self.val_bins.fingerprint(),  # (best_val_loss is a loss on these tokens: restore)
         }
         if after_step_pending:
             state["after_step_pending"] = True
@@ -1504,7 +1508,6 @@ class Trainer:
                 f"and max_length (a smaller batch_size with more accumulation is fine), or start afresh in another "
                 f"out_dir")
         self.train_bins.load_state_dict(state["data_state"])  # (other data: refused before a line says what applies)
-        self.val_bins.check_same_data(state.get("val_fingerprint"))
         self.model.load_state_dict(state["model_state_dict"])
         self.optimizer.load_state_dict(state["optimizer_state_dict"])
         # The optimizer's saved hyper-parameters give way to this run's settings (the same on a plain resume):
@@ -1531,6 +1534,13 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.run_id = state.get("run_id") or self.run_id  # (a checkpoint from before run ids: its run gets one now)
         self.best_val_loss, self.val_loss, self.last_train_loss = state["best_val_loss"], state["val_loss"], state["train_loss"]
+        if not self.val_bins.holds(state.get("val_fingerprint")) and math.isfinite(self.best_val_loss):
+            # Its losses there compare not with the run's best: the best starts over (and carry_over_its_run, seeing
+            # no best to keep, copies none from the run's folder).
+            self.log(f"warning: {self.val_bins.path} holds other tokens than the run was evaluated on: its best val "
+                     f"loss ({self.best_val_loss:.4f}) is not comparable, so best_model.pt (and final_model/) in "
+                     f"{self.out_dir} will be the best from step {self.step} on")
+            self.best_val_loss = float("inf")
         self.last_step_finite = state.get("last_step_finite", True)  # (for a pending evaluation's record)
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)

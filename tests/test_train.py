@@ -1056,18 +1056,25 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     assert f"resume: copied training_history.json, eval_history.json from {src}" in p.stdout, p.stdout
     records = json.loads((branch / "eval_history.json").read_text())
     assert [r["step"] for r in records] == [2, 4] and records[0] == earlier[0]  # (src's own step 4: dropped)
-    # The checkpoint alone: the best starts over from its step (else, on a val split where the run does worse,
-    # there would be no best_model.pt at all), with a warning.
+    # The checkpoint alone: the best starts over from its step (else, where the run does no better than its best,
+    # there would be no best_model.pt at all: here a best val loss of 0 in the checkpoint), with a warning.
     lone, worse = tmp_path / "lone", tmp_path / "worse"
-    lone.mkdir()
-    shutil.copy(src / "checkpoints" / "checkpoint_epoch1_step2.pt", lone)
+    state = ckpt.load_checkpoint(src / "checkpoints" / "checkpoint_epoch1_step2.pt")
+    ckpt.save_checkpoint({**state, "best_val_loss": 0.0}, lone, keep=1)
     src.rename(tmp_path / "gone")  # (the run's out_dir, which its config names, is not there: a Kaggle input not attached)
-    shutil.copytree(bins, worse)
-    np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
-    p = run_train(tmp_path / "out2", worse, "--max_steps=4", "--eval_steps=2",
+    p = run_train(tmp_path / "out2", bins, "--max_steps=4", "--eval_steps=2",
                   f"--resume_from_checkpoint={lone / 'checkpoint_epoch1_step2.pt'}")
     assert "but its best_model.pt is not beside it: best_model.pt (and final_model/) in" in p.stdout, p.stdout
     assert ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["step"] == 4
+    # On another val split (as many windows, other tokens) the run's best is no yardstick either: it starts over.
+    shutil.copytree(bins, worse)
+    np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
+    p = run_train(tmp_path / "out3", worse, "--max_steps=4", "--eval_steps=2",
+                  f"--resume_from_checkpoint={lone / 'checkpoint_epoch1_step2.pt'}")
+    assert f"warning: {worse / 'val.bin'} holds other tokens than the run was evaluated on: its best val loss " \
+           f"(0.0000) is not comparable, so best_model.pt (and final_model/) in {tmp_path / 'out3'} will be the best " \
+           f"from step 2 on" in p.stdout, p.stdout
+    assert ckpt.load_checkpoint(tmp_path / "out3" / "best_model.pt")["step"] == 4
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
@@ -1081,14 +1088,12 @@ def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
         f"weights in another out_dir with --init_from=CHECKPOINT\n")
     assert (out / "training_history.json").read_text() == history and final_state(out)["step"] == 4
     assert "applied from here" not in (out / "train.log").read_text()  # (max_steps 4 -> 8 was said, then refused)
-    # As many windows, other tokens: the val split's too (the best val loss is a loss on its tokens).
-    for split in ("train", "val"):
-        same_size = tmp_path / f"other_{split}"
-        shutil.copytree(bins, same_size)
-        tokens = np.fromfile(same_size / f"{split}.bin", dtype=np.uint16)
-        tokens[::-1].tofile(same_size / f"{split}.bin")
-        assert refused(train_cmd(out, same_size, "--max_steps=8")).startswith(
-            f"error: {same_size / f'{split}.bin'} holds other tokens than the checkpoint was saved with")
+    # As many windows, other tokens.
+    same_size = tmp_path / "same_size"
+    shutil.copytree(bins, same_size)
+    np.fromfile(bins / "train.bin", dtype=np.uint16)[::-1].tofile(same_size / "train.bin")
+    assert refused(train_cmd(out, same_size, "--max_steps=8")).startswith(
+        f"error: {same_size / 'train.bin'} holds other tokens than the checkpoint was saved with")
 
 
 def test_a_history_that_is_not_a_list_of_records_is_moved_aside(tmp_path, capsys):
