@@ -9,12 +9,16 @@ import argparse
 import ctypes
 import json
 import os
-import resource
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # Windows: the CPU memory figures read 0 there (not measured)
+    resource = None
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -114,7 +118,9 @@ def rss_bytes():
 
 
 def peak_rss_bytes():
-    """This process's peak resident memory so far."""
+    """This process's peak resident memory so far (0 where it is not known: Windows)."""
+    if resource is None:
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -86,10 +86,16 @@ def single_thread_mb_s(path):
     return n / 1e6 / seconds
 
 
+def load_average():
+    """The 1-minute load average, rounded (None where there is none: Windows)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _tree_rss(root):
-    """Sum of VmRSS (bytes) over `root` and its descendants: an upper bound, shared pages count in each."""
+    """Sum of VmRSS (bytes) over `root` and its descendants: an upper bound, shared pages count in each (Linux's
+    /proc; 0 elsewhere: not measured)."""
     parent, rss = {}, {}
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if not entry.isdigit():
             continue
         try:
@@ -144,7 +150,7 @@ def main():
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="prepare_bench_"))
     work.mkdir(parents=True, exist_ok=True)
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     rows = []
     try:
         sizes = sorted(args.sizes)
@@ -171,7 +177,7 @@ def main():
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    load = [load_before, load_average()]
 
     device = f"cpu: {hardware.probe_facts('cpu').name}, {data.default_num_workers()} cores usable"
     print(f"data.py tokenization vs single-thread encode_ordinary ({args.num_workers} workers; {device}; "

@@ -99,3 +99,15 @@ def test_the_issues_mfu_peak_is_fp32_on_a_cpu_and_native_half_precision_on_a_gpu
     assert common.spec_peak_dtype(t4, torch.float32) == torch.float16  # bf16 is emulated there (is_bf16_supported: True)
     assert common.spec_peak_dtype(a100, torch.float32) == torch.bfloat16
     assert (common.peak_size("cpu"), common.peak_size("cuda:0")) == (2048, 8192)
+
+
+def test_the_benches_start_without_posix_only_modules():
+    """Windows has no `resource` module and no load average: every bench still starts (imports, parses its options;
+    its CPU memory figures then read 0)."""
+    for script in ("train_throughput.py", "generate_throughput.py", "prepare_throughput.py", "bf16_vs_fp32.py",
+                   "run_all.py"):
+        code = (f"import os, runpy, sys; sys.modules['resource'] = None; del os.getloadavg; "
+                f"sys.argv = [{str(BENCH / script)!r}, '--help']; sys.path[0] = {str(BENCH)!r}; "
+                f"runpy.run_path(sys.argv[0], run_name='__main__')")  # (sys.path[0]: as `python bench/X.py` has it)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-2000:])
