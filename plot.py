@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 
 from cli import (check_readable, ctrl_c_ends_it, fail, file_in_the_way, is_number, run_cleaning_up_on_ctrl_c,
@@ -191,9 +192,11 @@ def plot_history(out_dir, output=None):
     if not evals:
         raise PlotError(f"no evaluations in {evals_path} yet: train.py writes one record "
                         f"per evaluation (every eval_steps steps)")
-    fig = draw(evals, read_records(out_dir / EPOCH_HISTORY, "epoch"), title=out_dir.resolve().name)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    with warnings.catch_warnings():  # a folder named in a script the font lacks (Japanese): boxes, not a warning
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")  # mid-way through a run's lines
+        fig = draw(evals, read_records(out_dir / EPOCH_HISTORY, "epoch"), title=out_dir.resolve().name)
+        fig.savefig(buf, format="png", dpi=100)
     path = Path(output) if output else out_dir / PNG_NAME
     atomic_write_bytes(path, buf.getvalue())
     return path

@@ -105,6 +105,15 @@ def test_plot_history_writes_a_png(tmp_path):
                                                             "training_history.json")]  # no temp left
 
 
+def test_a_folder_named_in_a_script_the_font_lacks_draws_without_a_warning(tmp_path):
+    """The title is the folder's name: drawn as boxes, with no matplotlib warning among a training run's lines."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = plot_history(write_run(tmp_path / "日本語の実験"))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_history_without_evaluations_says_so(tmp_path):
     with pytest.raises(PlotError, match="no evaluations in .*eval_history.json yet"):
         plot_history(write_run(tmp_path / "out", evals=[]))
