@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import check_readable, say
+from cli import NO_ROOM, check_readable, say
 
 # torch is imported by the functions that use it, not here: data.py writes its meta.json, and plot.py its PNG,
 # with this module's atomic writes, and neither needs PyTorch's seconds of start-up (and hundreds of MB) for that.
@@ -150,7 +150,7 @@ def _save_error(path, err):
     reason = err.strerror or str(err)
     is_checkpoint = Path(path).suffix == ".pt"
     rotated = is_checkpoint and Path(path).name.startswith("checkpoint_")  # (lower max_checkpoints: fewer of them)
-    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    if err.errno in NO_ROOM:
         fix = "free disk space or lower max_checkpoints" if rotated else "free disk space"
     elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         where = "point checkpoint_dir/out_dir elsewhere" if is_checkpoint else "write to another folder"

@@ -194,7 +194,7 @@ def plot_history(out_dir, output=None):
                         f"per evaluation (every eval_steps steps)")
     buf = io.BytesIO()
     with warnings.catch_warnings():  # a folder named in a script the font lacks (Japanese): boxes, not a warning
-        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")  # mid-way through a run's lines
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from (current )?font")  # (matplotlib 3.8: current)
         fig = draw(evals, read_records(out_dir / EPOCH_HISTORY, "epoch"), title=out_dir.resolve().name)
         fig.savefig(buf, format="png", dpi=100)
     path = Path(output) if output else out_dir / PNG_NAME

@@ -37,7 +37,7 @@ def _end_before_training(e, own_process=True):
     """Exit code of a Ctrl-C or SIGTERM before training, after its one line; in the script's own process (not an
     importer's, whose handlers stay) later copies of either are ignored first."""
     if own_process:
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in (signal.SIGINT, signal.SIGTERM, *_BREAK):
             signal.signal(s, signal.SIG_IGN)
     print(f"\n{NOT_STARTED}", file=sys.stderr, flush=True)
     return 128 + getattr(e, "signum", signal.SIGINT)
@@ -45,8 +45,11 @@ def _end_before_training(e, own_process=True):
 
 # One process (under torchrun the launcher passes SIGTERM on, and ends the other processes with it when one fails:
 # they stay silent, as the one that failed says why).
+_BREAK = [signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else []  # Windows' Ctrl-Break: a stop, as Ctrl-C is
+
 if __name__ == "__main__" and int(os.environ.get("WORLD_SIZE") or 1) == 1:
-    signal.signal(signal.SIGTERM, _stopped_early)
+    for s in (signal.SIGTERM, *_BREAK):
+        signal.signal(s, _stopped_early)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (Python's: not when it started ignored)
         signal.signal(signal.SIGINT, _stopped_early)
 
@@ -468,9 +471,7 @@ def stop_signals():
     """The signals that stop a run: SIGINT, SIGTERM and SIGHUP (a closed terminal), unless SIGHUP is ignored (nohup)
     or the platform has none (Windows, where Ctrl-Break's SIGBREAK stops it instead)."""
     hup = getattr(signal, "SIGHUP", None)
-    brk = getattr(signal, "SIGBREAK", None)  # Windows: Ctrl-Break
-    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) == signal.SIG_DFL else []) + (
-        [brk] if brk else [])
+    return [signal.SIGINT, signal.SIGTERM] + ([hup] if hup and signal.getsignal(hup) == signal.SIG_DFL else []) + _BREAK
 
 
 class StopRequest:
@@ -648,37 +649,43 @@ def run_folders(cfg):
 
 
 def make_run_folders(cfg):
-    """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix."""
+    """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix. Returns the
+    folders this call made, parents included (not one another process made meanwhile)."""
+    made = []
     for folder in run_folders(cfg):
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            missing, above = [], Path(os.path.abspath(folder))
+            while not above.exists() and not above.is_symlink() and above != above.parent:
+                missing.append(above)
+                above = above.parent
+            for new in reversed(missing):
+                try:
+                    new.mkdir()
+                    made.append(new)
+                except FileExistsError:
+                    if not new.is_dir():
+                        raise
             ckpt.check_writable(folder)  # a folder that exists may still refuse files (read-only)
         except OSError as e:
             hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
                     if folder != Path(cfg.out_dir) else "")
             fix = fix_for_folder(e, f"point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under "
                                     f"/kaggle/working){hint}")
+            for new in reversed(made):  # (empty: just made)
+                with contextlib.suppress(OSError):
+                    new.rmdir()
             raise ConfigError(f"cannot write in {folder}: {e.strerror}; {fix}") from None
+    return made
 
 
 LOCK_NAME = ".train.lock"
 LOG_NAME = "train.log"
 
 
-def missing_folders(cfg):
-    """The run's folders, and folders above them, that are not there yet (make_run_folders creates them)."""
-    missing = {}
-    for folder in run_folders(cfg):
-        folder = Path(os.path.abspath(folder))
-        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
-            missing[folder] = None
-            folder = folder.parent
-    return list(missing)
-
-
 def remove_refused_run_folders(created):
-    """A run refused (or stopped) before training leaves no folders behind: those it created (`missing_folders`),
-    deepest first, go if they hold nothing but its own lock and train.log. Anything else in one keeps it."""
+    """A run refused (or stopped) before training leaves no folders behind: those it created (make_run_folders, and
+    then locked), deepest first, go if they hold nothing but its own lock and train.log. Anything else in one keeps
+    it."""
     for folder in sorted(created, key=lambda f: len(f.parts), reverse=True):
         try:
             names = {p.name for p in folder.iterdir()}
@@ -846,6 +853,7 @@ class Trainer:
                               "out_dir and checkpoint_dir must be on a filesystem that every node shares")
         if resume is not None:
             self.carry_over_its_run(resume)  # (after the check above: it has every rank agree)
+            self.start_the_best_over_on_another_val_split()
         if resume is None:
             if cfg.resume_from_checkpoint == "auto":
                 self.log(f"resume: no checkpoint in {self.out_dir} or {self.checkpoint_dir}, so this is a fresh run "
@@ -1534,13 +1542,7 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.run_id = state.get("run_id") or self.run_id  # (a checkpoint from before run ids: its run gets one now)
         self.best_val_loss, self.val_loss, self.last_train_loss = state["best_val_loss"], state["val_loss"], state["train_loss"]
-        if not self.val_bins.holds(state.get("val_fingerprint")) and math.isfinite(self.best_val_loss):
-            # Its losses there compare not with the run's best: the best starts over (and carry_over_its_run, seeing
-            # no best to keep, copies none from the run's folder).
-            self.log(f"warning: {self.val_bins.path} holds other tokens than the run was evaluated on: its best val "
-                     f"loss ({self.best_val_loss:.4f}) is not comparable, so best_model.pt (and final_model/) in "
-                     f"{self.out_dir} will be the best from step {self.step} on")
-            self.best_val_loss = float("inf")
+        self.resumed_val_fingerprint = state.get("val_fingerprint")  # (start_the_best_over_on_another_val_split)
         self.last_step_finite = state.get("last_step_finite", True)  # (for a pending evaluation's record)
         self.epoch_loss_sum, self.epoch_loss_count = state["epoch_loss_sum"], state["epoch_loss_count"]
         self.elapsed_before = state.get("elapsed_s", 0.0)
@@ -1599,6 +1601,17 @@ class Trainer:
                 self.log(f"warning: the run of {resume} had a best val loss of {self.best_val_loss:.4f}, but {why}: "
                          f"best_model.pt (and final_model/) in {self.out_dir} will be the best from step {self.step} on")
             self.best_val_loss = float("inf")
+
+    def start_the_best_over_on_another_val_split(self):
+        """A resume on another val split than the run's (as many windows or not): its losses compare not with the
+        run's best, which starts over from here, with a warning (after carry_over_its_run, which still brings the
+        run's histories). The ranks agree: each reads its own val.bin, and a node's copy may differ."""
+        other = any_rank(not self.val_bins.holds(self.resumed_val_fingerprint), self.ddp, self.device)
+        if other and math.isfinite(self.best_val_loss):
+            self.log(f"warning: {self.val_bins.path} holds other tokens than the run was evaluated on: its best val "
+                     f"loss ({self.best_val_loss:.4f}) is not comparable, so best_model.pt (and final_model/) in "
+                     f"{self.out_dir} will be the best from step {self.step} on")
+            self.best_val_loss, self.val_loss = float("inf"), None  # (no evaluation on this split yet)
 
     def copy_its_best(self, resume):
         """Copy the best_model.pt of resume's run, and its histories where out_dir has none (read_history drops their
@@ -1775,9 +1788,9 @@ def train_main(argv, held):
         if os.environ.get("RANK", "0") == "0":
             # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
             # with one line, where after connecting the other ranks would lose their peer mid-collective.
-            created = missing_folders(cfg)
-            make_run_folders(cfg)
+            made = make_run_folders(cfg)
             held.enter_context(run_lock(cfg))
+            created = made  # (only once the lock is this run's: a run refused by it removes nothing of the other's)
         ddp = init_distributed(device_type)
         trainer = Trainer(cfg, ddp, given)
         held.enter_context(keeping_said(trainer.log.record))  # other modules' warnings go to train.log too
@@ -1791,8 +1804,9 @@ def train_main(argv, held):
             os._exit(code)  # skip interpreter teardown, where the backend's threads can still abort the process
         return code
     except KeyboardInterrupt as e:  # before training started (its own Ctrl-C handling begins with start_session)
+        code = _end_before_training(e, own_process=__name__ == "__main__")  # (a second Ctrl-C is ignored from here)
         forget_the_folders(trainer, created)
-        return _end_before_training(e, own_process=__name__ == "__main__")
+        return code
     except (ConfigError, DataError, ckpt.CheckpointError, hardware.HardwareError) as e:
         # Under torchrun every process reads the same settings: a mistake in them, found before the processes
         # connect, is said once, by rank 0. A device error or a missing bin, found on each node before connecting, is
@@ -1836,7 +1850,7 @@ if __name__ == "__main__":
     code = main(sys.argv[1:])
     # The run is over: a late copy of a stop signal (torchrun or a process group passing it on) must not reach the
     # default handlers that Python puts back while it shuts down, which would kill it with another exit code.
-    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+    for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None), *_BREAK):
         if s is not None:
             signal.signal(s, signal.SIG_IGN)
     sys.exit(code)

@@ -2,6 +2,7 @@
 bench, bf16 learning as well as fp32 (issue #9), and the shared helpers."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,15 @@ def test_the_benches_start_without_posix_only_modules():
                 f"runpy.run_path(sys.argv[0], run_name='__main__')")  # (sys.path[0]: as `python bench/X.py` has it)
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0 and "usage:" in p.stdout, (script, p.stderr[-2000:])
+
+
+def test_the_benches_measure_nothing_where_the_platform_cannot(monkeypatch):
+    """What the benches read where Windows has nothing to read from: the peak RSS (no resource module) is 0, the
+    data.py process tree's RSS (no /proc) is 0, the load average is None."""
+    import prepare_throughput
+    monkeypatch.setattr(common, "resource", None)
+    monkeypatch.delattr(os, "getloadavg")
+    real_isdir = os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if p == "/proc" else real_isdir(p))
+    assert common.peak_rss_bytes() == 0 and prepare_throughput._tree_rss(os.getpid()) == 0
+    assert prepare_throughput.load_average() is None

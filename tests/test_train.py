@@ -254,6 +254,8 @@ def test_a_broken_config_file_or_an_unwritable_out_dir_gets_one_line(tmp_path, b
     err = refused(train_cmd(tmp_path / "a_file" / "run", bins))  # no folder can be made under a file
     assert err == f"error: cannot write in {tmp_path / 'a_file' / 'run'}: Not a directory; " \
         "point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under /kaggle/working)\n"
+    err = refused(train_cmd(tmp_path / ("a" * 300) / "run", bins))  # a name longer than the filesystem allows
+    assert err.startswith(f"error: cannot write in {tmp_path / ('a' * 300) / 'run'}: File name too long; ")
     if Path("/sys/kernel").is_dir():  # Linux
         # A folder that exists but takes no files (sysfs; a Kaggle input is read-only the same way), refused at the
         # start: else every save of the run would fail.
@@ -1069,12 +1071,12 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     # On another val split (as many windows, other tokens) the run's best is no yardstick either: it starts over.
     shutil.copytree(bins, worse)
     np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
-    p = run_train(tmp_path / "out3", worse, "--max_steps=4", "--eval_steps=2",
-                  f"--resume_from_checkpoint={lone / 'checkpoint_epoch1_step2.pt'}")
+    best = ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["val_loss"]
+    p = run_train(tmp_path / "out2", worse, "--max_steps=6", "--eval_steps=2")
     assert f"warning: {worse / 'val.bin'} holds other tokens than the run was evaluated on: its best val loss " \
-           f"(0.0000) is not comparable, so best_model.pt (and final_model/) in {tmp_path / 'out3'} will be the best " \
-           f"from step 2 on" in p.stdout, p.stdout
-    assert ckpt.load_checkpoint(tmp_path / "out3" / "best_model.pt")["step"] == 4
+           f"({best:.4f}) is not comparable, so best_model.pt (and final_model/) in {tmp_path / 'out2'} will be the " \
+           f"best from step 4 on" in p.stdout, p.stdout
+    assert ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["step"] == 6
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
