@@ -826,18 +826,33 @@ def test_an_evaluation_cut_short_by_a_stop_or_an_error_is_redone_on_resume(tmp_p
 
 def test_an_error_between_steps_keeps_the_step_it_follows(tmp_path, bins):
     """An error after a step's evaluation and saves (under DDP: a lost peer, noticed in the next collective) keeps
-    that step with the data position after it: the resume does not train its batches twice."""
-    common = ["--max_steps=8", "--eval_steps=100", "--save_steps=100"]
+    that step with the data position after it: the resume does not train its batches twice.
+
+    Also: eval_history.json could not be written at step 2 (a full disk), nor again after best_model.pt's save
+    then: the emergency checkpoint after the error writes it, so the resume (which reads the file) keeps step 2's
+    record. And the resumed run's end tries the final export into a folder an export never replaces: the run is
+    saved (exit 0), and the warning ends with the command that exports it again."""
+    common = ["--max_steps=8", "--eval_steps=2", "--save_steps=100"]
     straight, failed = tmp_path / "straight", tmp_path / "failed"
     run_train(straight, bins, *common)
-    p = run_train(failed, bins, *common, env={"GPT_TEST_ERROR_AFTER_STEP": "3"}, check=False)
+    p = run_train(failed, bins, *common, env={"GPT_TEST_ERROR_AFTER_STEP": "3", "GPT_TEST_FAIL_HISTORY_WRITES": "2"},
+                  check=False)
     assert p.returncode != 0 and "injected: an error after step 3" in p.stderr
+    assert (p.stdout + p.stderr).count("warning: injected: could not write") == 1
+    assert [r["step"] for r in json.loads((failed / "eval_history.json").read_text())] == [2]
     state = ckpt.load_checkpoint(failed / "emergency_checkpoint.pt")
     assert state["step"] == 3 and not state.get("after_step_pending")
     assert state["data_state"]["position"] == 3 * 8  # three steps of 8 windows read, not two
-    run_train(failed, bins, *common)
+    (failed / "final_model").mkdir()
+    (failed / "final_model" / "notes.txt").write_text("mine")
+    p = run_train(failed, bins, *common, "--export_final_model=True")
     assert_same_weights(final_state(straight)["model_state_dict"], final_state(failed)["model_state_dict"])
     assert step_losses(failed) == step_losses(straight)
+    assert [r["step"] for r in json.loads((failed / "eval_history.json").read_text())] == [2, 4, 6, 8]
+    line = next(line for line in p.stdout.splitlines() if "could not export" in line)
+    assert line.startswith("warning: could not export final_model/: ") and line.endswith(
+        f"; export it again with: python export_hf.py {failed / 'best_model.pt'} {failed / 'final_model'}"), line
+    assert (failed / "final_model" / "notes.txt").read_text() == "mine"
 
 
 def test_a_full_disk_at_the_start_says_free_disk_space(full_disk, bins, refused):
@@ -849,26 +864,6 @@ def test_a_full_disk_at_the_start_says_free_disk_space(full_disk, bins, refused)
             run.mkdir()
         assert refused(train_cmd(run, bins)) == \
             f"error: cannot write in {run}: No space left on device; free disk space\n"
-
-
-def test_a_history_that_could_not_be_written_is_written_with_the_next_checkpoint(tmp_path, bins):
-    """eval_history.json could not be written at step 2 (a full disk), nor again after best_model.pt's save then:
-    the emergency checkpoint after an error at step 3 writes it, so the resume (which reads the file) keeps step 2's
-    record. (Its end tries the final export into a folder an export never replaces: the run is saved, exit 0, and
-    the warning ends with the command that exports it again.)"""
-    out, common = tmp_path / "out", ["--max_steps=6", "--eval_steps=2", "--save_steps=100"]
-    p = run_train(out, bins, *common, env={"GPT_TEST_FAIL_HISTORY_WRITES": "2", "GPT_TEST_ERROR_AFTER_STEP": "3"},
-                  check=False)
-    assert p.returncode != 0 and (p.stdout + p.stderr).count("warning: injected: could not write") == 1
-    assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2]
-    (out / "final_model").mkdir()
-    (out / "final_model" / "notes.txt").write_text("mine")
-    p = run_train(out, bins, *common, "--export_final_model=True")
-    assert [r["step"] for r in json.loads((out / "eval_history.json").read_text())] == [2, 4, 6]
-    line = next(line for line in p.stdout.splitlines() if "could not export" in line)
-    assert line.startswith("warning: could not export final_model/: ") and line.endswith(
-        f"; export it again with: python export_hf.py {out / 'best_model.pt'} {out / 'final_model'}"), line
-    assert (out / "final_model" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
