@@ -492,8 +492,8 @@ def _tokenize(tasks, out_dir, splits, total_bytes, num_workers, before_rename):
             masked = hasattr(signal, "pthread_sigmask")
             before = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS) if masked else None
             try:  # (its workers, and its threads that fork workers later, start with the stop signals blocked)
-                _quiet_resource_tracker()
-                pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
+                with _quiet_resource_tracker():
+                    pool = multiprocessing.get_context().Pool(num_workers, initializer=_init_worker)
             finally:
                 if masked:
                     signal.pthread_sigmask(signal.SIG_SETMASK, before)
@@ -1270,14 +1270,22 @@ def _stop(signum, frame):
     raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
 
 
+@contextlib.contextmanager
 def _quiet_resource_tracker():
     """Where workers are spawned (macOS, Windows), multiprocessing's resource tracker, a process of its own, counts the
     pool's semaphores; a stop ends this process without the pool's clean-up (_end_workers_and_exit), and the tracker
-    then removes them with a two-line warning after the one-line message. It starts with the interpreter's -W options:
-    this one, added before the pool makes the first semaphore, keeps it to the clean-up."""
+    then removes them with a two-line warning after the one-line message. It starts, with the pool's first semaphore,
+    with the interpreter's -W options: this one, there while the pool is made, keeps it to the clean-up (and is taken
+    back after, for processes an importer of data.py spawns later)."""
     option = "ignore:resource_tracker:UserWarning"
-    if option not in sys.warnoptions:
+    added = option not in sys.warnoptions
+    if added:
         sys.warnoptions.append(option)
+    try:
+        yield
+    finally:
+        if added:
+            sys.warnoptions.remove(option)
 
 
 def _end_workers_and_exit(code):

@@ -164,6 +164,14 @@ class ConfigError(Exception):
     """A wrong setting: one line that says what and how to fix it."""
 
 
+class FolderInUse(ConfigError):
+    """Another train.py holds `folder` (run_lock)."""
+
+    def __init__(self, message, folder):
+        super().__init__(message)
+        self.folder = folder
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 def setting_comments():
@@ -648,34 +656,36 @@ def run_folders(cfg):
     return out_dir, Path(cfg.checkpoint_dir or out_dir / ckpt.CHECKPOINTS_SUBDIR)
 
 
-def make_run_folders(cfg):
-    """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix. Returns the
-    folders this call made, parents included (not one another process made meanwhile)."""
-    made = []
+def _make_folder(path, made):
+    """Path.mkdir(parents=True, exist_ok=True) of `path` as given (the kernel resolves its '..' and links), appending
+    each folder this call made to `made` (not one another process made meanwhile)."""
+    try:
+        os.mkdir(path)
+        made.append(path)
+    except FileNotFoundError:
+        if path.parent == path:
+            raise
+        _make_folder(path.parent, made)
+        _make_folder(path, made)
+    except OSError:
+        if not path.is_dir():
+            raise
+
+
+def make_run_folders(cfg, made=None):
+    """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix. The folders
+    this call makes, parents included, are appended to `made` as they are made (a Ctrl-C meanwhile keeps them)."""
+    made = [] if made is None else made
     for folder in run_folders(cfg):
         try:
-            missing, above = [], Path(os.path.abspath(folder))
-            while not above.exists() and not above.is_symlink() and above != above.parent:
-                missing.append(above)
-                above = above.parent
-            for new in reversed(missing):
-                try:
-                    new.mkdir()
-                    made.append(new)
-                except FileExistsError:
-                    if not new.is_dir():
-                        raise
+            _make_folder(folder, made)
             ckpt.check_writable(folder)  # a folder that exists may still refuse files (read-only)
         except OSError as e:
             hint = (" (to resume from checkpoints in a read-only folder, name one with --resume_from_checkpoint=PATH)"
                     if folder != Path(cfg.out_dir) else "")
             fix = fix_for_folder(e, f"point out_dir (and checkpoint_dir) at a writable folder (on Kaggle: under "
                                     f"/kaggle/working){hint}")
-            for new in reversed(made):  # (empty: just made)
-                with contextlib.suppress(OSError):
-                    new.rmdir()
             raise ConfigError(f"cannot write in {folder}: {e.strerror}; {fix}") from None
-    return made
 
 
 LOCK_NAME = ".train.lock"
@@ -683,10 +693,10 @@ LOG_NAME = "train.log"
 
 
 def remove_refused_run_folders(created):
-    """A run refused (or stopped) before training leaves no folders behind: those it created (make_run_folders, and
-    then locked), deepest first, go if they hold nothing but its own lock and train.log. Anything else in one keeps
-    it."""
-    for folder in sorted(created, key=lambda f: len(f.parts), reverse=True):
+    """A run refused (or stopped) before training leaves no folders behind: those it created (make_run_folders, in
+    the order it made them; none another run holds), last first, go if they hold nothing but its own lock and
+    train.log. Anything else in one keeps it."""
+    for folder in reversed(created):
         try:
             names = {p.name for p in folder.iterdir()}
             if names <= {LOCK_NAME, LOG_NAME}:
@@ -717,9 +727,9 @@ def run_lock(cfg):
             except BlockingIOError:
                 f.seek(0)
                 other = f.read().strip() or "another process"
-                raise ConfigError(f"{folder} is in use by another train.py ({other}): two runs in one folder would "
+                raise FolderInUse(f"{folder} is in use by another train.py ({other}): two runs in one folder would "
                                   f"overwrite each other's checkpoints; wait for it, stop it, or give this run "
-                                  f"other folders (out_dir, checkpoint_dir)") from None
+                                  f"other folders (out_dir, checkpoint_dir)", folder) from None
             except OSError:
                 continue  # no locks on this filesystem: run unlocked, as before
             try:  # who holds it, for the message above (a full disk must not stop the run here)
@@ -852,8 +862,11 @@ class Trainer:
             raise ConfigError("the processes found different checkpoints to resume from: on several machines, "
                               "out_dir and checkpoint_dir must be on a filesystem that every node shares")
         if resume is not None:
-            self.carry_over_its_run(resume)  # (after the check above: it has every rank agree)
-            self.start_the_best_over_on_another_val_split()
+            # (after the check above: they have every rank agree) Another val split: the run's best is no yardstick.
+            other_val = any_rank(not self.val_bins.holds(self.resumed_val_fingerprint), ddp, self.device)
+            self.carry_over_its_run(resume, its_best=not other_val)
+            if other_val:
+                self.start_the_best_over_on_another_val_split()
         if resume is None:
             if cfg.resume_from_checkpoint == "auto":
                 self.log(f"resume: no checkpoint in {self.out_dir} or {self.checkpoint_dir}, so this is a fresh run "
@@ -1571,14 +1584,15 @@ class Trainer:
                  else self.epoch_of(self.step))  # or, with nothing left, its last one
         self.log(f"resumed from {path} at step {self.step} (epoch {epoch})")
 
-    def carry_over_its_run(self, resume):
+    def carry_over_its_run(self, resume, its_best=True):
         """A resume from a checkpoint outside this run's folders (a Kaggle input, a copy), or into an out_dir without
         the run's best model (a new out_dir beside the old one's checkpoint_dir). A checkpoint from outside is copied
         into checkpoint_dir, so that a later 'auto' resume (after a kill before the first save) goes on from it, not
         from an older file here or from scratch. Into an out_dir with no best model come the best_model.pt and
         histories of the checkpoint's run, so that best_model.pt, final_model/ and the curves stay the whole run's;
         without that best model the best starts over from here, with a warning (else no best_model.pt would be
-        written until the old best val loss is beaten). Rank 0 copies and decides: the others may see its copies."""
+        written until the old best val loss is beaten). Not `its_best` (another val split): the histories only.
+        Rank 0 copies and decides: the others may see its copies."""
         outside = resume.parent.resolve() not in {folder.resolve() for folder in (self.out_dir, self.checkpoint_dir)}
         needs_best = math.isfinite(self.best_val_loss) and not (self.out_dir / ckpt.BEST_NAME).exists()
         if not any_rank(self.ddp.master and (outside or needs_best), self.ddp, self.device):
@@ -1593,7 +1607,8 @@ class Trainer:
                 except ckpt.CheckpointError as e:
                     self.log(f"warning: {e}")
             if needs_best:
-                lost_best, run_folder = self.copy_its_best(resume)
+                lost_best, run_folder = self.copy_its_best(resume, its_best)
+                lost_best = lost_best and its_best  # (else start_the_best_over_on_another_val_split says why)
         if any_rank(lost_best, self.ddp, self.device):
             if self.ddp.master:
                 why = (f"its best_model.pt in {run_folder} is from a later step (a branch from an older checkpoint)"
@@ -1603,25 +1618,25 @@ class Trainer:
             self.best_val_loss = float("inf")
 
     def start_the_best_over_on_another_val_split(self):
-        """A resume on another val split than the run's (as many windows or not): its losses compare not with the
-        run's best, which starts over from here, with a warning (after carry_over_its_run, which still brings the
-        run's histories). The ranks agree: each reads its own val.bin, and a node's copy may differ."""
-        other = any_rank(not self.val_bins.holds(self.resumed_val_fingerprint), self.ddp, self.device)
-        if other and math.isfinite(self.best_val_loss):
+        """A resume on another val split than the run's (as many windows or not; the ranks agreed on it: each reads
+        its own val.bin, and a node's copy may differ): its losses compare not with the run's best, which starts over
+        from here, with a warning."""
+        if math.isfinite(self.best_val_loss):
             self.log(f"warning: {self.val_bins.path} holds other tokens than the run was evaluated on: its best val "
                      f"loss ({self.best_val_loss:.4f}) is not comparable, so best_model.pt (and final_model/) in "
                      f"{self.out_dir} will be the best from step {self.step} on")
-            self.best_val_loss, self.val_loss = float("inf"), None  # (no evaluation on this split yet)
+        self.best_val_loss, self.val_loss = float("inf"), None  # (no evaluation on this split yet)
 
-    def copy_its_best(self, resume):
-        """Copy the best_model.pt of resume's run, and its histories where out_dir has none (read_history drops their
-        records after the resumed step), into out_dir: the histories also where that best model is from a later
-        step. Returns (whether the best model is still to be had, the run's out_dir or None)."""
+    def copy_its_best(self, resume, its_best=True):
+        """Copy the best_model.pt of resume's run (unless not `its_best`), and its histories where out_dir has none
+        (read_history drops their records after the resumed step), into out_dir: the histories also where that best
+        model is from a later step. Returns (whether the best model is still to be had, the run's out_dir or None)."""
         try:
             best, run_folder = ckpt.best_of_its_run(resume)
         except ckpt.CheckpointError:
             best, run_folder = None, None
         source = best.parent if best is not None else run_folder
+        best = best if its_best else None
         if source is None:
             return True, None
         # A history file out_dir has already, readable or not, is read_history's to keep or move aside.
@@ -1788,9 +1803,12 @@ def train_main(argv, held):
         if os.environ.get("RANK", "0") == "0":
             # Before the processes connect: a folder rank 0 can't create (or another run holds) then stops the run
             # with one line, where after connecting the other ranks would lose their peer mid-collective.
-            made = make_run_folders(cfg)
-            held.enter_context(run_lock(cfg))
-            created = made  # (only once the lock is this run's: a run refused by it removes nothing of the other's)
+            make_run_folders(cfg, created)  # (what it makes goes again if the run stops before training)
+            try:
+                held.enter_context(run_lock(cfg))
+            except FolderInUse as e:  # the other run's folder, and what is above it, are not this run's to remove
+                created = [f for f in created if not e.folder.is_relative_to(os.path.realpath(f))]
+                raise
         ddp = init_distributed(device_type)
         trainer = Trainer(cfg, ddp, given)
         held.enter_context(keeping_said(trainer.log.record))  # other modules' warnings go to train.log too

@@ -568,6 +568,8 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_killed_run_holds_nothi
         # Another out_dir sharing the first run's checkpoint_dir is refused too.
         err = refused(train_cmd(tmp_path / "other", bins, f"--checkpoint_dir={out / 'checkpoints'}"))
         assert f"{out / 'checkpoints'} is in use by another train.py" in err
+        assert not (tmp_path / "other").exists()  # the out_dir it made (and locked) goes; the other run's stays
+        assert (out / "checkpoints" / train.LOCK_NAME).read_text().startswith(f"pid {first.pid} ")
     finally:
         first.kill()  # kill -9: the kernel drops its lock
         first.communicate()  # (and closes its pipes)
@@ -1066,12 +1068,18 @@ def test_a_resume_into_another_out_dir_takes_its_runs_best_model_and_histories(t
     # On another val split (as many windows, other tokens) the run's best is no yardstick either: it starts over.
     shutil.copytree(bins, worse)
     np.random.default_rng(0).integers(0, 50257, 600, dtype=np.uint16).tofile(worse / "val.bin")
+    # Into a new out_dir the run's histories come, its best model does not.
     best = ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["val_loss"]
-    p = run_train(tmp_path / "out2", worse, "--max_steps=6", "--eval_steps=2")
+    p = run_train(tmp_path / "out3", worse, "--max_steps=6", "--eval_steps=2",
+                  f"--resume_from_checkpoint={tmp_path / 'out2' / 'checkpoints' / 'checkpoint_epoch1_step4.pt'}")
     assert f"warning: {worse / 'val.bin'} holds other tokens than the run was evaluated on: its best val loss " \
-           f"({best:.4f}) is not comparable, so best_model.pt (and final_model/) in {tmp_path / 'out2'} will be the " \
+           f"({best:.4f}) is not comparable, so best_model.pt (and final_model/) in {tmp_path / 'out3'} will be the " \
            f"best from step 4 on" in p.stdout, p.stdout
-    assert ckpt.load_checkpoint(tmp_path / "out2" / "best_model.pt")["step"] == 6
+    assert f"resume: copied training_history.json, eval_history.json from {tmp_path / 'out2'}" in p.stdout and "beside it" not in p.stdout, p.stdout
+    records = json.loads((tmp_path / "out3" / "eval_history.json").read_text())
+    assert [r["step"] for r in records] == [4, 6]
+    assert records[0] == json.loads((tmp_path / "out2" / "eval_history.json").read_text())[-1]
+    assert ckpt.load_checkpoint(tmp_path / "out3" / "best_model.pt")["step"] == 6
 
 
 def test_a_resume_on_other_data_is_refused(tmp_path, bins, refused):
