@@ -585,6 +585,20 @@ def test_one_folder_spelled_two_ways_is_locked_once(tmp_path, monkeypatch):
         assert (tmp_path / "run" / train.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")
 
 
+def test_run_folders_are_made_as_the_path_says_and_only_those_made_go(tmp_path, monkeypatch):
+    """'..' is the kernel's to resolve (through a link it is the link target's parent); a folder there already, or
+    one a path only passes through, is never removed with those the run made."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "sub")
+    made = []
+    train.make_run_folders(train.TrainConfig(out_dir="link/../run", checkpoint_dir="q/../ck"), made)
+    assert (tmp_path / "elsewhere" / "run").is_dir() and (tmp_path / "ck").is_dir() and (tmp_path / "q").is_dir()
+    train.remove_refused_run_folders(made)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "link"]
+    assert [p.name for p in (tmp_path / "elsewhere").iterdir()] == ["sub"]
+
+
 def test_a_repeated_signal_saves_unless_it_comes_later(tmp_path, bins):
     # Twice at once (torchrun passing on the signal it got, Ctrl-C reaching a whole process group): one stop.
     out = tmp_path / "twice"
