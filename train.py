@@ -659,15 +659,17 @@ def run_folders(cfg):
 def _make_folder(path, made):
     """Path.mkdir(parents=True, exist_ok=True) of `path` as given (the kernel resolves its '..' and links), appending
     each folder this call made to `made` (not one another process made meanwhile)."""
+    made.append(path)  # (before the mkdir: a Ctrl-C as it returns finds it; one before it, a folder that is not there)
     try:
         os.mkdir(path)
-        made.append(path)
     except FileNotFoundError:
+        made.pop()
         if path.parent == path:
             raise
         _make_folder(path.parent, made)
         _make_folder(path, made)
     except OSError:
+        made.pop()
         if not path.is_dir():
             raise
 
@@ -703,8 +705,8 @@ def remove_refused_run_folders(created):
                 for name in names:
                     (folder / name).unlink()
                 folder.rmdir()
-        except OSError:  # never in the way of the line that says why the run stopped
-            return
+        except OSError:  # (not there, or not empty: the next, never in the way of the line that says why it stopped)
+            continue
 
 
 @contextlib.contextmanager
