@@ -676,7 +676,8 @@ def _make_folder(path, made):
 
 def make_run_folders(cfg, made=None):
     """Create out_dir and checkpoint_dir (rank 0's job), or a ConfigError naming the folder and the fix. The folders
-    this call makes, parents included, are appended to `made` as they are made (a Ctrl-C meanwhile keeps them)."""
+    this call makes, parents included, are appended to `made` as they are made (so that a Ctrl-C meanwhile still
+    finds them)."""
     made = [] if made is None else made
     for folder in run_folders(cfg):
         try:
