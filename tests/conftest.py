@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -104,6 +105,21 @@ def interrupted_at():
         return subprocess.run([sys.executable, "-c", INTERRUPTED_AT, str(script), moment, *map(str, args)],
                               cwd=cwd, capture_output=True, text=True, timeout=120)
     return run
+
+
+@pytest.fixture
+def audit_hooked():
+    """audit_hooked(hook) -> the command prefix ([python, -c, SOURCE]) that runs the script named after it, with its
+    arguments, as `python script ...` would, with an audit hook installed first: `hook` is source that defines
+    hook(event, args) (os, runpy, signal and sys are imported; statements before it run first)."""
+    def command(hook):
+        source = ("import os, runpy, signal, sys\n" + textwrap.dedent(hook).strip() + "\n"
+                  "sys.argv = sys.argv[1:]\n"
+                  "sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))  # as `python script` has it\n"
+                  "sys.addaudithook(hook)\n"
+                  "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+        return [sys.executable, "-c", source]
+    return command
 
 
 @pytest.fixture

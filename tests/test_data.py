@@ -692,27 +692,22 @@ def test_ctrl_c_while_it_starts_ends_it_in_one_line(tmp_path, interrupted_at):
     assert (p.returncode, p.stdout, p.stderr) == (130, "", "\ninterrupted\n") and not (tmp_path / "out").exists()
 
 
-def test_preparing_data_never_loads_pytorch(tmp_path):
+def test_preparing_data_never_loads_pytorch(tmp_path, audit_hooked):
     """data.py's start-up is numpy and tiktoken: meta.json's atomic write (checkpoint.py) imports no torch, which
     would add seconds and ~150 MB to every preparation."""
     (tmp_path / "a.txt").write_text("alpha beta gamma\n" * 300)
-    launcher = """if True:
-        import os, runpy, sys
-        def note_torch(event, args):
+    note_torch = """
+        def hook(event, args):
             if event == "import" and args[0] == "torch":
-                os.write(2, b"imported torch\\n")
-        sys.argv = sys.argv[1:]
-        sys.path[0] = os.path.dirname(sys.argv[0])
-        sys.addaudithook(note_torch)
-        runpy.run_path(sys.argv[0], run_name="__main__")"""
-    p = subprocess.run([sys.executable, "-c", launcher, str(ROOT / "data.py"), "text", "--input", tmp_path / "a.txt",
+                os.write(2, b"imported torch\\n")"""
+    p = subprocess.run([*audit_hooked(note_torch), str(ROOT / "data.py"), "text", "--input", tmp_path / "a.txt",
                         "--out_dir", tmp_path / "out", "--num_workers", "1"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and (tmp_path / "out" / "meta.json").is_file(), p.stderr
     assert "imported torch" not in p.stderr
 
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])
-def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path, start):
+def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path, start, audit_hooked):
     """`timeout`, systemd and a container's stop send SIGTERM to every process of the group: the workers too. Here
     it comes while they wait for work and the preparation writes its placeholder meta.json: the worker that a
     SIGTERM ended while it held the task queue's lock left the pool's clean-up waiting on it forever (seen with
@@ -721,20 +716,16 @@ def test_a_kill_of_the_whole_process_group_ends_the_preparation_too(tmp_path, st
     whose resource tracker added a two-line warning about the pool's semaphores."""
     (tmp_path / "a.txt").write_text("".join(f"line {i} of a text to tokenize\n" for i in range(200_000)))
     out = tmp_path / "out"
-    launcher = f"""if True:
-        import multiprocessing, os, runpy, signal, sys
+    kill_group_at_meta = f"""
+        import multiprocessing
         multiprocessing.set_start_method({start!r}, force=True)
         main, sent = os.getpid(), []
-        def kill_group_at_meta(event, args):
+        def hook(event, args):
             if (event == "open" and os.path.basename(str(args[0])).startswith(".meta.json.") and os.getpid() == main
                     and not sent):
                 sent.append(True)
-                os.killpg(0, signal.SIGTERM)
-        sys.argv = sys.argv[1:]
-        sys.path[0] = os.path.dirname(sys.argv[0])
-        sys.addaudithook(kill_group_at_meta)
-        runpy.run_path(sys.argv[0], run_name="__main__")"""
-    proc = subprocess.Popen([sys.executable, "-c", launcher, str(ROOT / "data.py"), "text", "--input",
+                os.killpg(0, signal.SIGTERM)"""
+    proc = subprocess.Popen([*audit_hooked(kill_group_at_meta), str(ROOT / "data.py"), "text", "--input",
                              str(tmp_path / "a.txt"), "--out_dir", str(out), "--num_workers", "2"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -1077,22 +1068,18 @@ def test_a_bin_that_holds_no_whole_tokens_is_named(tmp_path, content, message):
     assert str(e.value).startswith(f"{tmp_path / 'val.bin'} {message}")
 
 
-def test_a_url_download_stopped_while_tokenizing_is_not_downloaded_again(tmp_path, server, wikitext_zip):
+def test_a_url_download_stopped_while_tokenizing_is_not_downloaded_again(tmp_path, server, wikitext_zip,
+                                                                            audit_hooked):
     """A first --url run killed (kill -9: a Kaggle session's end) once its download is done, while it tokenizes: no
     meta.json says where the zip came from, but the note beside the zip does, and the same command uses it."""
     zip_path, raw, _ = wikitext_zip
     server.files["/w.zip"] = zip_path.read_bytes()
     out, url = tmp_path / "out", server.url("/w.zip")
-    launcher = """if True:
-        import os, runpy, signal, sys
-        def kill_at_the_bins(event, args):
+    kill_at_the_bins = """
+        def hook(event, args):
             if event == "open" and str(args[0]).endswith(".bin.tmp"):
-                os.kill(os.getpid(), signal.SIGKILL)
-        sys.argv = sys.argv[1:]
-        sys.path[0] = os.path.dirname(sys.argv[0])
-        sys.addaudithook(kill_at_the_bins)
-        runpy.run_path(sys.argv[0], run_name="__main__")"""
-    killed = subprocess.run([sys.executable, "-c", launcher, str(ROOT / "data.py"), "wikitext103", "--url", url,
+                os.kill(os.getpid(), signal.SIGKILL)"""
+    killed = subprocess.run([*audit_hooked(kill_at_the_bins), str(ROOT / "data.py"), "wikitext103", "--url", url,
                              "--out_dir", str(out), "--num_workers", "1"], capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL and not (out / "meta.json").exists(), killed.stderr
     assert len(server.requests) == 1

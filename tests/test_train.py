@@ -484,23 +484,19 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
 
 @pytest.mark.parametrize("during, signum", [("import torch", signal.SIGINT), ("set-up", signal.SIGINT),
                                             ("import torch", signal.SIGTERM), ("set-up", signal.SIGTERM)])
-def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during, signum):
+def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during, signum, audit_hooked):
     """The real train.py run as __main__ by a launcher that says when the import of torch begins, or when set-up
     opens train.bin (audit hooks): the Ctrl-C (or a `kill`'s SIGTERM) lands there (`import torch` alone takes
     seconds, set-up makes the model and the optimizer). A copy of the signal after the line (as `timeout -s INT`
     or a process group sends one) changes nothing: no traceback from Python's shutdown, the same exit code."""
     out = tmp_path / "out"
-    launcher = """if True:
-        import runpy, sys
-        def say_when(event, args):
+    say_when = """
+        def hook(event, args):
             if event == "import" and args[0] == "torch" and "torch" not in sys.modules:
                 print("import torch", flush=True)
             if event == "open" and str(args[0]).endswith("train.bin"):
-                print("set-up", flush=True)
-        sys.argv = sys.argv[1:]
-        sys.addaudithook(say_when)
-        runpy.run_path(sys.argv[0], run_name="__main__")"""
-    proc = subprocess.Popen([sys.executable, "-c", launcher, *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
+                print("set-up", flush=True)"""
+    proc = subprocess.Popen([*audit_hooked(say_when), *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         while (line := proc.stdout.readline()) not in (f"{during}\n", ""):
@@ -519,26 +515,23 @@ def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, b
         assert stdout == ""
 
 
-def test_a_stop_before_training_is_not_lost_when_a_library_swallows_its_exception(tmp_path, bins):
+def test_a_stop_before_training_is_not_lost_when_a_library_swallows_its_exception(tmp_path, bins, audit_hooked):
     """C code that calls Python code and clears its errors (CPython's PyObject_HasAttr does) can swallow the
     KeyboardInterrupt of a Ctrl-C that lands there: here the set-up's first read of train.bin does, and the run still
     ends as interrupted before training (without the signal kept, it trained on and exited 0). SIGTERM takes the
     same path."""
     out, signum = tmp_path / "out", signal.SIGINT
-    launcher = f"""if True:
-        import os, runpy, sys, time
-        def swallowing(event, args):
-            if event == "open" and str(args[0]).endswith("train.bin") and not hasattr(swallowing, "done"):
-                swallowing.done = True
+    swallowing = f"""
+        import time
+        def hook(event, args):
+            if event == "open" and str(args[0]).endswith("train.bin") and not hasattr(hook, "done"):
+                hook.done = True
                 try:
                     os.kill(os.getpid(), {int(signum)})
                     time.sleep(5)
                 except KeyboardInterrupt:
-                    print("swallowed", flush=True)
-        sys.argv = sys.argv[1:]
-        sys.addaudithook(swallowing)
-        runpy.run_path(sys.argv[0], run_name="__main__")"""
-    p = subprocess.run([sys.executable, "-c", launcher, *train_cmd(out, bins)[1:]], cwd=ROOT, capture_output=True,
+                    print("swallowed", flush=True)"""
+    p = subprocess.run([*audit_hooked(swallowing), *train_cmd(out, bins)[1:]], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert (p.returncode, p.stdout.splitlines()[:1], p.stderr) == (128 + signum, ["swallowed"],
                                                                      f"\n{train.NOT_STARTED}\n"), p.stdout
