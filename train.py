@@ -1385,13 +1385,10 @@ class Trainer:
         """out_dir/name rewritten whole. A failed write (a full disk) is a warning: the file is written again with
         its next record and after every checkpoint save (`again`, silent), so that a stop in between, whose resume
         reads the file, loses no record."""
-        if self.test_history_write_failures:
-            self.test_history_write_failures -= 1
-            if not again:
-                self.log(f"warning: injected: could not write {self.out_dir / name}")
-            self.unwritten_histories[name] = records
-            return
         try:
+            if self.test_history_write_failures:
+                self.test_history_write_failures -= 1
+                raise ckpt.CheckpointError(f"injected: could not write {self.out_dir / name}")
             ckpt.atomic_write_json(self.out_dir / name, records)
         except ckpt.CheckpointError as e:
             if not again:
