@@ -698,8 +698,10 @@ LOG_NAME = "train.log"
 def remove_refused_run_folders(created):
     """A run refused (or stopped) before training leaves no folders behind: those it created (make_run_folders, in
     the order it made them; none another run holds), last first, go if they hold nothing but its own lock and
-    train.log. Anything else in one keeps it."""
+    train.log, once its own temp files are gone (a stop can land as the check that a folder takes files is about to
+    remove its file). Anything else in one keeps it."""
     for folder in reversed(created):
+        ckpt.remove_stale_temps(folder)  # (this process's, and dead writers')
         try:
             names = {p.name for p in folder.iterdir()}
             if names <= {LOCK_NAME, LOG_NAME}:

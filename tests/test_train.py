@@ -483,19 +483,24 @@ def test_a_stop_whose_output_has_no_reader_left_still_saves(tmp_path, bins, sign
 
 
 @pytest.mark.parametrize("during, signum", [("import torch", signal.SIGINT), ("set-up", signal.SIGINT),
-                                            ("import torch", signal.SIGTERM), ("set-up", signal.SIGTERM)])
+                                            ("import torch", signal.SIGTERM), ("write check", signal.SIGTERM)])
 def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, bins, during, signum, audit_hooked):
-    """The real train.py run as __main__ by a launcher that says when the import of torch begins, or when set-up
-    opens train.bin (audit hooks): the Ctrl-C (or a `kill`'s SIGTERM) lands there (`import torch` alone takes
-    seconds, set-up makes the model and the optimizer). A copy of the signal after the line (as `timeout -s INT`
+    """The real train.py run as __main__ by a launcher that says when the import of torch begins, when set-up
+    opens train.bin, or when the check that out_dir takes files is about to remove its file (audit hooks; it waits
+    there for the signal): the Ctrl-C (or a `kill`'s SIGTERM) lands there (`import torch` alone takes seconds,
+    set-up makes the folders, the model and the optimizer). A copy of the signal after the line (as `timeout -s INT`
     or a process group sends one) changes nothing: no traceback from Python's shutdown, the same exit code."""
     out = tmp_path / "out"
     say_when = """
+        import time
         def hook(event, args):
             if event == "import" and args[0] == "torch" and "torch" not in sys.modules:
                 print("import torch", flush=True)
             if event == "open" and str(args[0]).endswith("train.bin"):
-                print("set-up", flush=True)"""
+                print("set-up", flush=True)
+            if event == "os.remove" and ".write-test." in str(args[0]):
+                print("write check", flush=True)
+                time.sleep(60)  # (the signal ends it)"""
     proc = subprocess.Popen([*audit_hooked(say_when), *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
