@@ -552,26 +552,23 @@ def test_onednn_only_for_fp32_on_a_cpu_with_the_switch_on(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_training_step_on_onednn_equals_the_default_engine(monkeypatch, compiled):
+def test_training_step_on_onednn_equals_the_default_engine(monkeypatch):
     """A whole fp32 training step (blocks, the tied head, the chunked loss in several chunks) with its matmuls
-    on oneDNN, eager or compiled, gives the default engine's loss and gradients to fp32 reordering (the reference
-    is eager: compiling it too would double the test's time)."""
+    on oneDNN gives the default engine's loss and gradients to fp32 reordering. Compiled: the test below."""
     monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
     model = randomized(GPTConfig(**TINY)).train()
     model.before_compile()
     idx = torch.randint(0, 97, (3, 16), generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads(onednn, compiled):
+    def loss_and_grads(onednn):
         monkeypatch.setattr(model_module, "ONEDNN_FP32", onednn)
-        m = torch.compile(model) if compiled else model
         model.zero_grad()
-        (_, loss), calls = onednn_calls(lambda: m(idx, idx, return_logits=False))
+        (_, loss), calls = onednn_calls(lambda: model(idx, idx, return_logits=False))
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()], calls
 
-    loss, grads, calls = loss_and_grads(True, compiled)
-    ref_loss, ref_grads, ref_calls = loss_and_grads(False, False)
+    loss, grads, calls = loss_and_grads(True)
+    ref_loss, ref_grads, ref_calls = loss_and_grads(False)
     assert calls > 0 and ref_calls == 0
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
@@ -594,25 +591,30 @@ def test_blocked_causal_attention_equals_sdpa(T, rows):
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_compiled_cpu_training_uses_blocked_attention_with_the_same_result(monkeypatch, dropout):
     """Under torch.compile on the CPU the training forward runs blocked_causal_attention (here over 3 blocks of
-    rows); loss and gradients agree with the eager model's (flash attention) to float32 reordering. With
-    dropout the compiled model keeps SDPA."""
+    rows), with its matmuls on oneDNN where the build has it and the loss in several chunks; loss and gradients
+    agree with the eager model's on the default engine (flash attention) to float32 reordering. With dropout the
+    compiled model keeps SDPA. (One compile checks all three: each costs tens of seconds on a 2-core machine.)"""
     calls = []
     real = model_module.blocked_causal_attention
     monkeypatch.setattr(model_module, "blocked_causal_attention", lambda *a: calls.append(a[3]) or real(*a))
     monkeypatch.setattr(model_module, "ATTN_BLOCK_ROWS", 8)
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ROWS", 5)
     model = randomized(GPTConfig(**dict(TINY, n_positions=20, dropout=dropout))).train()
     idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads(m):
         model.zero_grad()
-        _, loss = m(idx, idx, return_logits=False)
+        (_, loss), products = onednn_calls(lambda: m(idx, idx, return_logits=False))
         loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+        return loss.detach(), [p.grad.clone() for p in model.parameters()], products
 
+    monkeypatch.setattr(model_module, "ONEDNN_FP32", False)
     torch.manual_seed(1)
     eager = loss_and_grads(model)
-    assert not calls
+    assert not calls and eager[2] == 0
     model.before_compile()
+    onednn = torch.backends.mkldnn.is_available()
+    monkeypatch.setattr(model_module, "ONEDNN_FP32", onednn)
     torch.manual_seed(1)
     if dropout:  # compiled dropout draws its masks differently: only the path is checked, by a forward alone
         with torch.no_grad():  # (the path does not depend on it; a graph without its backward compiles faster)
@@ -621,6 +623,7 @@ def test_compiled_cpu_training_uses_blocked_attention_with_the_same_result(monke
         return
     compiled = loss_and_grads(torch.compile(model))
     assert calls == [8] * 2  # traced into the graph (2 layers)
+    assert (compiled[2] > 0) == onednn
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(compiled[1], eager[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
