@@ -86,7 +86,7 @@ def _pid_alive(pid):
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid too large for the kernel: no process has it)
         return False
     except OSError:
         return True  # exists but belongs to someone else

@@ -177,8 +177,10 @@ def test_temps_of_a_live_process_are_not_touched(tmp_path):
         reused.write_bytes(b"left long ago")
         hours_ago = time.time() - 2 * ck.STALE_TEMP_AGE_S
         os.utime(reused, (hours_ago, hours_ago))
+        huge = tmp_path / f".best_model.pt.{10 ** 20}.0123abcd.tmp"  # no process has a pid this large (not an error)
+        huge.write_bytes(b"?")
         ck.save_best(state(1), tmp_path)
-        assert live.exists() and not own.exists() and not reused.exists()
+        assert live.exists() and not own.exists() and not reused.exists() and not huge.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

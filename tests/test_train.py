@@ -500,7 +500,8 @@ def test_ctrl_c_before_training_starts_is_one_line_and_loses_nothing(tmp_path, b
             if event == "open" and str(args[0]).endswith("train.bin"):
                 print("set-up", flush=True)
             if event == "os.remove" and ".write-test." in str(args[0]) and not waited:  # (not the clean-up's)
-                waited.append(print("write check", flush=True))
+                waited.append(1)  # (first: a signal as print returns must not leave the clean-up's removal to wait)
+                print("write check", flush=True)
                 time.sleep(60)  # (the signal ends it)"""
     proc = subprocess.Popen([*audit_hooked(say_when), *train_cmd(out, bins)[1:]], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
