@@ -102,7 +102,6 @@ def test_the_issues_mfu_peak_is_fp32_on_a_cpu_and_native_half_precision_on_a_gpu
     assert (common.peak_size("cpu"), common.peak_size("cuda:0")) == (2048, 8192)
 
 
-
 def test_the_matmul_peak_times_at_full_size_only_the_products_near_the_fastest():
     """A product far slower at a quarter of the size (bf16 torch.mm where a CPU emulates bf16: most of a minute a
     call at 2048^2) is not timed at full size; the peak is the fast product's."""
@@ -120,6 +119,7 @@ def test_the_matmul_peak_times_at_full_size_only_the_products_near_the_fastest()
     sizes.clear()
     common.matmul_peak_flops("cpu", torch.float32, n=256, products=(slow, slow))  # as fast as the fastest: timed
     assert sizes.count(256) == 2 * 4
+
 
 def test_the_benches_start_without_posix_only_modules():
     """Windows has no `resource` module: every bench still starts (imports, parses its options), in one process
