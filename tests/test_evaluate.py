@@ -124,7 +124,8 @@ def test_evaluate_reports_word_and_token_perplexity():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """out/best_model.pt (its config names data_dir), out/final_model/, data/{val,test}.bin + meta.json."""
+    """out/best_model.pt (its config names data_dir), out/final_model/, data/{val,test}.bin + meta.json, and a
+    newer checkpoint of other weights in out/checkpoints/ (the best is not the newest)."""
     root = tmp_path_factory.mktemp("run")
     data = root / "data"
     data.mkdir()
@@ -137,6 +138,10 @@ def run_dir(tmp_path_factory):
     torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": 42,
                 "config": dict(model.config.to_dict(), data_dir=str(data), max_length=12)},
                root / "out" / "best_model.pt")
+    (root / "out" / "checkpoints").mkdir()
+    torch.save({"format_version": 1, "model_state_dict": GPT(model.config).state_dict(), "epoch": 2, "step": 99,
+                "config": dict(model.config.to_dict(), data_dir=str(data), max_length=12)},
+               root / "out" / "checkpoints" / "checkpoint_epoch2_step99.pt")
     export_hf(model, root / "out" / "final_model")
     return root
 

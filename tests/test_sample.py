@@ -27,19 +27,21 @@ def tiny_model(seed=0):
     return GPT(TINY).eval()
 
 
-def save_checkpoint(model, path):
+def save_checkpoint(model, path, step=10):
     """A checkpoint with the keys train.py writes and sample.py reads."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": 10,
+    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": step,
                 "config": dict(model.config.to_dict(), out_dir=str(path.parent))}, path)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A run folder as train.py leaves it: out/best_model.pt and out/final_model/."""
+    """A run folder as train.py leaves it: out/best_model.pt, out/final_model/, and a newer checkpoint of other
+    weights in out/checkpoints/ (the best is not the newest)."""
     root = tmp_path_factory.mktemp("run")
     model = tiny_model()
     save_checkpoint(model, root / "out" / "best_model.pt")
+    save_checkpoint(tiny_model(seed=3), root / "out" / "checkpoints" / "checkpoint_epoch1_step99.pt", step=99)
     export_hf(model, root / "out" / "final_model")
     return root
 
