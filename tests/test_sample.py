@@ -160,17 +160,23 @@ def test_stream_writes_token_by_token_without_breaking_characters():
             for t in ids + [EOT_TOKEN, 11]:
                 yield torch.tensor([t])
 
-    writes = []
+    events = []  # the text written, and None for each flush
 
     class Recorder(io.StringIO):
         def write(self, s):
-            writes.append(s)
+            events.append(s)
             return super().write(s)
+
+        def flush(self):
+            events.append(None)
 
     out = Recorder()
     n = sample(Replay(), torch.tensor([[EOT_TOKEN]]), out, stream=True)
     assert out.getvalue() == text + "\n" and n == len(ids) + 1  # stopped at <|endoftext|>
-    assert len([w for w in writes if w]) > 3 and not any("\ufffd" in w for w in writes)
+    writes = [w for w in events if w]
+    assert len(writes) > 3 and not any("\ufffd" in w for w in writes)
+    # Each piece is flushed as it is written (a terminal or a pipe sees the text as it comes).
+    assert all(after is None for w, after in zip(events, events[1:]) if w)
 
 
 def test_stops_at_endoftext(tmp_path):
