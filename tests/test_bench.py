@@ -47,6 +47,7 @@ def test_train_throughput_json_in_bf16_has_the_fp32_peer_too():
                                   "--rounds", "1", "--warmup", "1", "--threads", "1"))
 
 
+@pytest.mark.native_bf16
 def test_bf16_learns_as_well_as_fp32():
     r = run_json("bf16_vs_fp32.py", "--config", "tiny", "--threads", "1")
     assert r["ok"] and abs(r["diff"]) <= 0.03

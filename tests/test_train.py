@@ -663,10 +663,7 @@ def assert_resumed_run_is_bit_identical(run, tmp_path, bins, *common, from_strai
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.skipif(
-    not hardware.probe_facts("cpu").cpu_bf16_flag, reason="this CPU emulates bf16 (no amx_bf16 or avx512_bf16): a CPU "
-                                                          "run here trains in fp32, and an emulated one takes minutes")),
-    "float32"])
+@pytest.mark.parametrize("dtype", [pytest.param("bfloat16", marks=pytest.mark.native_bf16), "float32"])
 def test_a_compiled_run_resumes_bit_identically(tmp_path, bins, dtype):
     """Compiled, the embedding's backward would add rows' gradients with atomics in an order that varies from
     run to run (the weights differed at 1e-9); the embedding stays out of the compiled graph. fp32 too, whose
