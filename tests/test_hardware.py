@@ -280,14 +280,13 @@ def test_probe_cpu_reads_proc_cpuinfo_without_touching_cuda():
     assert facts.type == "cpu" and facts.device == "cpu" and facts.name and facts.torch_version == torch.__version__
 
 
-
 @pytest.mark.parametrize("name, flags, bf16", [
     ("Intel(R) Xeon(R) Platinum 8480+", "fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "amx_bf16"),
     ("Intel(R) Xeon(R) Platinum 8380", "fpu sse2 avx2 avx512f avx512_vnni", ""),
     ("AMD EPYC 9654 96-Core Processor", "fpu sse2 avx2 avx512f avx512_bf16", "avx512_bf16")])
 def test_probe_cpu_reads_the_bf16_flags_of_a_cpuinfo(tmp_path, monkeypatch, name, flags, bf16):
-    """The probe on other CPUs' /proc/cpuinfo (two processors, as the kernel lists each; the one above runs only
-    where this machine's CPU has the flags): the flag, its source, the name, and the dtype a CPU run trains in."""
+    """The probe on other CPUs' /proc/cpuinfo (two processors, as the kernel lists each; the test above checks the
+    flag only where this machine's CPU has one): the flag, its source, the name, and the dtype a CPU run trains in."""
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("".join(f"processor\t: {i}\nvendor_id\t: {'AuthenticAMD' if 'AMD' in name else 'GenuineIntel'}"
                                f"\nmodel name\t: {name}\nflags\t\t: {flags}\n\n" for i in range(2)))
@@ -298,6 +297,7 @@ def test_probe_cpu_reads_the_bf16_flags_of_a_cpuinfo(tmp_path, monkeypatch, name
     assert (facts.name, facts.cpu_bf16, facts.cpu_bf16_flag) == (name, bool(bf16), bf16)
     assert facts.cpu_bf16_source == ("/proc/cpuinfo" if bf16 else "")
     assert hardware.decide(facts).dtype == ("bfloat16" if bf16 else "float32")
+
 
 def test_onednn_fp32_rule_reads_the_cpu_and_the_override():
     """fp32 matmuls go to oneDNN on x86 AMD CPUs with AVX-512 (MKL runs AVX2 code there), and model.py follows

@@ -176,7 +176,7 @@ def test_stream_writes_token_by_token_without_breaking_characters():
     writes = [w for w in events if w]
     assert len(writes) > 3 and not any("\ufffd" in w for w in writes)
     # Each piece is flushed as it is written (a terminal or a pipe sees the text as it comes).
-    assert all(after is None for w, after in zip(events, events[1:]) if w)
+    assert all(after is None for w, after in zip(events, events[1:]) if w) and events[-1] is None
 
 
 def test_stops_at_endoftext(tmp_path):
