@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,6 @@ def test_the_issues_mfu_peak_is_fp32_on_a_cpu_and_native_half_precision_on_a_gpu
 def test_the_matmul_peak_times_at_full_size_only_the_products_near_the_fastest():
     """A product far slower at a quarter of the size (bf16 torch.mm where a CPU emulates bf16: most of a minute a
     call at 2048^2) is not timed at full size; the peak is the fast product's."""
-    import time
     sizes = []
 
     def slow(a, b):

@@ -134,14 +134,12 @@ def run_dir(tmp_path_factory):
     tokens[::-1].copy().tofile(data / "val.bin")
     (data / "meta.json").write_text(json.dumps({"dataset": "wikitext2"}))  # word-level perplexity too
     model = sharp_model()
-    (root / "out").mkdir()
-    torch.save({"format_version": 1, "model_state_dict": model.state_dict(), "epoch": 1, "step": 42,
-                "config": dict(model.config.to_dict(), data_dir=str(data), max_length=12)},
-               root / "out" / "best_model.pt")
-    (root / "out" / "checkpoints").mkdir()
-    torch.save({"format_version": 1, "model_state_dict": GPT(model.config).state_dict(), "epoch": 2, "step": 99,
-                "config": dict(model.config.to_dict(), data_dir=str(data), max_length=12)},
-               root / "out" / "checkpoints" / "checkpoint_epoch2_step99.pt")
+    (root / "out" / "checkpoints").mkdir(parents=True)
+    config = dict(model.config.to_dict(), data_dir=str(data), max_length=12)
+    for weights, epoch, step, path in ((model, 1, 42, "best_model.pt"),
+                                       (GPT(model.config), 2, 99, "checkpoints/checkpoint_epoch2_step99.pt")):
+        torch.save({"format_version": 1, "model_state_dict": weights.state_dict(), "epoch": epoch, "step": step,
+                    "config": config}, root / "out" / path)
     export_hf(model, root / "out" / "final_model")
     return root
 
