@@ -114,6 +114,51 @@ def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys,
     assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
 
 
+def test_an_interrupt_while_output_is_shown_still_reaches_the_command(capsys, monkeypatch, tmp_path):
+    # The interrupt lands where the kernel happens to be; with a progress bar that is most often while output
+    # is shown. Here it lands in the first write after the command has its handler: it must get Ctrl-C too.
+    run, ready = helpers()["run"], tmp_path / "ready"
+    child = ("import signal, sys, time\n"
+             "def stop(*_):\n    print('child: saving a checkpoint', flush=True); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop)\n"
+             f"open({str(ready)!r}, 'w').close()\n"
+             "for _ in range(200):\n    print('child: step', flush=True); time.sleep(0.05)")
+
+    class InterruptedWrite:
+        """sys.stdout, with a KeyboardInterrupt in its first write once `ready` exists."""
+
+        def __init__(self, stream):
+            self.stream, self.raised = stream, False
+
+        def write(self, text):
+            if not self.raised and ready.exists():
+                self.raised = True
+                raise KeyboardInterrupt
+            return self.stream.write(text)
+
+        def flush(self):
+            self.stream.flush()
+
+    stdout = InterruptedWrite(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(KeyboardInterrupt):
+        run([sys.executable, "-c", child])
+    assert stdout.raised
+    assert capsys.readouterr().out.endswith("\nchild: saving a checkpoint\n")  # (the interrupted write is lost)
+
+
+def test_an_interrupt_after_the_output_has_ended_still_reaches_the_command(tmp_path):
+    # A command that has closed its output is waited for; an interrupt then must still reach it.
+    run, ready, stopped = helpers()["run"], tmp_path / "ready", tmp_path / "stopped"
+    child = ("import os, signal, sys, time\n"
+             f"def stop(*_):\n    open({str(stopped)!r}, 'w').close(); sys.exit(130)\n"
+             "signal.signal(signal.SIGINT, stop); os.close(1); os.close(2)\n"
+             f"open({str(ready)!r}, 'w').close(); time.sleep(10)")
+
+    run_interrupted(run, [sys.executable, "-c", child], ready)
+    assert stopped.exists()
+
+
 def run_interrupted(run, cmd, ready, times=1):
     """The notebook's run(cmd), interrupted `times` times as Jupyter's button does (a KeyboardInterrupt in the
     kernel, here raised from an alarm), 0.5 s apart, the first once the `ready` file exists: the command has its
