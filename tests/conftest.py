@@ -46,23 +46,79 @@ def pytest_runtest_setup(item):
             pytest.skip("this CPU emulates bf16 (no amx_bf16 or avx512_bf16): a CPU run here trains in fp32")
 
 
-@pytest.fixture
-def main_in_process(monkeypatch, capfd):
-    """run(main, argv, cwd) -> (exit code, stdout, stderr) of a script's main(argv) called in this process from
-    cwd: what `python script.py *argv` gives, in a second instead of a Python and torch start. The error tables
-    run one case of each script as a real process and the rest through this. Captured at the file descriptors,
-    so that what a library writes there directly counts too. A warning would have been on a real process's
-    stderr (here Python may have shown it once already, in an earlier test): it fails the test."""
-    def run(main, argv, cwd):
-        monkeypatch.chdir(cwd)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+# Python's warning filters in a process it starts (a release build, no -W options): pytest's own show more.
+PROCESS_IGNORES = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def in_process(main, argv, cwd):
+    """(exit code, stdout, stderr, warnings shown) of `python script.py *argv` run from cwd, as the script's
+    main(argv) called in this process: what the process gives, in a second instead of a Python and torch start
+    (about 4 s on a 2-core machine). stdout and stderr go to files, at the file descriptors too (what a library
+    writes there directly counts), as a redirected process's do; a warning, or an exception's traceback, is shown
+    there as a process shows it.
+    What a script changes in its process is put back after it: the working directory, the handlers of the signals
+    that stop a script, the random streams."""
+    import numpy as np
+    import random
+    import tempfile
+    import torch
+    stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE", "SIGBREAK")
+             if hasattr(signal, name)]
+    handlers = {s: signal.getsignal(s) for s in stops}
+    rng, cwd_before, streams = (torch.get_rng_state(), np.random.get_state(), random.getstate()), os.getcwd(), (
+        sys.stdout, sys.stderr)
+    shown = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        shown.append(str(message))
+        warnings._showwarning_orig(message, category, filename, lineno, file, line)  # to sys.stderr, as a process
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.resetwarnings()
+        for category in PROCESS_IGNORES:
+            warnings.simplefilter("ignore", category)
+        warnings.showwarning = show
+        with open(os.path.join(tmp, "stdout"), "w+", encoding="utf-8") as out, \
+                open(os.path.join(tmp, "stderr"), "w+", encoding="utf-8") as err:
+            for stream in streams:
+                stream.flush()
+            fds = [os.dup(1), os.dup(2)]
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout, sys.stderr = out, err
+            os.chdir(cwd)
             try:
                 code = main(argv)
             except SystemExit as e:
                 code = e.code
-        out, err = capfd.readouterr()
-        assert not caught, f"exit {code}\n{out}\n{err}\n{[str(w.message) for w in caught]}"
+            except Exception:  # as Python ends a process on an exception: its traceback on stderr, exit code 1
+                sys.excepthook(*sys.exc_info())
+                code = 1
+            finally:
+                out.flush()
+                err.flush()
+                sys.stdout, sys.stderr = streams
+                for fd, saved in ((1, fds[0]), (2, fds[1])):
+                    os.dup2(saved, fd)
+                    os.close(saved)
+                os.chdir(cwd_before)
+                torch.set_rng_state(rng[0])
+                np.random.set_state(rng[1])
+                random.setstate(rng[2])
+                for s, handler in handlers.items():
+                    signal.signal(s, handler)
+            out.seek(0)
+            err.seek(0)
+            return code, out.read(), err.read(), shown
+
+
+@pytest.fixture
+def main_in_process():
+    """run(main, argv, cwd) -> (exit code, stdout, stderr) of in_process: a script's error tables run one case as a
+    real process and the rest through this. A warning shown fails the test (the tables' runs show none)."""
+    def run(main, argv, cwd):
+        code, out, err, shown = in_process(main, argv, cwd)
+        assert not shown, f"exit {code}\n{out}\n{err}\n{shown}"
         return code, out, err
     return run
 

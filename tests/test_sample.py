@@ -1,4 +1,5 @@
-"""sample.py, run as a real subprocess on tiny checkpoints made here."""
+"""sample.py on tiny checkpoints made here: as a real subprocess where a process matters (a start, Ctrl-C, compiling),
+else its main in the test's process."""
 
 import io
 import json
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import in_process
 from data import EOT_TOKEN, get_tokenizer
 from export_hf import export_hf
 from model import GPT, GPTConfig
@@ -46,10 +48,15 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def run_sample(*args, cwd=REPO, env=None):
-    return subprocess.run([sys.executable, str(REPO / "sample.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, encoding="utf-8", timeout=120,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+def run_sample(*args, cwd=REPO, env=None, process=False):
+    """`python sample.py *args` from cwd: a CompletedProcess. A real process where the test sets environment
+    variables (env) or asks for one (process); otherwise sample's main in this process (conftest's in_process)."""
+    cmd = [sys.executable, str(REPO / "sample.py"), *map(str, args)]
+    if env or process:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, encoding="utf-8", timeout=120,
+                              env={**os.environ, "PYTHONIOENCODING": "utf-8", **(env or {})})
+    code, out, err, _ = in_process(sample_main, cmd[2:], cwd)
+    return subprocess.CompletedProcess(cmd, code or 0, out, err)
 
 
 def greedy_text(model, prompt, n):
@@ -260,7 +267,7 @@ def test_errors_are_one_line(tmp_path, run_dir, args, fragment, main_in_process)
     args = [a.format(run=run_dir) for a in args]
     (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait".encode("latin-1"))
     if not args:  # one case through a real process, as a user runs it
-        result = run_sample(*CPU, cwd=tmp_path)
+        result = run_sample(*CPU, cwd=tmp_path, process=True)
         code, out, err = result.returncode, result.stdout, result.stderr
     else:
         code, out, err = main_in_process(sample_main, [*args, *CPU], tmp_path)

@@ -1,4 +1,5 @@
-"""train.py as a user runs it: real subprocesses on tiny bins, real signals, real kill -9."""
+"""train.py as a user runs it: on tiny bins, real signals, real kill -9; most runs through train.main in the test's
+own process (run_train), the ones a process matters to as real subprocesses."""
 
 import dataclasses
 import json
@@ -23,6 +24,7 @@ import torch
 import checkpoint as ckpt
 import hardware
 import train
+from conftest import in_process
 from data import EOT_TOKEN, TokenBins, get_tokenizer
 from model import GPT, GPTConfig
 
@@ -60,9 +62,33 @@ def train_cmd(out_dir, bins, *extra):
     return [sys.executable, str(ROOT / "train.py"), *TINY, f"--data_dir={bins}", f"--out_dir={out_dir}", *extra]
 
 
-def run_train(out_dir, bins, *extra, env=None, check=True):
-    p = subprocess.run(train_cmd(out_dir, bins, *extra), capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, **(env or {})})
+# Test hooks that train.py reads as a run sets up (Trainer): an in-process run takes them from this process's
+# environment, set for its duration. The others (a SIGTERM the run sends itself, a thread count, ...) get a process.
+IN_PROCESS_HOOKS = {"GPT_TEST_NAN_AT_STEPS", "GPT_TEST_OOM_ABOVE_BATCH", "GPT_TEST_OOM_IN_LAST_BACKWARD",
+                    "GPT_TEST_ERROR_AT_EVAL_STEP", "GPT_TEST_ERROR_AFTER_STEP", "GPT_TEST_FAIL_HISTORY_WRITES"}
+
+
+def run_train(out_dir, bins, *extra, env=None, check=True, process=False):
+    """`python train.py` with TINY's settings and `extra`: a CompletedProcess (exit code, stdout, stderr). A real
+    process where the test asks for one (process: what a process start decides, as max_runtime's clock, or its
+    exit), compiles (torch.compile's state is a process's), or sets environment variables other than
+    IN_PROCESS_HOOKS; otherwise train.main in this process (conftest's in_process: a second, where a process
+    takes five)."""
+    cmd, env = train_cmd(out_dir, bins, *extra), env or {}
+    if process or "--compile=True" in extra or not set(env) <= IN_PROCESS_HOOKS:
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
+    else:
+        before = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            code, out, err, _ = in_process(train.main, cmd[2:], ROOT)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
+        p = subprocess.CompletedProcess(cmd, code or 0, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
@@ -72,16 +98,9 @@ def run_train(out_dir, bins, *extra, env=None, check=True):
 def refused(main_in_process):
     """refused(cmd) -> stderr of a train.py command (a train_cmd list) that must stop before training with exit
     code 2, run through train.main in this process: a refusal needs no Python and torch start of its own (and a
-    warning fails the test: main_in_process). The test process's torch RNG and signal handlers are put back after
-    it."""
+    warning fails the test: main_in_process)."""
     def run(cmd):
-        rng, handlers = torch.get_rng_state(), {s: signal.getsignal(s) for s in train.stop_signals()}
-        try:
-            code, out, err = main_in_process(train.main, cmd[2:], ROOT)
-        finally:
-            torch.set_rng_state(rng)
-            for s, handler in handlers.items():
-                signal.signal(s, handler)
+        code, out, err = main_in_process(train.main, cmd[2:], ROOT)
         assert code == 2, f"exit {code}\n{out}\n{err}"
         return err
     return run
