@@ -55,9 +55,9 @@ def in_process(main, argv, cwd):
     main(argv) called in this process: what the process gives, in a second instead of a Python and torch start
     (about 4 s on a 2-core machine). stdout and stderr go to files, at the file descriptors too (what a library
     writes there directly counts), as a redirected process's do; a warning, or an exception's traceback, is shown
-    there as a process shows it.
-    What a script changes in its process is put back after it: the working directory, the handlers of the signals
-    that stop a script, the random streams."""
+    there as a process shows it. sys.argv is the script's path and argv, as in the process. What a script changes
+    in its process is put back after it: the working directory, the handlers of the signals that stop a script,
+    the random streams."""
     import numpy as np
     import random
     import tempfile
@@ -82,12 +82,13 @@ def in_process(main, argv, cwd):
                 open(os.path.join(tmp, "stderr"), "w+", encoding="utf-8") as err:
             for stream in streams:
                 stream.flush()
-            fds = [os.dup(1), os.dup(2)]
-            os.dup2(out.fileno(), 1)
-            os.dup2(err.fileno(), 2)
-            sys.stdout, sys.stderr = out, err
-            os.chdir(cwd)
+            fds, argv_before = [os.dup(1), os.dup(2)], sys.argv
             try:
+                os.dup2(out.fileno(), 1)
+                os.dup2(err.fileno(), 2)
+                sys.stdout, sys.stderr = out, err
+                sys.argv = [sys.modules[main.__module__].__file__, *argv]  # (a run's "Resume with" command reads it)
+                os.chdir(cwd)
                 code = main(argv)
             except SystemExit as e:
                 code = e.code
@@ -97,7 +98,7 @@ def in_process(main, argv, cwd):
             finally:
                 out.flush()
                 err.flush()
-                sys.stdout, sys.stderr = streams
+                sys.stdout, sys.stderr, sys.argv = streams[0], streams[1], argv_before
                 for fd, saved in ((1, fds[0]), (2, fds[1])):
                     os.dup2(saved, fd)
                     os.close(saved)

@@ -147,6 +147,46 @@ def test_an_interrupt_while_output_is_shown_still_reaches_the_command(capsys, mo
     assert capsys.readouterr().out.endswith("\nchild: saving a checkpoint\n")  # (the interrupted write is lost)
 
 
+def test_an_interrupt_after_the_command_has_ended_still_shows_all_its_output(capsys, monkeypatch, tmp_path):
+    # The command's last lines (train.py's "saved ..." and "Resume with") may still be in the pipe when it has
+    # ended: an interrupt then must not leave them unshown.
+    run, go, ended = helpers()["run"], tmp_path / "go", tmp_path / "ended"
+    child = ("import os, sys, time\n"
+             "print('child: started', flush=True)\n"
+             f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n"
+             "sys.stdout.write('child: line\\n' * 4000); print('child: done', flush=True)\n"  # 48 KB: fits a pipe
+             f"open({str(ended)!r}, 'w').close()")
+
+    class InterruptedAfterTheEnd:
+        """sys.stdout; the write of the child's first line lets it go on, waits for it to end, then is interrupted."""
+
+        def __init__(self, stream):
+            self.stream, self.raised = stream, False
+
+        def write(self, text):
+            written = self.stream.write(text)
+            if text.startswith("child: started") and not self.raised:  # (not the "$ command" line)
+                go.touch()
+                deadline = time.monotonic() + 60
+                while not ended.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.5)  # (the child exits)
+                self.raised = True
+                raise KeyboardInterrupt
+            return written
+
+        def flush(self):
+            self.stream.flush()
+
+    stdout = InterruptedAfterTheEnd(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(KeyboardInterrupt):
+        run([sys.executable, "-c", child])
+    assert stdout.raised
+    out = capsys.readouterr().out
+    assert out.endswith("child: line\nchild: done\n") and out.count("child: line\n") == 4000
+
+
 def test_an_interrupt_after_the_output_has_ended_still_reaches_the_command(tmp_path):
     # A command that has closed its output is waited for; an interrupt then must still reach it.
     run, ready, stopped = helpers()["run"], tmp_path / "ready", tmp_path / "stopped"
