@@ -82,22 +82,28 @@ def in_process(main, argv, cwd):
                 open(os.path.join(tmp, "stderr"), "w+", encoding="utf-8") as err:
             for stream in streams:
                 stream.flush()
-            fds, argv_before = [os.dup(1), os.dup(2)], sys.argv
+            fds, argv_before, started = [os.dup(1), os.dup(2)], sys.argv, False
             try:
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 sys.stdout, sys.stderr = out, err
                 sys.argv = [sys.modules[main.__module__].__file__, *argv]  # (a run's "Resume with" command reads it)
                 os.chdir(cwd)
+                started = True
                 code = main(argv)
             except SystemExit as e:
                 code = e.code
             except Exception:  # as Python ends a process on an exception: its traceback on stderr, exit code 1
+                if not started:  # (this function's own failure, not the script's)
+                    raise
                 sys.excepthook(*sys.exc_info())
                 code = 1
             finally:
-                out.flush()
-                err.flush()
+                for f in (out, err):
+                    try:
+                        f.flush()
+                    except (OSError, ValueError):  # (a script that closed it)
+                        pass
                 sys.stdout, sys.stderr, sys.argv = streams[0], streams[1], argv_before
                 for fd, saved in ((1, fds[0]), (2, fds[1])):
                     os.dup2(saved, fd)

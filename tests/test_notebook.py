@@ -2,6 +2,7 @@
 against a tiny config and a tiny corpus prepared with `python data.py text`."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -155,10 +156,11 @@ def test_an_interrupt_after_the_command_has_ended_still_shows_all_its_output(cap
              "print('child: started', flush=True)\n"
              f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.01)\n"
              "sys.stdout.write('child: line\\n' * 4000); print('child: done', flush=True)\n"  # 48 KB: fits a pipe
-             f"open({str(ended)!r}, 'w').close()")
+             f"open({str(ended)!r} + '.tmp', 'w').write(str(os.getpid())); os.replace({str(ended)!r} + '.tmp', "
+             f"{str(ended)!r})")
 
     class InterruptedAfterTheEnd:
-        """sys.stdout; the write of the child's first line lets it go on, waits for it to end, then is interrupted."""
+        """sys.stdout; the write of the child's first line lets it go on, waits for it to exit, then is interrupted."""
 
         def __init__(self, stream):
             self.stream, self.raised = stream, False
@@ -170,7 +172,7 @@ def test_an_interrupt_after_the_command_has_ended_still_shows_all_its_output(cap
                 deadline = time.monotonic() + 60
                 while not ended.exists() and time.monotonic() < deadline:
                     time.sleep(0.01)
-                time.sleep(0.5)  # (the child exits)
+                os.waitid(os.P_PID, int(ended.read_text()), os.WEXITED | os.WNOWAIT)  # it has exited (not reaped)
                 self.raised = True
                 raise KeyboardInterrupt
             return written

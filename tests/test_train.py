@@ -72,8 +72,8 @@ def run_train(out_dir, bins, *extra, env=None, check=True, process=False):
     """`python train.py` with TINY's settings and `extra`: a CompletedProcess (exit code, stdout, stderr). A real
     process where the test asks for one (process: what a process start decides, as max_runtime's clock, or its
     exit), compiles (torch.compile's state is a process's), or sets environment variables other than
-    IN_PROCESS_HOOKS; otherwise train.main in this process (conftest's in_process: a second, where a process
-    takes five)."""
+    IN_PROCESS_HOOKS; otherwise train.main in this process (conftest's in_process: a tiny run takes about a second
+    there, and four more as a process)."""
     cmd, env = train_cmd(out_dir, bins, *extra), env or {}
     if process or "--compile=True" in extra or not set(env) <= IN_PROCESS_HOOKS:
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
