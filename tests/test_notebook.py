@@ -125,26 +125,7 @@ def test_an_interrupt_while_output_is_shown_still_reaches_the_command(capsys, mo
              f"open({str(ready)!r}, 'w').close()\n"
              "for _ in range(200):\n    print('child: step', flush=True); time.sleep(0.05)")
 
-    class InterruptedWrite:
-        """sys.stdout, with a KeyboardInterrupt in its first write once `ready` exists."""
-
-        def __init__(self, stream):
-            self.stream, self.raised = stream, False
-
-        def write(self, text):
-            if not self.raised and ready.exists():
-                self.raised = True
-                raise KeyboardInterrupt
-            return self.stream.write(text)
-
-        def flush(self):
-            self.stream.flush()
-
-    stdout = InterruptedWrite(sys.stdout)
-    monkeypatch.setattr(sys, "stdout", stdout)
-    with pytest.raises(KeyboardInterrupt):
-        run([sys.executable, "-c", child])
-    assert stdout.raised
+    run_interrupted_in_a_write(run, [sys.executable, "-c", child], monkeypatch, lambda text: ready.exists())
     assert capsys.readouterr().out.endswith("\nchild: saving a checkpoint\n")  # (the interrupted write is lost)
 
 
@@ -159,32 +140,17 @@ def test_an_interrupt_after_the_command_has_ended_still_shows_all_its_output(cap
              f"open({str(ended)!r} + '.tmp', 'w').write(str(os.getpid())); os.replace({str(ended)!r} + '.tmp', "
              f"{str(ended)!r})")
 
-    class InterruptedAfterTheEnd:
-        """sys.stdout; the write of the child's first line lets it go on, waits for it to exit, then is interrupted."""
+    def started_then_ended(text):  # the child's first line: let it go on, and wait for its exit
+        if not text.startswith("child: started"):  # (not the "$ command" line)
+            return False
+        go.touch()
+        deadline = time.monotonic() + 60
+        while not ended.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.waitid(os.P_PID, int(ended.read_text()), os.WEXITED | os.WNOWAIT)  # it has exited (not reaped)
+        return True
 
-        def __init__(self, stream):
-            self.stream, self.raised = stream, False
-
-        def write(self, text):
-            written = self.stream.write(text)
-            if text.startswith("child: started") and not self.raised:  # (not the "$ command" line)
-                go.touch()
-                deadline = time.monotonic() + 60
-                while not ended.exists() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                os.waitid(os.P_PID, int(ended.read_text()), os.WEXITED | os.WNOWAIT)  # it has exited (not reaped)
-                self.raised = True
-                raise KeyboardInterrupt
-            return written
-
-        def flush(self):
-            self.stream.flush()
-
-    stdout = InterruptedAfterTheEnd(sys.stdout)
-    monkeypatch.setattr(sys, "stdout", stdout)
-    with pytest.raises(KeyboardInterrupt):
-        run([sys.executable, "-c", child])
-    assert stdout.raised
+    run_interrupted_in_a_write(run, [sys.executable, "-c", child], monkeypatch, started_then_ended, after=True)
     out = capsys.readouterr().out
     assert out.endswith("child: line\nchild: done\n") and out.count("child: line\n") == 4000
 
@@ -199,6 +165,34 @@ def test_an_interrupt_after_the_output_has_ended_still_reaches_the_command(tmp_p
 
     run_interrupted(run, [sys.executable, "-c", child], ready)
     assert stopped.exists()
+
+
+def run_interrupted_in_a_write(run, cmd, monkeypatch, at, after=False):
+    """The notebook's run(cmd), interrupted once (a KeyboardInterrupt, as Jupyter's button raises it wherever the
+    kernel is) in a write of its output: the first whose text at(text) accepts, before the text is shown or, with
+    `after`, once it is."""
+    class InterruptedWrite:
+        def __init__(self, stream):
+            self.stream, self.raised = stream, False
+
+        def write(self, text):
+            hit = not self.raised and at(text)
+            self.raised |= hit
+            if hit and not after:
+                raise KeyboardInterrupt
+            written = self.stream.write(text)
+            if hit:
+                raise KeyboardInterrupt
+            return written
+
+        def flush(self):
+            self.stream.flush()
+
+    stdout = InterruptedWrite(sys.stdout)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(KeyboardInterrupt):
+        run(cmd)
+    assert stdout.raised
 
 
 def run_interrupted(run, cmd, ready, times=1):
