@@ -111,7 +111,7 @@ def test_interrupting_the_notebook_sends_ctrl_c_to_the_command_and_waits(capsys,
              "signal.signal(signal.SIGINT, stop); print('child: training', flush=True)\n"
              f"open({str(ready)!r}, 'w').close(); time.sleep(60)")
 
-    run_interrupted(run, [sys.executable, "-c", child], ready)
+    run_interrupted(run, [sys.executable, "-c", child], ready, shown=["child: training\n"])
     assert capsys.readouterr().out.endswith("child: training\nchild: saving a checkpoint\n")
 
 
@@ -195,18 +195,31 @@ def run_interrupted_in_a_write(run, cmd, monkeypatch, at, after=False):
     assert stdout.raised
 
 
-def run_interrupted(run, cmd, ready, times=1):
+def run_interrupted(run, cmd, ready, times=1, shown=()):
     """The notebook's run(cmd), interrupted `times` times as Jupyter's button does (a KeyboardInterrupt in the
     kernel, here raised from an alarm), 0.5 s apart, the first once the `ready` file exists: the command has its
-    handlers in place (a loaded machine may take seconds to start it)."""
-    raised = []
+    handlers in place (a loaded machine may take seconds to start it). shown[i]: a text the i-th interrupt waits
+    for run() to have shown (one landing in its write would lose it, as run() does)."""
+    raised, written, stdout = [], [], sys.stdout
+
+    class Recorded:
+        def write(self, text):
+            n = stdout.write(text)
+            written.append(text)
+            return n
+
+        def flush(self):
+            stdout.flush()
 
     def interrupt(*_):
+        if len(raised) < len(shown) and shown[len(raised)] not in "".join(written):
+            return
         if len(raised) < times and ready.exists() and (not raised or time.monotonic() - raised[-1] >= 0.5):
             raised.append(time.monotonic())
             raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
+    sys.stdout = Recorded()
     signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -214,6 +227,7 @@ def run_interrupted(run, cmd, ready, times=1):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        sys.stdout = stdout
     assert len(raised) == times
 
 
@@ -334,7 +348,8 @@ def test_a_second_interrupt_reaches_the_workers_of_a_launcher(capsys, tmp_path):
                 "signal.signal(signal.SIGINT, lambda *_: os.write(1, b'launcher: SIGINT, not passed on\\n'))\n"
                 f"sys.exit(subprocess.call([sys.executable, '-c', {worker!r}]))")
 
-    run_interrupted(run, [sys.executable, "-c", launcher], ready, times=2)
+    run_interrupted(run, [sys.executable, "-c", launcher], ready, times=2,
+                    shown=["worker: training\n", "launcher: SIGINT, not passed on\n"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert "worker: training" in lines and lines.count("worker: SIGINT") == 1, out
