@@ -1,10 +1,12 @@
 """What every test runs under: offline, whatever order the files are collected in."""
 
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 
@@ -50,17 +52,15 @@ def pytest_runtest_setup(item):
 PROCESS_IGNORES = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
-def in_process(main, argv, cwd):
+def in_process(main, argv, cwd, env=None):
     """(exit code, stdout, stderr, warnings shown) of `python script.py *argv` run from cwd, as the script's
     main(argv) called in this process: what the process gives, in a second instead of a Python and torch start
     (about 4 s on a 2-core machine). stdout and stderr go to files, at the file descriptors too (what a library
     writes there directly counts), as a redirected process's do; a warning, or an exception's traceback, is shown
-    there as a process shows it. sys.argv is the script's path and argv, as in the process. What a script changes
-    in its process is put back after it: the working directory, the handlers of the signals that stop a script,
-    the random streams."""
-    import numpy as np
-    import random
-    import tempfile
+    there as a process shows it. sys.argv is the script's path and argv, and `env` is set in os.environ, as in the
+    process. What a script changes in its process is put back after it: the working directory, the handlers of
+    the signals that stop a script, the random streams (and os.environ's entries that `env` set)."""
+    import numpy as np  # (not at the top: torch must come after this file sets OMP_NUM_THREADS)
     import torch
     stops = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIGPIPE", "SIGBREAK")
              if hasattr(signal, name)]
@@ -83,7 +83,9 @@ def in_process(main, argv, cwd):
             for stream in streams:
                 stream.flush()
             fds, argv_before, started = [os.dup(1), os.dup(2)], sys.argv, False
+            env_before = {k: os.environ.get(k) for k in env or {}}
             try:
+                os.environ.update(env or {})
                 os.dup2(out.fileno(), 1)
                 os.dup2(err.fileno(), 2)
                 sys.stdout, sys.stderr = out, err
@@ -105,6 +107,11 @@ def in_process(main, argv, cwd):
                     except (OSError, ValueError):  # (a script that closed it)
                         pass
                 sys.stdout, sys.stderr, sys.argv = streams[0], streams[1], argv_before
+                for k, v in env_before.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
                 for fd, saved in ((1, fds[0]), (2, fds[1])):
                     os.dup2(saved, fd)
                     os.close(saved)

@@ -167,32 +167,40 @@ def test_an_interrupt_after_the_output_has_ended_still_reaches_the_command(tmp_p
     assert stopped.exists()
 
 
+class WatchedOutput:
+    """sys.stdout as the notebook's run() writes to it: what it has shown so far (`shown`), and check(text, done)
+    called before each write (done=False) and after it (done=True). A KeyboardInterrupt raised there is Jupyter's
+    interrupt landing in that write."""
+
+    def __init__(self, stream, check=lambda text, done: None):
+        self.stream, self.check, self.shown = stream, check, ""
+
+    def write(self, text):
+        self.check(text, False)
+        written = self.stream.write(text)
+        self.shown += text
+        self.check(text, True)
+        return written
+
+    def flush(self):
+        self.stream.flush()
+
+
 def run_interrupted_in_a_write(run, cmd, monkeypatch, at, after=False):
     """The notebook's run(cmd), interrupted once (a KeyboardInterrupt, as Jupyter's button raises it wherever the
     kernel is) in a write of its output: the first whose text at(text) accepts, before the text is shown or, with
     `after`, once it is."""
-    class InterruptedWrite:
-        def __init__(self, stream):
-            self.stream, self.raised = stream, False
+    raised = []
 
-        def write(self, text):
-            hit = not self.raised and at(text)
-            self.raised |= hit
-            if hit and not after:
-                raise KeyboardInterrupt
-            written = self.stream.write(text)
-            if hit:
-                raise KeyboardInterrupt
-            return written
+    def check(text, done):
+        if done == after and not raised and at(text):
+            raised.append(text)
+            raise KeyboardInterrupt
 
-        def flush(self):
-            self.stream.flush()
-
-    stdout = InterruptedWrite(sys.stdout)
-    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(sys, "stdout", WatchedOutput(sys.stdout, check))
     with pytest.raises(KeyboardInterrupt):
         run(cmd)
-    assert stdout.raised
+    assert raised
 
 
 def run_interrupted(run, cmd, ready, times=1, shown=()):
@@ -200,26 +208,18 @@ def run_interrupted(run, cmd, ready, times=1, shown=()):
     kernel, here raised from an alarm), 0.5 s apart, the first once the `ready` file exists: the command has its
     handlers in place (a loaded machine may take seconds to start it). shown[i]: a text the i-th interrupt waits
     for run() to have shown (one landing in its write would lose it, as run() does)."""
-    raised, written, stdout = [], [], sys.stdout
-
-    class Recorded:
-        def write(self, text):
-            n = stdout.write(text)
-            written.append(text)
-            return n
-
-        def flush(self):
-            stdout.flush()
+    raised, stdout = [], sys.stdout
+    watched = WatchedOutput(stdout)
 
     def interrupt(*_):
-        if len(raised) < len(shown) and shown[len(raised)] not in "".join(written):
+        if len(raised) < len(shown) and shown[len(raised)] not in watched.shown:
             return
         if len(raised) < times and ready.exists() and (not raised or time.monotonic() - raised[-1] >= 0.5):
             raised.append(time.monotonic())
             raise KeyboardInterrupt
 
     old = signal.signal(signal.SIGALRM, interrupt)
-    sys.stdout = Recorded()
+    sys.stdout = watched
     signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
     try:
         with pytest.raises(KeyboardInterrupt):

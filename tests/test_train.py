@@ -63,7 +63,7 @@ def train_cmd(out_dir, bins, *extra):
 
 
 # Test hooks that train.py reads as a run sets up (Trainer): an in-process run takes them from this process's
-# environment, set for its duration. The others (a SIGTERM the run sends itself, a thread count, ...) get a process.
+# environment, set for its duration (in_process). The others (a SIGTERM the run sends itself, a thread count, ...) get a process.
 IN_PROCESS_HOOKS = {"GPT_TEST_NAN_AT_STEPS", "GPT_TEST_OOM_ABOVE_BATCH", "GPT_TEST_OOM_IN_LAST_BACKWARD",
                     "GPT_TEST_ERROR_AT_EVAL_STEP", "GPT_TEST_ERROR_AFTER_STEP", "GPT_TEST_FAIL_HISTORY_WRITES"}
 
@@ -78,16 +78,7 @@ def run_train(out_dir, bins, *extra, env=None, check=True, process=False):
     if process or "--compile=True" in extra or not set(env) <= IN_PROCESS_HOOKS:
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
     else:
-        before = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
-            code, out, err, _ = in_process(train.main, cmd[2:], ROOT)
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
+        code, out, err, _ = in_process(train.main, cmd[2:], ROOT, env)
         p = subprocess.CompletedProcess(cmd, code or 0, out, err)
     if check and p.returncode != 0:
         raise AssertionError(f"train.py exited {p.returncode}\n{p.stdout}\n{p.stderr}")
